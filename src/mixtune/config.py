@@ -1,0 +1,407 @@
+"""One typed run configuration: the only place defaults live.
+
+A run is described by a `Config` with sections `model`, `lora`, `data`, `train`, `generate`, `merge`.
+It is built from (lowest to highest precedence) the defaults below, an optional YAML file, and dotted
+command-line overrides such as `--train.learning_rate 2e-5`.
+
+    cfg = load_config("configs/tiny.yaml", ["--train.max_steps", "20"])
+
+An unknown key or a value of the wrong type raises `ConfigError` naming it (never a silent default).
+The docs after each field (the `help` metadata) become `mixtune <verb> --help`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a configuration: the message names the key and says what is wrong."""
+
+
+def _f(default, help: str, choices: tuple | None = None):
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("", "Hub id (e.g. mistralai/Mixtral-8x7B-v0.1) or local HF directory. Empty: the "
+                              "embedded tiny random Mixtral, built once and cached.")
+    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) when name_or_path is a Hub id.")
+    quant: str = _f("nf4", "Base-weight storage: nf4 (4-bit NormalFloat, double-quantized, blocks of 64) or none.",
+                    ("nf4", "none"))
+    dtype: str = _f("auto", "Compute dtype: auto (bfloat16 where supported, else float32), bfloat16, float16, float32.",
+                    ("auto", "bfloat16", "float16", "float32"))
+    device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
+    attn_implementation: str = _f("auto", "Attention: auto, sdpa (dense document mask), flex (FlexAttention "
+                                          "block mask, GPU), eager.", ("auto", "sdpa", "flex", "eager"))
+    moe_backend: str = _f("auto", "Expert computation: auto, reference (pure PyTorch loop), grouped "
+                                  "(sorted tokens + grouped matmuls).", ("auto", "reference", "grouped", "triton"))
+    gradient_checkpointing: bool = _f(False, "Recompute each decoder layer in the backward pass (saves memory).")
+    tokenizer: str = _f("", "Tokenizer: empty = the model directory's own, else the Mixtral v1 tokenizer shipped "
+                           "in mistral-common; or a Hub id / local directory / 'mistral-common:v1'.")
+    cache_dir: str = _f("", "Where downloaded models and the tiny default are cached. Empty: $MIXTUNE_CACHE or "
+                           "~/.cache/mixtune.")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(16, "LoRA rank.")
+    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = _f(0.0, "Dropout on the LoRA input of linear targets (attention, lm_head, router). Expert "
+                             "adapters use none (as peft's target_parameters require).")
+    targets: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "experts"],
+                       "Modules to adapt, by name: q_proj k_proj v_proj o_proj lm_head gate (router) w1 w2 w3 "
+                       "(every expert's) or experts (= w1 w2 w3). Comma-separated on the command line.")
+    strict_targets: bool = _f(False, "Make a target name that matches nothing an error instead of a warning.")
+    bias: str = _f("none", "Bias training (only 'none' is supported: Mixtral has no biases).", ("none",))
+    init_seed: Optional[int] = _f(None, "Seed for LoRA A initialisation (default: train.seed).")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("bundled", "Where rows come from: 'bundled' (the packaged instruct-v3-schema sample), "
+                                "'bundled-alpaca', 'bundled-chat', a Hub dataset id (e.g. mosaicml/instruct-v3), "
+                                "or empty when path is set.")
+    path: str = _f("", "Local .jsonl/.json/.csv/.parquet file (overrides source).")
+    train_split: str = _f("train", "Training split name (Hub datasets).")
+    eval_split: str = _f("", "Evaluation split name (e.g. test). Empty: hold out eval_fraction of train.")
+    eval_fraction: float = _f(0.05, "Fraction of rows held out for evaluation when no eval split is given.")
+    eval_max_rows: int = _f(0, "Cap on evaluation rows (0 = no cap).")
+    max_rows: int = _f(0, "Cap on training rows read (0 = all).")
+    template: str = _f("backtranslate", "Prompt format: backtranslate (the reference recipe), mixtral-chat, "
+                                        "alpaca, chat-template (the tokenizer's own).",
+                       ("backtranslate", "mixtral-chat", "alpaca", "chat-template"))
+    columns: dict = _f({}, "Column mapping, e.g. {prompt: question, response: answer}; keys: prompt, response, "
+                           "source, instruction, input, output, messages.")
+    train_on_prompt: bool = _f(False, "Compute the loss on the whole text (the recipe) instead of the answer + eos.")
+    max_seq_length: int = _f(1024, "Packed row length (tokens).")
+    packing: bool = _f(True, "Pack examples into rows of max_seq_length with per-example attention.")
+    overlong: str = _f("truncate", "An example longer than max_seq_length is truncated or dropped.",
+                       ("truncate", "drop"))
+    skip_bad_rows: bool = _f(False, "Skip and count malformed rows instead of stopping with an error.")
+    seed: int = _f(42, "Seed for the held-out split and shuffling.")
+    cache_dir: str = _f("", "Cache for prepared data. Empty: <model cache>/data.")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/tiny", "Every file of the run goes under this directory.")
+    max_steps: int = _f(-1, "Optimizer steps to run; -1 = derive from num_train_epochs.")
+    num_train_epochs: float = _f(1.0, "Epochs over the packed training rows (when max_steps is -1).")
+    per_device_train_batch_size: int = _f(4, "Packed rows per micro-batch.")
+    per_device_eval_batch_size: int = _f(4, "Packed rows per evaluation batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    learning_rate: float = _f(2e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    warmup_ratio: float = _f(0.03, "Fraction of steps spent warming up linearly (ignored if warmup_steps > 0).")
+    warmup_steps: int = _f(0, "Warm-up steps.")
+    lr_scheduler_type: str = _f("cosine", "Schedule after warm-up.", ("cosine", "linear", "constant"))
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    logging_steps: int = _f(10, "Log every N optimizer steps.")
+    eval_steps: int = _f(50, "Evaluate every N optimizer steps (0 = only at the end).")
+    save_steps: int = _f(100, "Checkpoint every N optimizer steps (0 = only at the end).")
+    save_total_limit: int = _f(2, "Keep the last K checkpoints.")
+    bf16: str = _f("auto", "bf16 autocast: auto (on where the device supports it), true, false.",
+                   ("auto", "true", "false"))
+    seed: int = _f(42, "Seed for initialisation, dropout and data order.")
+    router_aux_loss_coef: float = _f(0.0, "Weight of Mixtral's router load-balancing loss (Mixtral used 0.02; "
+                                         "0 with a frozen router).")
+    resume: str = _f("", "'' (fresh run; refuses a non-empty output_dir with checkpoints), 'auto' (latest "
+                         "checkpoint in output_dir if any) or a checkpoint directory.")
+    tensorboard: bool = _f(True, "Write TensorBoard event files under output_dir/tb.")
+    merge_after: bool = _f(False, "Merge the adapter into a bf16/fp32 HF checkpoint at the end.")
+    generate_after: int = _f(3, "Before/after generations on N held-out examples (0 = none).")
+    progress: bool = _f(True, "Show a progress bar.")
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = _f(512, "Maximum tokens to generate per prompt.")
+    greedy: bool = _f(False, "Greedy decoding instead of sampling.")
+    temperature: float = _f(0.7, "Sampling temperature.")
+    top_p: float = _f(0.95, "Nucleus sampling threshold (1 = off).")
+    top_k: int = _f(0, "Top-k sampling (0 = off).")
+    seed: int = _f(0, "Sampling seed.")
+
+
+@dataclass
+class MergeConfig:
+    base: str = _f("original", "Weights the deltas are added to: original (the checkpoint's 16-bit weights) or "
+                               "dequantized (the NF4 weights the adapter was trained against).",
+                   ("original", "dequantized"))
+    dtype: str = _f("auto", "Written dtype: auto (the checkpoint's), bfloat16, float16, float32.",
+                    ("auto", "bfloat16", "float16", "float32"))
+    out: str = _f("", "Output directory of the merged checkpoint (default: <train.output_dir>/merged).")
+    max_shard_size: str = _f("5GB", "Largest safetensors shard.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config as YAML (loadable by `load_config`)."""
+        with open(path, "w") as fh:
+            yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_CLASSES = {
+    "model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig,
+    "generate": GenerateConfig, "merge": MergeConfig,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# coercion and validation
+# --------------------------------------------------------------------------------------------------
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert `value` (from YAML or a command-line string) to type `tp`, or raise ConfigError naming key."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(key, value, args[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, bool):  # YAML `true` for a str field (e.g. train.bf16)
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+        raise ConfigError(f"{key}: expected a list (or a comma-separated string), got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{key}: expected a mapping like '{{a: b}}', got {value!r} ({e})") from None
+            value = value or {}
+        if isinstance(value, dict):
+            return {str(k): v for k, v in value.items()}
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    return value
+
+
+def _check_choices(cfg: Config) -> None:
+    for sname, scls in _SECTION_CLASSES.items():
+        section = getattr(cfg, sname)
+        for f in dataclasses.fields(scls):
+            choices = f.metadata.get("choices")
+            if choices and getattr(section, f.name) not in choices:
+                raise ConfigError(f"{sname}.{f.name}: {getattr(section, f.name)!r} is not one of {', '.join(choices)}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check values and combinations; raise ConfigError with one clear line."""
+    _check_choices(cfg)
+    t, d, lo = cfg.train, cfg.data, cfg.lora
+    positive = [("lora.r", lo.r), ("data.max_seq_length", d.max_seq_length),
+                ("train.per_device_train_batch_size", t.per_device_train_batch_size),
+                ("train.per_device_eval_batch_size", t.per_device_eval_batch_size),
+                ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+                ("generate.max_new_tokens", cfg.generate.max_new_tokens)]
+    for name, v in positive:
+        if v <= 0:
+            raise ConfigError(f"{name}: must be positive, got {v}")
+    if not lo.targets:
+        raise ConfigError("lora.targets: empty; name at least one module (e.g. q_proj,v_proj,experts)")
+    if not 0.0 <= lo.dropout < 1.0:
+        raise ConfigError(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+    if t.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate: must be positive, got {t.learning_rate}")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"train.max_steps: must be -1 (use num_train_epochs) or positive, got {t.max_steps}")
+    if t.max_steps == -1 and t.num_train_epochs <= 0:
+        raise ConfigError("train.max_steps and train.num_train_epochs: one of them must be positive")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
+    if cfg.generate.temperature <= 0 and not cfg.generate.greedy:
+        raise ConfigError("generate.temperature: must be positive when sampling (or set generate.greedy true)")
+    if t.save_total_limit < 1:
+        raise ConfigError(f"train.save_total_limit: must be at least 1, got {t.save_total_limit}")
+    if cfg.model.quant == "nf4" and cfg.model.dtype == "float16":
+        pass  # allowed: fp16 compute over NF4 storage
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------------
+
+
+def set_key(cfg: Config, dotted: str, value: Any) -> None:
+    """Set `section.key` on cfg from a YAML/CLI value, coercing its type; unknown keys raise ConfigError."""
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"unknown config key {dotted!r}: keys look like section.key, sections are "
+                          f"{', '.join(_SECTION_CLASSES)}")
+    sname, key = parts
+    if sname not in _SECTION_CLASSES:
+        raise ConfigError(f"unknown config section {sname!r} in {dotted!r}; sections are {', '.join(_SECTION_CLASSES)}")
+    scls = _SECTION_CLASSES[sname]
+    hints = _hints(scls)
+    if key not in hints:
+        import difflib
+        near = difflib.get_close_matches(key, list(hints), n=1)
+        hint = f" (did you mean {sname}.{near[0]}?)" if near else ""
+        raise ConfigError(f"unknown config key {dotted!r}{hint}")
+    setattr(getattr(cfg, sname), key, _coerce(dotted, value, hints[key]))
+
+
+def apply_mapping(cfg: Config, mapping: dict, origin: str = "config") -> None:
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections (model:, lora:, data:, train:, ...)")
+    for sname, body in mapping.items():
+        if sname not in _SECTION_CLASSES:
+            raise ConfigError(f"{origin}: unknown config section {sname!r}; sections are {', '.join(_SECTION_CLASSES)}")
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{origin}: section {sname!r} must be a mapping of keys")
+        for key, value in body.items():
+            try:
+                set_key(cfg, f"{sname}.{key}", value)
+            except ConfigError as e:
+                raise ConfigError(f"{origin}: {e}") from None
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return data or {}
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """['--train.lr', '2e-5', '--lora.r=8'] -> [('train.lr', '2e-5'), ('lora.r', '8')]. A flag with no value
+    (the next token is another flag or the end) is read as 'true'."""
+    out, i = [], 0
+    while i < len(args):
+        tok = args[i]
+        if not tok.startswith("--"):
+            raise ConfigError(f"unexpected argument {tok!r}: overrides look like --section.key VALUE")
+        key = tok[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not (args[i + 1].startswith("--") and len(args[i + 1]) > 2):
+            value = args[i + 1]
+            i += 2
+        else:
+            value = "true"
+            i += 1
+        out.append((key.replace("-", "_") if "." in key else key, value))
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | list[tuple[str, Any]] | None = None,
+                base: dict | None = None) -> Config:
+    """Defaults < `base` mapping < YAML file at `path` < overrides. Returns a validated Config."""
+    cfg = Config()
+    if base:
+        apply_mapping(cfg, base, "defaults")
+    if path:
+        apply_mapping(cfg, load_yaml(path), str(path))
+    if overrides:
+        pairs = parse_overrides(overrides) if overrides and isinstance(overrides[0], str) else overrides
+        for key, value in pairs:
+            set_key(cfg, key, value)
+    return validate(cfg)
+
+
+def config_help() -> str:
+    """Every key with its type, default and doc, for `--help`."""
+    lines = []
+    for sname, scls in _SECTION_CLASSES.items():
+        lines.append(f"{sname}:")
+        hints = _hints(scls)
+        default = scls()
+        for f in dataclasses.fields(scls):
+            tp = hints[f.name]
+            tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+            choices = f.metadata.get("choices")
+            extra = f" [{'|'.join(choices)}]" if choices else ""
+            lines.append(f"  --{sname}.{f.name} ({tname}, default {json.dumps(getattr(default, f.name))}){extra}")
+            lines.append(f"      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

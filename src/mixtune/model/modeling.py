@@ -1,0 +1,318 @@
+"""A Mixtral decoder in plain PyTorch, with module names that mirror the checkpoint keys.
+
+    model = MixtralForCausalLM(config)          # random init (or build on the meta device)
+    out = model(input_ids, position_ids, labels)  # out.loss, out.logits, out.aux_loss
+
+Packed rows: `position_ids` restart at 0 at each example; the attention mask is derived from them so no
+token attends across an example boundary. Routing is Mixtral's: softmax over all experts in fp32, top-k,
+renormalised, cast back. Experts are stacked per layer (`w1`, `w3`: (E, I, H); `w2`: (E, H, I)) and run
+through `mixtune.kernels.moe_experts`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from .config import MixtralConfig
+from .nf4 import NF4Weight
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Optional[torch.Tensor] = None  # (B, T, V) in the compute dtype, or None
+    loss: Optional[torch.Tensor] = None  # mean token CE over shifted labels (fp32)
+    loss_sum: Optional[torch.Tensor] = None  # sum of token CE (fp32), for exact accumulation
+    n_tokens: Optional[torch.Tensor] = None  # number of label tokens (long)
+    aux_loss: Optional[torch.Tensor] = None  # Mixtral load-balancing loss (unscaled), or None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """position_ids (B, T) -> cos, sin (B, T, head_dim) in `dtype` (computed in fp32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.int64)
+                                .float() / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(q, k, cos, sin):
+    """q (B, nh, T, d), k (B, nkv, T, d), cos/sin (B, T, d)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids restarting at 0 per example -> (B, T) example index within the row."""
+    return torch.cumsum((position_ids == 0).to(torch.int32), dim=1)
+
+
+def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, 1, T, T) bool, True where query i may attend key j (same example, j <= i)."""
+    doc = document_ids(position_ids)
+    T = position_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    same = doc[:, :, None] == doc[:, None, :]
+    return (same & causal)[:, None]
+
+
+def is_single_document(position_ids: torch.Tensor) -> bool:
+    """True when every row is one example starting at position 0 (plain causal attention suffices)."""
+    T = position_ids.shape[1]
+    ar = torch.arange(T, device=position_ids.device)
+    return bool((position_ids == ar).all())
+
+
+class KVCache:
+    """Pre-allocated per-layer key/value cache for decoding. Shapes (B, n_kv, max_len, head_dim)."""
+
+    def __init__(self, config: MixtralConfig, batch: int, max_len: int, device, dtype):
+        self.k = [torch.zeros(batch, config.num_key_value_heads, max_len, config.head_dim, device=device, dtype=dtype)
+                  for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.length = 0  # tokens already cached
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k/v (B, n_kv, T, d) at [length, length+T); return all cached keys/values so far."""
+        T = k.shape[2]
+        s = self.length
+        if s + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {s + T} > {self.max_len}")
+        self.k[layer][:, :, s:s + T] = k
+        self.v[layer][:, :, s:s + T] = v
+        return self.k[layer][:, :, :s + T], self.v[layer][:, :, :s + T]
+
+
+class MixtralAttention(nn.Module):
+    def __init__(self, config: MixtralConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        H = config.hidden_size
+        self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=False)
+
+    def forward(self, x, cos, sin, attn, kv_cache: Optional[KVCache] = None):
+        """x (B, T, H); attn: an `AttentionSpec` built once per forward."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, d)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, d)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, d)
+        o = attn(q, k, v)  # (B, nh, T, d)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class AttentionSpec:
+    """How one forward attends: plain causal, a dense boolean document mask, or a decode step."""
+
+    def __init__(self, mask: Optional[torch.Tensor], is_causal: bool, n_rep: int, impl: str = "sdpa"):
+        self.mask, self.is_causal, self.n_rep, self.impl = mask, is_causal, n_rep, impl
+
+    def __call__(self, q, k, v):
+        if self.n_rep > 1:
+            k = k.repeat_interleave(self.n_rep, dim=1)  # (B, nh, S, d)
+            v = v.repeat_interleave(self.n_rep, dim=1)
+        if self.impl == "eager":
+            scale = 1.0 / math.sqrt(q.shape[-1])
+            s = (q @ k.transpose(-1, -2)).float() * scale  # (B, nh, T, S)
+            if self.mask is not None:
+                s = s.masked_fill(~self.mask, float("-inf"))
+            elif self.is_causal:
+                T, S = s.shape[-2:]
+                s = s.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=s.device).tril(S - T), float("-inf"))
+            return (s.softmax(-1).to(v.dtype) @ v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask,
+                                              is_causal=self.is_causal and self.mask is None)
+
+
+class MixtralExperts(nn.Module):
+    """E stacked SwiGLU experts: y = w2 (silu(w1 x) * (w3 x)). Weights are frozen (Parameters with
+    requires_grad=False, or NF4Weight submodules); `lora` is an optional ExpertLoRA (see mixtune.lora)."""
+
+    def __init__(self, config: MixtralConfig):
+        super().__init__()
+        E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.num_experts, self.hidden_size, self.intermediate_size = E, H, I
+        self.w1 = nn.Parameter(torch.empty(E, I, H), requires_grad=False)
+        self.w3 = nn.Parameter(torch.empty(E, I, H), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(E, H, I), requires_grad=False)
+        self.lora = None
+        self.backend = "auto"
+
+    def forward(self, x, topk_idx, topk_weight):
+        """x (N, H), topk_idx (N, k), topk_weight (N, k) -> (N, H)."""
+        return kernels.moe_experts(x, topk_idx, topk_weight, self.w1, self.w3, self.w2, lora=self.lora,
+                                   backend=self.backend)
+
+
+class MixtralSparseMoeBlock(nn.Module):
+    def __init__(self, config: MixtralConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_local_experts
+        self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.experts = MixtralExperts(config)
+
+    def forward(self, x: torch.Tensor):
+        """x (B, T, H) -> (B, T, H), router stats for the load-balancing loss."""
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)  # (N, H)
+        logits = self.gate(flat)  # (N, E)
+        probs = logits.float().softmax(dim=-1)  # (N, E) fp32
+        topk_w, topk_idx = probs.topk(self.top_k, dim=-1)  # (N, k)
+        topk_w = (topk_w / topk_w.sum(dim=-1, keepdim=True)).to(x.dtype)
+        y = self.experts(flat, topk_idx, topk_w)
+        return y.view(B, T, H), (probs, topk_idx)
+
+
+class MixtralDecoderLayer(nn.Module):
+    def __init__(self, config: MixtralConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MixtralAttention(config, layer_idx)
+        self.block_sparse_moe = MixtralSparseMoeBlock(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attn, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, kv_cache)
+        y, router = self.block_sparse_moe(self.post_attention_layernorm(x))
+        return x + y, router
+
+
+class MixtralModel(nn.Module):
+    def __init__(self, config: MixtralConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(MixtralDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MixtralForCausalLM(nn.Module):
+    def __init__(self, config: MixtralConfig):
+        super().__init__()
+        self.config = config
+        self.model = MixtralModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.attn_implementation = "sdpa"
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def set_moe_backend(self, backend: str) -> None:
+        for layer in self.model.layers:
+            layer.block_sparse_moe.experts.backend = backend
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random normal(0, std) matrices, unit norms (as transformers initialises Mixtral)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
+
+    def _attention(self, position_ids, T, S, kv_cache) -> AttentionSpec:
+        n_rep = self.config.num_attention_heads // self.config.num_key_value_heads
+        impl = "eager" if self.attn_implementation == "eager" else "sdpa"
+        if kv_cache is not None:
+            # decoding one sequence per batch row; the new T tokens follow S - T cached ones
+            if T == 1:
+                return AttentionSpec(None, False, n_rep, impl)
+            mask = torch.ones(T, S, dtype=torch.bool, device=position_ids.device).tril(S - T)
+            return AttentionSpec(mask[None, None], False, n_rep, impl)
+        if is_single_document(position_ids):
+            return AttentionSpec(None, True, n_rep, impl)
+        return AttentionSpec(document_causal_mask(position_ids), False, n_rep, impl)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
+                return_logits: bool = True, output_router_stats: bool = False) -> CausalLMOutput:
+        """input_ids, position_ids, labels: (B, T). labels are unshifted with -100 where masked."""
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        h = self.model.embed_tokens(input_ids)  # (B, T, H)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        attn = self._attention(position_ids, T, past + T, kv_cache)
+        aux_parts = []
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h, router = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn, None, use_reentrant=False)
+            else:
+                h, router = layer(h, cos, sin, attn, kv_cache)
+            if output_router_stats or (labels is not None and self.training):
+                aux_parts.append(router)
+        if kv_cache is not None:
+            kv_cache.length += T
+        h = self.model.norm(h)
+        out = CausalLMOutput()
+        if aux_parts:
+            out.aux_loss = load_balancing_loss(aux_parts, self.config.num_local_experts, labels)
+        if labels is not None:
+            out.loss_sum, out.n_tokens = kernels.linear_cross_entropy(h, self.lm_head, labels)
+            out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
+        if return_logits:
+            out.logits = self.lm_head(h)
+        return out
+
+
+def load_balancing_loss(router_stats, num_experts: int, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mixtral's auxiliary loss over all layers' routing (as transformers computes it with no padding mask):
+    E * sum_e (fraction of top-k assignments to e) * (mean router probability of e), over all tokens of all
+    layers concatenated."""
+    k = router_stats[0][1].shape[1]
+    frac = 0.0
+    prob = 0.0
+    n = 0
+    for probs, idx in router_stats:  # probs (N, E) fp32, idx (N, k)
+        onehot = F.one_hot(idx, num_experts).float()  # (N, k, E)
+        frac = frac + onehot.sum(0)  # (k, E)
+        prob = prob + probs.sum(0)  # (E,)
+        n += probs.shape[0]
+    frac = frac / n
+    prob = prob / n
+    return (frac * prob[None]).sum() * num_experts
