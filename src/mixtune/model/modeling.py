@@ -11,7 +11,6 @@ through `mixtune.kernels.moe_experts`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -66,27 +65,6 @@ def apply_rope(q, k, cos, sin):
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) position ids restarting at 0 per example -> (B, T) example index within the row."""
-    return torch.cumsum((position_ids == 0).to(torch.int32), dim=1)
-
-
-def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) -> (B, 1, T, T) bool, True where query i may attend key j (same example, j <= i)."""
-    doc = document_ids(position_ids)
-    T = position_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
-    same = doc[:, :, None] == doc[:, None, :]
-    return (same & causal)[:, None]
-
-
-def is_single_document(position_ids: torch.Tensor) -> bool:
-    """True when every row is one example starting at position 0 (plain causal attention suffices)."""
-    T = position_ids.shape[1]
-    ar = torch.arange(T, device=position_ids.device)
-    return bool((position_ids == ar).all())
-
-
 class KVCache:
     """Pre-allocated per-layer key/value cache for decoding. Shapes (B, n_kv, max_len, head_dim)."""
 
@@ -132,29 +110,6 @@ class MixtralAttention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, d)
         o = attn(q, k, v)  # (B, nh, T, d)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-
-class AttentionSpec:
-    """How one forward attends: plain causal, a dense boolean document mask, or a decode step."""
-
-    def __init__(self, mask: Optional[torch.Tensor], is_causal: bool, n_rep: int, impl: str = "sdpa"):
-        self.mask, self.is_causal, self.n_rep, self.impl = mask, is_causal, n_rep, impl
-
-    def __call__(self, q, k, v):
-        if self.n_rep > 1:
-            k = k.repeat_interleave(self.n_rep, dim=1)  # (B, nh, S, d)
-            v = v.repeat_interleave(self.n_rep, dim=1)
-        if self.impl == "eager":
-            scale = 1.0 / math.sqrt(q.shape[-1])
-            s = (q @ k.transpose(-1, -2)).float() * scale  # (B, nh, T, S)
-            if self.mask is not None:
-                s = s.masked_fill(~self.mask, float("-inf"))
-            elif self.is_causal:
-                T, S = s.shape[-2:]
-                s = s.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=s.device).tril(S - T), float("-inf"))
-            return (s.softmax(-1).to(v.dtype) @ v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask,
-                                              is_causal=self.is_causal and self.mask is None)
 
 
 class MixtralExperts(nn.Module):
@@ -253,19 +208,6 @@ class MixtralForCausalLM(nn.Module):
             else:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
 
-    def _attention(self, position_ids, T, S, kv_cache) -> AttentionSpec:
-        n_rep = self.config.num_attention_heads // self.config.num_key_value_heads
-        impl = "eager" if self.attn_implementation == "eager" else "sdpa"
-        if kv_cache is not None:
-            # decoding one sequence per batch row; the new T tokens follow S - T cached ones
-            if T == 1:
-                return AttentionSpec(None, False, n_rep, impl)
-            mask = torch.ones(T, S, dtype=torch.bool, device=position_ids.device).tril(S - T)
-            return AttentionSpec(mask[None, None], False, n_rep, impl)
-        if is_single_document(position_ids):
-            return AttentionSpec(None, True, n_rep, impl)
-        return AttentionSpec(document_causal_mask(position_ids), False, n_rep, impl)
-
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
@@ -277,7 +219,9 @@ class MixtralForCausalLM(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         h = self.model.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
-        attn = self._attention(position_ids, T, past + T, kv_cache)
+        n_rep = self.config.num_attention_heads // self.config.num_key_value_heads
+        attn = kernels.build_attention(position_ids, past + T, n_rep, self.attn_implementation,
+                                       decoding=kv_cache is not None)
         aux_parts = []
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

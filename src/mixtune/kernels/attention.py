@@ -1,0 +1,78 @@
+"""Attention over packed rows: plain causal, a per-example (document) causal mask, or a decode step.
+
+    attn = build_attention(position_ids (B, T), S, n_rep, impl, decoding=False)
+    o = attn(q (B, nh, T, d), k (B, nkv, S, d), v (B, nkv, S, d))  # -> (B, nh, T, d)
+
+A new example starts wherever the position id is 0, so no token attends across an example boundary.
+`impl`: "sdpa" (torch scaled_dot_product_attention with a dense boolean mask), "eager" (explicit softmax,
+the reference), "auto" (= sdpa here; faster paths may be chosen on GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids restarting at 0 per example -> (B, T) example index within the row."""
+    return torch.cumsum((position_ids == 0).to(torch.int32), dim=1)
+
+
+def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, 1, T, T) bool, True where query i may attend key j (same example, j <= i)."""
+    doc = document_ids(position_ids)
+    T = position_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    same = doc[:, :, None] == doc[:, None, :]
+    return (same & causal)[:, None]
+
+
+def is_single_document(position_ids: torch.Tensor) -> bool:
+    """True when every row is one example starting at position 0 (plain causal attention suffices)."""
+    T = position_ids.shape[1]
+    ar = torch.arange(T, device=position_ids.device)
+    return bool((position_ids == ar).all())
+
+
+class AttentionSpec:
+    """How one forward attends: plain causal, a dense boolean document mask, or a decode step."""
+
+    def __init__(self, mask: Optional[torch.Tensor], is_causal: bool, n_rep: int, impl: str = "sdpa"):
+        self.mask, self.is_causal, self.n_rep, self.impl = mask, is_causal, n_rep, impl
+
+    def __call__(self, q, k, v):
+        if self.n_rep > 1:
+            k = k.repeat_interleave(self.n_rep, dim=1)  # (B, nh, S, d)
+            v = v.repeat_interleave(self.n_rep, dim=1)
+        if self.impl == "eager":
+            scale = 1.0 / math.sqrt(q.shape[-1])
+            s = (q @ k.transpose(-1, -2)).float() * scale  # (B, nh, T, S)
+            if self.mask is not None:
+                s = s.masked_fill(~self.mask, float("-inf"))
+            elif self.is_causal:
+                T, S = s.shape[-2:]
+                s = s.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=s.device).tril(S - T), float("-inf"))
+            return (s.softmax(-1).to(v.dtype) @ v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask,
+                                              is_causal=self.is_causal and self.mask is None)
+
+
+
+def build_attention(position_ids: torch.Tensor, S: int, n_rep: int, impl: str = "auto",
+                    decoding: bool = False) -> AttentionSpec:
+    """One forward's attention. position_ids (B, T); S = key length (T, or cached + T when decoding)."""
+    T = position_ids.shape[1]
+    impl = "eager" if impl == "eager" else "sdpa"
+    if decoding:
+        # one sequence per batch row; the T new tokens follow S - T cached ones
+        if T == 1:
+            return AttentionSpec(None, False, n_rep, impl)
+        mask = torch.ones(T, S, dtype=torch.bool, device=position_ids.device).tril(S - T)
+        return AttentionSpec(mask[None, None], False, n_rep, impl)
+    if is_single_document(position_ids):
+        return AttentionSpec(None, True, n_rep, impl)
+    return AttentionSpec(document_causal_mask(position_ids), False, n_rep, impl)
