@@ -4,6 +4,9 @@ A run is described by a `Config` with sections `model`, `lora`, `data`, `train`,
 It is built from (lowest to highest precedence) the defaults below, an optional YAML file, and dotted
 command-line overrides such as `--train.learning_rate 2e-5`.
 
+The defaults ARE the offline tiny run (`configs/tiny.yaml` spells out the same values): the embedded tiny
+random Mixtral, the bundled dataset, CPU-sized rows and steps. The Mixtral-8x7B presets override them.
+
     cfg = load_config("configs/tiny.yaml", ["--train.max_steps", "20"])
 
 An unknown key or a value of the wrong type raises `ConfigError` naming it (never a silent default).
@@ -68,7 +71,7 @@ class LoraConfig:
     alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r.")
     dropout: float = _f(0.0, "Dropout on the LoRA input of linear targets (attention, lm_head, router). Expert "
                              "adapters use none (as peft's target_parameters require).")
-    targets: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "experts"],
+    targets: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "experts", "lm_head"],
                        "Modules to adapt, by name: q_proj k_proj v_proj o_proj lm_head gate (router) w1 w2 w3 "
                        "(every expert's) or experts (= w1 w2 w3). Comma-separated on the command line.")
     strict_targets: bool = _f(False, "Make a target name that matches nothing an error instead of a warning.")
@@ -93,7 +96,7 @@ class DataConfig:
     columns: dict = _f({}, "Column mapping, e.g. {prompt: question, response: answer}; keys: prompt, response, "
                            "source, instruction, input, output, messages.")
     train_on_prompt: bool = _f(False, "Compute the loss on the whole text (the recipe) instead of the answer + eos.")
-    max_seq_length: int = _f(1024, "Packed row length (tokens).")
+    max_seq_length: int = _f(256, "Packed row length (tokens).")
     packing: bool = _f(True, "Pack examples into rows of max_seq_length with per-example attention.")
     overlong: str = _f("truncate", "An example longer than max_seq_length is truncated or dropped.",
                        ("truncate", "drop"))
@@ -105,23 +108,23 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = _f("runs/tiny", "Every file of the run goes under this directory.")
-    max_steps: int = _f(-1, "Optimizer steps to run; -1 = derive from num_train_epochs.")
+    max_steps: int = _f(60, "Optimizer steps to run; -1 = derive from num_train_epochs.")
     num_train_epochs: float = _f(1.0, "Epochs over the packed training rows (when max_steps is -1).")
     per_device_train_batch_size: int = _f(4, "Packed rows per micro-batch.")
     per_device_eval_batch_size: int = _f(4, "Packed rows per evaluation batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    learning_rate: float = _f(2e-4, "Peak learning rate (AdamW).")
+    learning_rate: float = _f(2e-3, "Peak learning rate (AdamW).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    warmup_ratio: float = _f(0.03, "Fraction of steps spent warming up linearly (ignored if warmup_steps > 0).")
+    warmup_ratio: float = _f(0.05, "Fraction of steps spent warming up linearly (ignored if warmup_steps > 0).")
     warmup_steps: int = _f(0, "Warm-up steps.")
     lr_scheduler_type: str = _f("cosine", "Schedule after warm-up.", ("cosine", "linear", "constant"))
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
-    logging_steps: int = _f(10, "Log every N optimizer steps.")
-    eval_steps: int = _f(50, "Evaluate every N optimizer steps (0 = only at the end).")
-    save_steps: int = _f(100, "Checkpoint every N optimizer steps (0 = only at the end).")
+    logging_steps: int = _f(5, "Log every N optimizer steps.")
+    eval_steps: int = _f(20, "Evaluate every N optimizer steps (0 = only at the start and the end).")
+    save_steps: int = _f(30, "Checkpoint every N optimizer steps (0 = only at the end).")
     save_total_limit: int = _f(2, "Keep the last K checkpoints.")
     bf16: str = _f("auto", "bf16 autocast: auto (on where the device supports it), true, false.",
                    ("auto", "true", "false"))
@@ -138,7 +141,7 @@ class TrainConfig:
 
 @dataclass
 class GenerateConfig:
-    max_new_tokens: int = _f(512, "Maximum tokens to generate per prompt.")
+    max_new_tokens: int = _f(48, "Maximum tokens to generate per prompt.")
     greedy: bool = _f(False, "Greedy decoding instead of sampling.")
     temperature: float = _f(0.7, "Sampling temperature.")
     top_p: float = _f(0.95, "Nucleus sampling threshold (1 = off).")
@@ -296,8 +299,20 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("generate.temperature: must be positive when sampling (or set generate.greedy true)")
     if t.save_total_limit < 1:
         raise ConfigError(f"train.save_total_limit: must be at least 1, got {t.save_total_limit}")
-    if cfg.model.quant == "nf4" and cfg.model.dtype == "float16":
-        pass  # allowed: fp16 compute over NF4 storage
+    for name, v in [("train.logging_steps", t.logging_steps)]:
+        if v <= 0:
+            raise ConfigError(f"{name}: must be positive, got {v}")
+    for name, v in [("train.eval_steps", t.eval_steps), ("train.save_steps", t.save_steps),
+                    ("train.generate_after", t.generate_after), ("train.max_grad_norm", t.max_grad_norm),
+                    ("train.warmup_steps", t.warmup_steps), ("train.router_aux_loss_coef", t.router_aux_loss_coef)]:
+        if v < 0:
+            raise ConfigError(f"{name}: must be >= 0, got {v}")
+    # clashing options: say which two keys disagree
+    if t.bf16 == "true" and cfg.model.dtype == "float16":
+        raise ConfigError("train.bf16 true clashes with model.dtype float16: pick one compute precision")
+    if t.eval_steps > 0 and d.eval_fraction == 0 and not d.eval_split:
+        raise ConfigError("train.eval_steps > 0 needs evaluation data: set data.eval_fraction > 0 or data.eval_split "
+                          "(or train.eval_steps 0)")
     return cfg
 
 
@@ -399,7 +414,11 @@ def config_help() -> str:
         default = scls()
         for f in dataclasses.fields(scls):
             tp = hints[f.name]
-            tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+            args = [x for x in typing.get_args(tp) if x is not type(None)]
+            if typing.get_origin(tp) in (Union, types.UnionType) and args:
+                tname = f"{args[0].__name__} or null"
+            else:
+                tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
             choices = f.metadata.get("choices")
             extra = f" [{'|'.join(choices)}]" if choices else ""
             lines.append(f"  --{sname}.{f.name} ({tname}, default {json.dumps(getattr(default, f.name))}){extra}")

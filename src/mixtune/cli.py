@@ -1,0 +1,295 @@
+"""`mixtune` — one entry point for every verb.
+
+    mixtune train    [CONFIG.yaml] [--section.key VALUE ...] [--resume [auto|DIR]] [--json]
+    mixtune prepare  [CONFIG.yaml] [...] [--json] [--dump-text FILE] [--dump-tokens FILE]
+    mixtune eval     [CONFIG.yaml] [...] [--adapter DIR] [--json]
+    mixtune merge    [CONFIG.yaml] [...] --adapter DIR [--out DIR] [--json]
+    mixtune generate [CONFIG.yaml] [...] [--adapter DIR] --prompt TEXT [--prompt TEXT ...] [--json]
+    mixtune inspect  [CONFIG.yaml] [...] [--json]
+    mixtune bench    [bench options]
+
+Every verb reads the same typed config (`mixtune.config`): defaults < CONFIG.yaml < dotted overrides
+(`--train.learning_rate 2e-5`, `--lora.targets q_proj,v_proj`). Short aliases: --model, --quant, --dtype,
+--max-new-tokens, --greedy, --out, --output_dir. A user error (unknown key, bad value, clashing options,
+missing file) exits with code 2 and one line `mixtune: error: ...` on stderr; MIXTUNE_DEBUG=1 shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+from .config import ConfigError, config_help, load_config
+
+VERBS = {
+    "train": "fine-tune: LoRA/QLoRA training with eval, checkpoints, adapter, generations and a report",
+    "prepare": "format, tokenize and pack the data; print statistics (optionally dump text / tokens)",
+    "eval": "evaluation loss and perplexity of the base model or base + adapter",
+    "merge": "fold an adapter into the 16-bit base weights and write an HF checkpoint",
+    "generate": "generate from prompts with the base model or base + adapter (KV cache)",
+    "inspect": "architecture, parameter counts, LoRA targets matched/unmatched, memory estimate",
+    "bench": "training throughput benchmark (mixtune vs the stock stack)",
+}
+
+# verb options (not config keys): name -> (takes a value, verbs that accept it)
+VERB_OPTIONS = {
+    "--adapter": (True, {"eval", "merge", "generate"}),
+    "--prompt": (True, {"generate"}),
+    "--json": (False, {"train", "prepare", "eval", "merge", "generate", "inspect"}),
+    "--dump-text": (True, {"prepare"}),
+    "--dump-tokens": (True, {"prepare"}),
+    "--resume": (None, {"train"}),  # optional value: bare --resume means auto
+}
+
+# short aliases of config keys; a verb may map an alias to another key
+ALIASES = {
+    "--model": "model.name_or_path",
+    "--quant": "model.quant",
+    "--dtype": "model.dtype",
+    "--max-new-tokens": "generate.max_new_tokens",
+    "--max_new_tokens": "generate.max_new_tokens",
+    "--greedy": "generate.greedy",
+    "--out": "merge.out",
+    "--output_dir": "train.output_dir",
+    "--output-dir": "train.output_dir",
+    "--seed": "train.seed",
+}
+_FLAG_ALIASES = {"--greedy"}  # may stand alone (= true)
+_VERB_ALIAS_OVERRIDES = {"merge": {"--dtype": "merge.dtype"}}
+
+_HELP_OPTIONS = """\
+verb options:
+  --adapter DIR         adapter directory (PEFT format, e.g. runs/tiny/adapter)       [eval, merge, generate]
+  --prompt TEXT         prompt text; repeat for several                                 [generate]
+  --json                machine-readable output: one JSON object per line on stdout
+  --dump-text FILE      write {"text": ...} per formatted example, source order        [prepare]
+  --dump-tokens FILE    write {"input_ids": [...], "labels": [...]} per example         [prepare]
+  --resume [auto|DIR]   continue a killed run from its latest (or the given) checkpoint [train]
+short aliases:
+  --model M             = --model.name_or_path M   (Hub id or local HF directory; empty: the tiny default)
+  --quant nf4|none      = --model.quant
+  --dtype D             = --model.dtype (merge: --merge.dtype, the written dtype)
+  --max-new-tokens N    = --generate.max_new_tokens
+  --greedy              = --generate.greedy true
+  --out DIR             = --merge.out
+  --output_dir DIR      = --train.output_dir (every file of the run goes under DIR)
+  --seed N              = --train.seed
+"""
+
+
+class _Args:
+    def __init__(self):
+        self.config: Optional[str] = None
+        self.adapter: Optional[str] = None
+        self.prompts: list[str] = []
+        self.json = False
+        self.dump_text: Optional[str] = None
+        self.dump_tokens: Optional[str] = None
+        self.overrides: list[tuple[str, str]] = []
+        self.help = False
+
+
+def usage() -> str:
+    lines = ["usage: mixtune VERB [CONFIG.yaml] [--section.key VALUE ...] [options]", "", "verbs:"]
+    lines += [f"  {v:<9} {d}" for v, d in VERBS.items()]
+    lines += ["", "`mixtune VERB --help` lists the verb's options and every config key.",
+              "With no CONFIG, `mixtune train` runs the offline tiny default (configs/tiny.yaml)."]
+    return "\n".join(lines)
+
+
+def verb_help(verb: str) -> str:
+    head = __doc__.split("\n\n")[1].splitlines()
+    usage_line = next((ln.strip() for ln in head if ln.strip().startswith(f"mixtune {verb}")), f"mixtune {verb}")
+    return (f"usage: {usage_line}\n\n{VERBS[verb]}\n\n{_HELP_OPTIONS}\nconfig keys (defaults = the offline tiny "
+            f"run; CONFIG.yaml and --section.key VALUE override them):\n{config_help()}")
+
+
+def parse_args(verb: str, argv: list[str]) -> _Args:
+    """Split argv into the config path, verb options and (key, value) overrides; clashes raise ConfigError."""
+    a = _Args()
+    seen: dict[str, tuple[str, str]] = {}  # config key -> (spelling, value)
+
+    def put(key: str, value: str, spelling: str) -> None:
+        if key in seen and seen[key][1] != value:
+            raise ConfigError(f"clashing options: {seen[key][0]} {seen[key][1]!r} and {spelling} {value!r} both "
+                              f"set {key}")
+        seen[key] = (spelling, value)
+        a.overrides.append((key, value))
+
+    def has_value(i: int) -> bool:
+        return i + 1 < len(argv) and not (argv[i + 1].startswith("--") and len(argv[i + 1]) > 2)
+
+    aliases = dict(ALIASES, **_VERB_ALIAS_OVERRIDES.get(verb, {}))
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in ("-h", "--help"):
+            a.help = True
+            i += 1
+            continue
+        if not tok.startswith("-"):
+            if a.config is not None:
+                raise ConfigError(f"unexpected argument {tok!r}: give one CONFIG.yaml, then --section.key VALUE")
+            a.config = tok
+            i += 1
+            continue
+        name, inline = (tok.split("=", 1) + [None])[:2] if "=" in tok else (tok, None)
+        if name in VERB_OPTIONS:
+            takes, verbs = VERB_OPTIONS[name]
+            if verb not in verbs:
+                raise ConfigError(f"{name} is not an option of `mixtune {verb}` (it applies to "
+                                  f"{', '.join(sorted(verbs))})")
+            if takes is False:
+                if inline is not None:
+                    raise ConfigError(f"{name} takes no value")
+                value, i = None, i + 1
+            elif inline is not None:
+                value, i = inline, i + 1
+            elif has_value(i):
+                value, i = argv[i + 1], i + 2
+            elif takes is None:
+                value, i = "auto", i + 1
+            else:
+                raise ConfigError(f"{name} needs a value")
+            if name == "--adapter":
+                if a.adapter is not None and a.adapter != value:
+                    raise ConfigError(f"clashing options: --adapter given twice ({a.adapter!r}, {value!r})")
+                a.adapter = value
+            elif name == "--prompt":
+                a.prompts.append(value)
+            elif name == "--json":
+                a.json = True
+            elif name == "--dump-text":
+                a.dump_text = value
+            elif name == "--dump-tokens":
+                a.dump_tokens = value
+            elif name == "--resume":
+                put("train.resume", value, "--resume")
+            continue
+        if name in aliases:
+            key = aliases[name]
+            if inline is not None:
+                value, i = inline, i + 1
+            elif name in _FLAG_ALIASES and not (has_value(i) and argv[i + 1].lower() in ("true", "false")):
+                value, i = "true", i + 1
+            elif has_value(i):
+                value, i = argv[i + 1], i + 2
+            else:
+                raise ConfigError(f"{name} needs a value")
+            put(key, value, name)
+            continue
+        if name.startswith("--") and "." in name:
+            key = name[2:]
+            sec, _, field = key.partition(".")
+            key = f"{sec}.{field.replace('-', '_')}"
+            if inline is not None:
+                value, i = inline, i + 1
+            elif has_value(i):
+                value, i = argv[i + 1], i + 2
+            else:
+                value, i = "true", i + 1  # a bare boolean flag
+            put(key, value, name)
+            continue
+        import difflib
+        known = list(VERB_OPTIONS) + list(aliases) + ["--help"]
+        near = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else " (config keys look like --section.key VALUE)"
+        raise ConfigError(f"unknown option {name}{hint}")
+    return a
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, default=str), flush=True)
+
+
+def run(verb: str, argv: list[str]) -> int:
+    if verb == "bench":
+        import importlib.util
+        if importlib.util.find_spec("mixtune.bench") is None:
+            raise ConfigError("`mixtune bench` is not available in this build (module mixtune.bench is missing); "
+                              "see BENCHMARKS.md for the benchmark scripts")
+        from . import bench
+        return int(bench.main(argv) or 0)
+    args = parse_args(verb, argv)
+    if args.help:
+        print(verb_help(verb))
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    command = " ".join(["mixtune", verb] + argv)
+    if verb == "train":
+        from . import train
+        result = train.main(cfg, command=command)
+        if args.json:
+            _print_json(result)
+    elif verb == "prepare":
+        from .data import prepare_main
+        prepare_main(cfg, json_out=args.json, dump_text=args.dump_text, dump_tokens=args.dump_tokens)
+    elif verb == "eval":
+        from .evaluate import eval_main
+        eval_main(cfg, adapter=args.adapter, json_out=args.json)
+    elif verb == "merge":
+        if not args.adapter:
+            raise ConfigError("mixtune merge needs --adapter DIR (the adapter to fold into the base weights)")
+        if not os.path.isdir(args.adapter):
+            raise FileNotFoundError(f"--adapter: directory not found: {args.adapter}")
+        from .merge import merge_main
+        out_dir = cfg.merge.out or os.path.join(cfg.train.output_dir, "merged")
+        result = merge_main(cfg, args.adapter, out_dir)
+        if args.json:
+            _print_json(result if result is not None else {"out": out_dir})
+        else:
+            print(f"merged checkpoint written to {out_dir}")
+    elif verb == "generate":
+        if not args.prompts:
+            raise ConfigError("mixtune generate needs at least one --prompt TEXT")
+        if args.adapter and not os.path.isdir(args.adapter):
+            raise FileNotFoundError(f"--adapter: directory not found: {args.adapter}")
+        from .generate import generate_main
+        generate_main(cfg, args.prompts, args.adapter, args.json)
+    elif verb == "inspect":
+        from .inspect_model import inspect_main
+        inspect_main(cfg, json_out=args.json)
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in msg:
+        msg = f"{msg}: {e.filename}"
+    return " ".join(part.strip() for part in msg.splitlines() if part.strip())
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of `mixtune` and `python -m mixtune`; returns the exit code (0 ok, 2 user error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+        print(f"mixtune {__version__}")
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        import difflib
+        near = difflib.get_close_matches(verb, list(VERBS), n=1)
+        print(f"mixtune: error: unknown verb {verb!r}{f' (did you mean {near[0]}?)' if near else ''}; verbs: "
+              f"{', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    try:
+        return run(verb, rest)
+    except KeyboardInterrupt:
+        print("mixtune: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        if os.environ.get("MIXTUNE_DEBUG"):
+            raise
+        print(f"mixtune: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""Run artefacts for people: the loss-curve PNG and the markdown run report.
+
+    plot_losses(records, "runs/tiny/loss.png")      # records = metrics.jsonl rows
+    write_report("runs/tiny/report.md", summary)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl file (missing file -> [])."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def plot_losses(records: list[dict], path: str, title: str = "mixtune") -> str:
+    """Train loss (per logged step) and eval loss (per evaluation) against the optimizer step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval" and "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_report(path: str, summary: dict[str, Any]) -> str:
+    """A short markdown report: model, data, adapter, timings, loss before/after, before/after generations.
+
+    summary keys used: title, command, model, lora (dict), data (dict of stats), train (dict), eval_before,
+    eval_after, generations ([{prompt, reference, before, after}]), files ([names])."""
+    lines = [f"# {summary.get('title', 'mixtune run')}", ""]
+    if summary.get("command"):
+        lines += ["```", summary["command"], "```", ""]
+    lines += ["## Setup", "", "| | |", "|---|---|"]
+    for key in ("model", "device", "dtype", "quant"):
+        if key in summary:
+            lines.append(f"| {key} | {_fmt(summary[key])} |")
+    for key, v in (summary.get("lora") or {}).items():
+        lines.append(f"| lora {key} | {_fmt(v)} |")
+    for key, v in (summary.get("data") or {}).items():
+        lines.append(f"| data {key} | {_fmt(v)} |")
+    lines += ["", "## Training", "", "| | |", "|---|---|"]
+    for key, v in (summary.get("train") or {}).items():
+        lines.append(f"| {key} | {_fmt(v)} |")
+    eb, ea = summary.get("eval_before"), summary.get("eval_after")
+    if eb or ea:
+        lines += ["", "## Evaluation", "", "| | loss | perplexity |", "|---|---|---|"]
+        if eb:
+            lines.append(f"| before training | {eb['eval_loss']:.4f} | {eb['eval_perplexity']:.2f} |")
+        if ea:
+            lines.append(f"| after training | {ea['eval_loss']:.4f} | {ea['eval_perplexity']:.2f} |")
+    if summary.get("loss_png"):
+        lines += ["", f"![loss curves]({summary['loss_png']})"]
+    gens = summary.get("generations") or []
+    if gens:
+        lines += ["", "## Generations (held-out examples)", ""]
+        for i, g in enumerate(gens, 1):
+            lines += [f"### Example {i}", "", "Prompt:", "", "```", g["prompt"].strip()[-800:], "```", "",
+                      "| reference | before | after |", "|---|---|---|",
+                      f"| {_cell(g.get('reference', ''))} | {_cell(g.get('before', ''))} | {_cell(g.get('after', ''))} |",
+                      ""]
+    if summary.get("files"):
+        lines += ["", "## Files", ""] + [f"- `{f}`" for f in summary["files"]]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def _cell(text: str, limit: int = 300) -> str:
+    t = " ".join(str(text).split())
+    if len(t) > limit:
+        t = t[:limit] + "…"
+    return t.replace("|", "\\|") or "(empty)"
+
+
+def side_by_side(gens: list[dict], width: int = 100) -> str:
+    """Plain-text before/after block for the terminal."""
+    out = []
+    for i, g in enumerate(gens, 1):
+        out.append(f"--- held-out example {i} " + "-" * max(0, width - 24))
+        out.append("reference: " + _cell(g.get("reference", ""), 200))
+        out.append("before:    " + _cell(g.get("before", ""), 200))
+        out.append("after:     " + _cell(g.get("after", ""), 200))
+    return "\n".join(out)

@@ -1,0 +1,391 @@
+"""The training recipe, top-down: build → fit (accumulate, clip, log, eval, save) → report.
+
+    mixtune train                          # the offline tiny default (configs/tiny.yaml's values)
+    mixtune train configs/mixtral-8x7b-qlora.yaml --train.output_dir runs/mixtral
+    python -c "from mixtune.config import load_config; from mixtune import train; train.main(load_config())"
+
+`main(cfg)` reads like the recipe it runs (no Trainer class): resolve the model → tokenizer → data → load the
+(4-bit) base → inject LoRA → AdamW over the adapter only → warm-up + cosine/linear/constant schedule →
+loop over optimizer steps (gradient accumulation with exact token normalisation, clipping, optional bf16
+autocast and activation checkpointing, Mixtral's router aux loss) with evaluation, JSONL/TensorBoard metrics
+and atomic checkpoints → final PEFT adapter → optional merge → before/after generations → loss PNG → report.
+
+Output dir layout: config.yaml, metrics.jsonl, tb/, checkpoints/step-N/, adapter/, generations.jsonl, loss.png,
+report.md, merged/ (optional). `--resume auto|DIR` continues a killed run to the same final weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config
+from .evaluate import autocast_context, batch_to, evaluate_loss, generate_texts
+
+# --------------------------------------------------------------------------------------------------
+# small helpers (device, precision, schedule, data stream)
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto → cuda if available else cpu; otherwise the named device (must exist)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device: {name!r} requested but no CUDA device is available")
+    return dev
+
+
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    """train.bf16: auto = on for CUDA devices that support bf16, off on CPU (fp32); true/false force it."""
+    if cfg.train.bf16 == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return cfg.train.bf16 == "true"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr after `step` scheduler steps: linear warm-up over `warmup` steps, then
+    cosine decay to 0, linear decay to 0, or constant, until `total`."""
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return f
+
+
+def warmup_steps(cfg: Config, total: int) -> int:
+    return cfg.train.warmup_steps if cfg.train.warmup_steps > 0 else int(math.ceil(cfg.train.warmup_ratio * total))
+
+
+def batches_per_epoch(rows: list, batch_size: int) -> int:
+    """Micro-batches iterate_batches yields over one epoch of `rows`."""
+    from .data import iterate_batches
+    return sum(1 for _ in iterate_batches(rows, batch_size, shuffle=False, seed=0))
+
+
+def total_optimizer_steps(cfg: Config, n_rows: int, per_epoch: Optional[int] = None) -> int:
+    """train.max_steps, or ceil(num_train_epochs × micro-batches per epoch / accumulation)."""
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    if per_epoch is None:
+        per_epoch = math.ceil(n_rows / cfg.train.per_device_train_batch_size)
+    return max(1, math.ceil(cfg.train.num_train_epochs * per_epoch / cfg.train.gradient_accumulation_steps))
+
+
+def micro_batch_stream(rows: list, batch_size: int, seed: int, epoch: int, start: int
+                       ) -> Iterator[tuple[int, int, dict]]:
+    """Endless micro-batches over epochs, starting at micro-batch `start` of `epoch` (resume skips what was
+    consumed). Yields (epoch, micro-batches consumed in that epoch after this one, batch)."""
+    from .data import iterate_batches
+
+    while True:
+        n = 0
+        for batch in iterate_batches(rows, batch_size, shuffle=True, seed=seed, epoch=epoch, start=start):
+            start += 1
+            n += 1
+            yield epoch, start, batch
+        if n == 0 and start == 0:
+            raise ValueError(f"no training batches: {len(rows)} packed rows for "
+                             f"train.per_device_train_batch_size {batch_size}")
+        epoch, start = epoch + 1, 0
+
+
+def label_tokens(batch: dict) -> int:
+    """Label tokens the model's shifted cross-entropy counts: labels[:, 1:] != -100."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) + TensorBoard scalars under tb/."""
+
+    def __init__(self, out_dir: str, tensorboard: bool, resume_step: Optional[int]):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        if resume_step is not None and os.path.exists(self.path):
+            # drop what the killed run logged after its last checkpoint: it will be logged again
+            keep = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            with open(self.path, "w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in keep)
+        elif resume_step is None:
+            open(self.path, "w").close()
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(out_dir, "tb"),
+                                    purge_step=resume_step + 1 if resume_step is not None else None)
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            prefix = "eval" if record.get("kind") == "eval" else "train"
+            for k, v in record.items():
+                if k not in ("step", "kind", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
+                    name = k if k.startswith("eval_") else f"{prefix}/{k}"
+                    self.tb.add_scalar(name.replace("eval_", "eval/"), v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _say(msg: str, bar=None) -> None:
+    if bar is not None:
+        bar.write(msg, file=sys.stderr)
+    else:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# the recipe
+# --------------------------------------------------------------------------------------------------
+
+
+def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, command: str = "") -> dict:
+    """Run one training job described by `cfg`; returns the final metrics. `on_step(step)` is called after
+    every optimizer step (and its checkpoint), e.g. by tests that simulate a kill."""
+    from .data import load_tokenizer, prepare_data
+    from .lora import apply_lora, save_adapter
+    from .model.loading import load_model, resolve_dtype, resolve_model_path
+
+    t_start = time.time()
+    t, out_dir = cfg.train, cfg.train.output_dir
+
+    # 0. the output dir: refuse to mix a fresh run into an old one; save the resolved config first
+    resume_path = ckpt.resolve_resume(out_dir, t.resume)
+    os.makedirs(out_dir, exist_ok=True)
+    cfg.save(os.path.join(out_dir, "config.yaml"))
+    seed_everything(t.seed)
+    device = resolve_device(cfg.model.device)
+    bf16 = use_bf16(cfg, device)
+
+    # 1. model files, tokenizer, data
+    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir or None, cfg.model.revision)
+    base_name = cfg.model.name_or_path or model_path
+    tokenizer = load_tokenizer(cfg.model.tokenizer, model_path)
+    data = prepare_data(cfg, tokenizer)
+    if not data.train_rows:
+        raise ValueError("no training rows after preparation (see `mixtune prepare` for the statistics)")
+
+    # 2. the base model (4-bit by default) and the adapter
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    model = load_model(model_path, quant=cfg.model.quant, dtype=dtype, device=device,
+                       cache_dir=cfg.model.cache_dir or None, revision=cfg.model.revision, report=True)
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    model.set_moe_backend(cfg.model.moe_backend)
+    model.attn_implementation = cfg.model.attn_implementation
+    lora_report = apply_lora(model, cfg.lora, cfg.lora.init_seed if cfg.lora.init_seed is not None else t.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    if not params:
+        raise ValueError("lora.targets: nothing is trainable (no target matched a module)")
+
+    # 3. before training: eval loss and generations of the base model (fresh LoRA B = 0 changes nothing)
+    eval_bs = t.per_device_eval_batch_size
+    eval_before = evaluate_loss(model, data.eval_rows, eval_bs, autocast=bf16) if data.eval_rows else None
+    examples = list(data.eval_examples[: t.generate_after])
+    before = generate_texts(model, tokenizer, [e["prompt"] for e in examples], cfg.generate) if examples else []
+
+    # 4. optimizer over the adapter only, schedule
+    micro_bs, accum = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    per_epoch = batches_per_epoch(data.train_rows, micro_bs) if t.max_steps <= 0 else None
+    total = total_optimizer_steps(cfg, len(data.train_rows), per_epoch)
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                  eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(t.lr_scheduler_type, warmup_steps(cfg, total), total))
+
+    # 5. resume: adapter, optimizer, scheduler, RNG, data position
+    step, epoch, consumed, history = 0, 0, 0, {}
+    torch.manual_seed(t.seed)
+    if resume_path:
+        state = ckpt.load_checkpoint(resume_path)
+        ckpt.load_trainable_state_dict(model, state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.restore_rng_state(state["rng"])
+        s = state["state"]
+        step, epoch, consumed = s["step"], s["epoch"], s["batches_in_epoch"]
+        history = s.get("history", {})
+        if s.get("total_steps") not in (None, total):
+            raise ckpt.CheckpointError(f"--resume: {resume_path} belongs to a run of {s['total_steps']} steps, "
+                                       f"this config plans {total}; resume with the same config")
+        _say(f"mixtune: resuming from {resume_path} (step {step}/{total}, epoch {epoch}, "
+             f"micro-batch {consumed})")
+    metrics = MetricsLog(out_dir, t.tensorboard, step if resume_path else None)
+    if eval_before is not None and not resume_path:
+        metrics.log({"kind": "eval", "step": 0, **eval_before})
+    _say(f"mixtune: {len(data.train_rows)} train rows × {cfg.data.max_seq_length} tokens, "
+         f"{len(data.eval_rows)} eval rows; {total} steps of {micro_bs}×{accum} rows; "
+         f"{n_trainable:,} trainable parameters; device {device}, "
+         f"{'bf16 autocast' if bf16 else str(dtype).replace('torch.', '')}")
+
+    # 6. the loop
+    stream = micro_batch_stream(data.train_rows, micro_bs, cfg.data.seed, epoch, consumed)
+    model.train()
+    bar = None
+    if t.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    win_loss, win_tok, win_aux, win_t0, win_tokens_in = 0.0, 0, 0.0, time.time(), 0
+    tokens_seen = history.get("tokens_seen", 0)
+    last_eval = None
+    save_adapter_fn = lambda d: save_adapter(model, d, cfg.lora, base_name)  # noqa: E731
+    while step < total:
+        micro = [next(stream) for _ in range(accum)]  # [(epoch, consumed after it, batch (B, T))]
+        n_step = max(1, sum(label_tokens(b) for _, _, b in micro))
+        step_loss, step_aux = 0.0, 0.0
+        for _, _, batch in micro:
+            b = batch_to(batch, device)
+            with autocast_context(device, bf16):
+                out = model(b["input_ids"], b["position_ids"], b["labels"], return_logits=False)
+            # exact accumulation: every token of the optimizer step weighs the same
+            loss = out.loss_sum / n_step
+            if t.router_aux_loss_coef > 0 and out.aux_loss is not None:
+                loss = loss + t.router_aux_loss_coef * out.aux_loss * (int(out.n_tokens) / n_step)
+            loss.backward()
+            step_loss += float(out.loss_sum.detach())
+            if out.aux_loss is not None:
+                step_aux += float(out.aux_loss.detach()) / accum
+            win_tokens_in += b["input_ids"].numel()
+        if t.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(
+                torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None])))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        epoch, consumed = micro[-1][0], micro[-1][1]
+        win_loss += step_loss
+        win_tok += n_step
+        win_aux += step_aux
+        if bar is not None:
+            bar.update(1)
+
+        if step % t.logging_steps == 0 or step == total:
+            dt = max(1e-9, time.time() - win_t0)
+            tokens_seen += win_tokens_in
+            rec = {"kind": "train", "step": step, "epoch": round(epoch + consumed / per_epoch, 4) if per_epoch
+                   else epoch, "loss": win_loss / max(1, win_tok), "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": win_tokens_in / dt, "tokens_seen": tokens_seen}
+            if win_aux:
+                rec["aux_loss"] = win_aux / t.logging_steps
+            metrics.log(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            else:
+                _say(f"step {step}/{total} loss {rec['loss']:.4f} lr {lr:.3g} {rec['tokens_per_s']:.0f} tok/s")
+            win_loss, win_tok, win_aux, win_t0, win_tokens_in = 0.0, 0, 0.0, time.time(), 0
+
+        if data.eval_rows and t.eval_steps and step % t.eval_steps == 0 and step != total:
+            last_eval = evaluate_loss(model, data.eval_rows, eval_bs, autocast=bf16)
+            metrics.log({"kind": "eval", "step": step, **last_eval})
+            _say(f"step {step}: eval loss {last_eval['eval_loss']:.4f} "
+                 f"perplexity {last_eval['eval_perplexity']:.2f}", bar)
+
+        if (t.save_steps and step % t.save_steps == 0) or step == total:
+            state = {"epoch": epoch, "batches_in_epoch": consumed, "total_steps": total,
+                     "history": {"tokens_seen": tokens_seen}}
+            ckpt.save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 state=state, total_limit=t.save_total_limit, save_adapter_fn=save_adapter_fn)
+        if on_step is not None:
+            on_step(step)
+    if bar is not None:
+        bar.close()
+    train_seconds = time.time() - t_start
+
+    # 7. after training: final eval, adapter, merge, generations, plot, report
+    eval_after = evaluate_loss(model, data.eval_rows, eval_bs, autocast=bf16) if data.eval_rows else None
+    if eval_after is not None:
+        metrics.log({"kind": "eval", "step": step, **eval_after})
+    metrics.close()
+    adapter_dir = os.path.join(out_dir, "adapter")
+    save_adapter(model, adapter_dir, cfg.lora, base_name)
+    after = generate_texts(model, tokenizer, [e["prompt"] for e in examples], cfg.generate) if examples else []
+    gens = [{"prompt": e["prompt"], "reference": e.get("reference", ""), "before": b["text"], "after": a["text"]}
+            for e, b, a in zip(examples, before, after)]
+    with open(os.path.join(out_dir, "generations.jsonl"), "w") as fh:
+        fh.writelines(json.dumps(g) + "\n" for g in gens)
+    if gens:
+        from .report import side_by_side
+        _say(side_by_side(gens))
+    merged_dir = None
+    if t.merge_after:
+        from .merge import merge_main
+        merged_dir = cfg.merge.out or os.path.join(out_dir, "merged")
+        merge_main(cfg, adapter_dir, merged_dir)
+
+    from .report import plot_losses, read_metrics, write_report
+    records = read_metrics(metrics.path)
+    plot_losses(records, os.path.join(out_dir, "loss.png"), title=f"mixtune: {cfg.model.name_or_path or 'tiny default'}")
+    train_losses = [r["loss"] for r in records if r.get("kind") == "train"]
+    result = {
+        "steps": step, "train_loss": train_losses[-1] if train_losses else None,
+        "eval_loss_before": eval_before["eval_loss"] if eval_before else None,
+        "eval_loss": eval_after["eval_loss"] if eval_after else None,
+        "eval_perplexity": eval_after["eval_perplexity"] if eval_after else None,
+        "trainable_params": n_trainable, "seconds": round(time.time() - t_start, 1),
+        "output_dir": out_dir, "adapter": adapter_dir, "merged": merged_dir,
+    }
+    files = sorted(n for n in os.listdir(out_dir)) + ["report.md"]
+    write_report(os.path.join(out_dir, "report.md"), {
+        "title": f"mixtune run: {out_dir}", "command": command,
+        "model": cfg.model.name_or_path or f"tiny default ({model_path})", "device": str(device),
+        "dtype": "bf16 autocast" if bf16 else str(dtype).replace("torch.", ""), "quant": cfg.model.quant,
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targets": ", ".join(cfg.lora.targets),
+                 "trainable params": f"{n_trainable:,}", **_report_fields(lora_report)},
+        "data": {k: v for k, v in (data.stats or {}).items() if isinstance(v, (int, float, str))},
+        "train": {"steps": step, "micro-batch × accumulation": f"{micro_bs} × {accum}",
+                  "learning rate": t.learning_rate, "schedule": t.lr_scheduler_type,
+                  "final train loss": result["train_loss"], "wall time (s)": round(train_seconds, 1)},
+        "eval_before": eval_before, "eval_after": eval_after, "loss_png": "loss.png",
+        "generations": gens, "files": files})
+    _say(f"mixtune: done in {result['seconds']}s; eval loss "
+         f"{_fmt_opt(result['eval_loss_before'])} → {_fmt_opt(result['eval_loss'])}; adapter: {adapter_dir}; "
+         f"report: {os.path.join(out_dir, 'report.md')}")
+    return result
+
+
+def _fmt_opt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _report_fields(lora_report) -> dict:
+    """Unmatched targets etc. from apply_lora's report, whatever its exact shape."""
+    out = {}
+    for key in ("unmatched", "unmatched_targets"):
+        v = getattr(lora_report, key, None)
+        if v:
+            out["unmatched targets"] = ", ".join(map(str, v))
+    return out
