@@ -1,0 +1,64 @@
+"""Suite-wide fixtures: a tiny random Mixtral checkpoint in the real layout, and stock transformers loading.
+
+    def test_x(tiny_ckpt, tiny_config, hf_model_from): ...
+
+`tiny_ckpt` is a directory written once per session by `make_tiny_checkpoint` (config.json, two safetensors
+shards + model.safetensors.index.json, the v1 tokenizer files; bf16 weights). Treat it as read-only: copy it
+(`shutil.copytree`) before changing anything. $MIXTUNE_CACHE points into a session temp dir, so the embedded
+tiny default ("" as the model) is built there, never in the user's ~/.cache.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_mixtune_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MIXTUNE_CACHE", str(tmp_path_factory.mktemp("mixtune-cache")))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The MixtralConfig of `tiny_ckpt` (= mixtune.model.TINY_CONFIG)."""
+    from mixtune.model import TINY_CONFIG
+
+    return TINY_CONFIG
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tiny_config) -> str:
+    """Path of a tiny random Mixtral (seed 0) in the real HF layout: 2 shards + index + tokenizer."""
+    from mixtune.model.tiny import make_tiny_checkpoint
+
+    path = str(tmp_path_factory.mktemp("tiny-ckpt"))
+    make_tiny_checkpoint(path, tiny_config, seed=0, shards=2, dtype=torch.bfloat16, tokenizer=True)
+    return path
+
+
+def hf_model_from(ckpt: str, dtype: torch.dtype = torch.float32):
+    """Stock transformers' MixtralForCausalLM loaded from `ckpt` on CPU in eval mode (the reference)."""
+    import transformers
+    from transformers import MixtralForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    try:
+        transformers.utils.logging.disable_progress_bar()
+    except AttributeError:  # pragma: no cover
+        pass
+    model = MixtralForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+@pytest.fixture(scope="session", name="hf_model_from")
+def _hf_model_from_fixture():
+    """The `hf_model_from(ckpt, dtype=torch.float32)` helper as a fixture (tests can't import conftest)."""
+    return hf_model_from
