@@ -1,0 +1,86 @@
+"""Examples -> token ids and labels (the loss mask), and overlong handling.
+
+A text segment's pieces are encoded together as ONE string (so the recipe's "...[/INST]instruction" tokenizes
+exactly as the whole string would); the boundary between pieces is the longest common prefix of the ids of
+the text up to the boundary and the ids of the whole segment, so a token that straddles a boundary belongs to
+the later piece. Labels are the input ids (unshifted) where the piece trains, -100 elsewhere. The first token
+of every example (bos) is never a label: with packing, a label there would be predicted from the previous
+example's last token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .templates import Example
+
+IGNORE = -100
+
+
+@dataclass
+class Tokenized:
+    input_ids: list
+    labels: list
+    prompt_ids: list  # bos + the generation prompt's ids (what generation is given), [] when not known
+    truncated: bool = False
+
+
+def _lcp(a: list, b: list) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _encode_segment(seg, tokenizer) -> tuple[list, list]:
+    enc = tokenizer.encode_with_specials if seg.specials else tokenizer.encode
+    texts = [p[0] for p in seg.pieces]
+    full = enc("".join(texts))
+    flags = [False] * len(full)
+    start, prefix = 0, ""
+    for k, (text, train) in enumerate(seg.pieces):
+        prefix += text
+        end = len(full) if k == len(seg.pieces) - 1 else max(start, _lcp(enc(prefix), full))
+        for j in range(start, end):
+            flags[j] = train
+        start = end
+    return full, flags
+
+
+def tokenize_example(ex: Example, tokenizer) -> Tokenized:
+    ids, flags, seg_ends = [], [], []
+    for seg in ex.segments:
+        if seg.kind == "bos":
+            ids.append(tokenizer.bos_id)
+            flags.append(False)
+        elif seg.kind == "eos":
+            ids.append(tokenizer.eos_id)
+            flags.append(seg.train)
+        else:
+            t, f = _encode_segment(seg, tokenizer)
+            ids += t
+            flags += f
+        seg_ends.append(len(ids))
+    if flags:
+        flags[0] = False
+    labels = [i if f else IGNORE for i, f in zip(ids, flags)]
+    n = ex.n_prompt_segments
+    if n < 0:  # chat-template: the rendered prompt (with its own bos text) parsed with specials
+        prompt_ids = tokenizer.encode_with_specials(ex.prompt_render)
+    else:
+        prompt_ids = ids[: seg_ends[n - 1]] if n else []
+        nxt = ex.segments[n] if n < len(ex.segments) else None
+        if nxt is not None and nxt.kind == "text" and len(nxt.pieces) > 1:
+            # the prompt ends inside this segment (backtranslate, alpaca): generation encodes it alone
+            prompt_ids = prompt_ids + tokenizer.encode(ex.prompt)
+    return Tokenized(ids, labels, prompt_ids)
+
+
+def fit_length(tok: Tokenized, max_len: int, overlong: str) -> Tokenized | None:
+    """Truncate (keep the first max_len tokens) or drop (None) an example longer than max_len."""
+    if len(tok.input_ids) <= max_len:
+        return tok
+    if overlong == "drop":
+        return None
+    return Tokenized(tok.input_ids[:max_len], tok.labels[:max_len], tok.prompt_ids, truncated=True)
