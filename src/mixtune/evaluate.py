@@ -63,46 +63,21 @@ def evaluate_loss(model, rows: list, batch_size: int, *, autocast: bool = False,
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[str], gen_cfg, *, max_new_tokens: Optional[int] = None,
                    greedy: Optional[bool] = None) -> list[dict[str, Any]]:
-    """Generate a continuation of each prompt text (already formatted; bos is added here).
+    """Continue each prompt text (already formatted, e.g. PreparedData.eval_examples' "prompt"; bos is
+    prepended here) with `mixtune.generate.generate` and gen_cfg's decoding settings.
 
-    Returns [{"prompt", "text", "token_ids"}]."""
+    Returns [{"prompt", "text", "token_ids"}] (token_ids: the new ids, eos included if emitted)."""
     from .generate import generate
 
-    was_training = model.training
-    model.eval()
     out = []
-    try:
-        for p in prompts:
-            ids = tokenizer.encode(p, bos=True)
-            prompt_ids = torch.tensor([ids], dtype=torch.long, device=model.device)  # (1, T)
-            gen = generate(model, prompt_ids,
-                           max_new_tokens=gen_cfg.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                           greedy=gen_cfg.greedy if greedy is None else greedy, temperature=gen_cfg.temperature,
-                           top_p=gen_cfg.top_p, top_k=gen_cfg.top_k, seed=gen_cfg.seed, eos_id=tokenizer.eos_id)
-            new = _new_ids(gen, len(ids))
-            out.append({"prompt": p, "text": tokenizer.decode(new), "token_ids": new})
-    finally:
-        model.train(was_training)
+    for p in prompts:
+        ids = tokenizer.encode(p, bos=True)
+        new = generate(model, [ids],
+                       max_new_tokens=gen_cfg.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                       greedy=gen_cfg.greedy if greedy is None else greedy, temperature=gen_cfg.temperature,
+                       top_p=gen_cfg.top_p, top_k=gen_cfg.top_k, seed=gen_cfg.seed, eos_id=tokenizer.eos_id)[0]
+        out.append({"prompt": p, "text": tokenizer.decode(new), "token_ids": list(new)})
     return out
-
-
-def _new_ids(gen, n_prompt: int) -> list[int]:
-    """Normalise generate()'s result to the list of newly generated ids."""
-    if isinstance(gen, dict):
-        gen = gen.get("token_ids", gen.get("ids"))
-    if hasattr(gen, "token_ids"):
-        gen = gen.token_ids
-    if isinstance(gen, torch.Tensor):
-        gen = gen.reshape(-1).tolist() if gen.dim() <= 1 or gen.shape[0] == 1 else gen[0].tolist()
-    gen = list(gen)
-    if isinstance(gen[0] if gen else None, list):
-        gen = gen[0]
-    return gen[n_prompt:] if len(gen) > n_prompt and _looks_like_full(gen, n_prompt) else gen
-
-
-def _looks_like_full(gen, n_prompt) -> bool:
-    # generate() returns only the new ids per the contract; this guard is a no-op for that case
-    return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,16 +96,16 @@ def eval_main(cfg, adapter: Optional[str] = None, json_out: bool = False) -> dic
     t0 = time.time()
     if adapter and not os.path.isdir(adapter):
         raise FileNotFoundError(f"--adapter: directory not found: {adapter}")
-    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir or None, cfg.model.revision)
+    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision)
     tokenizer = load_tokenizer(cfg.model.tokenizer, model_path)
     data = prepare_data(cfg, tokenizer)
     if not data.eval_rows:
         raise ValueError("no evaluation rows: set data.eval_fraction > 0 or data.eval_split")
     device = resolve_device(cfg.model.device)
     bf16 = use_bf16(cfg, device)
-    dtype = resolve_dtype("bfloat16" if bf16 and cfg.model.dtype == "auto" else cfg.model.dtype, device)
-    model = load_model(model_path, quant=cfg.model.quant, dtype=dtype, device=device,
-                       cache_dir=cfg.model.cache_dir or None, revision=cfg.model.revision, report=not json_out)
+    report = (lambda msg: print(msg, file=sys.stderr)) if json_out else print
+    model = load_model(model_path, quant=cfg.model.quant, dtype=resolve_dtype(cfg.model.dtype, device),
+                       device=device, cache_dir=cfg.model.cache_dir, revision=cfg.model.revision, report=report)
     model.set_moe_backend(cfg.model.moe_backend)
     model.attn_implementation = cfg.model.attn_implementation
     if adapter:

@@ -188,7 +188,7 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     bf16 = use_bf16(cfg, device)
 
     # 1. model files, tokenizer, data
-    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir or None, cfg.model.revision)
+    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision)
     base_name = cfg.model.name_or_path or model_path
     tokenizer = load_tokenizer(cfg.model.tokenizer, model_path)
     data = prepare_data(cfg, tokenizer)
@@ -198,11 +198,12 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     # 2. the base model (4-bit by default) and the adapter
     dtype = resolve_dtype(cfg.model.dtype, device)
     model = load_model(model_path, quant=cfg.model.quant, dtype=dtype, device=device,
-                       cache_dir=cfg.model.cache_dir or None, revision=cfg.model.revision, report=True)
+                       cache_dir=cfg.model.cache_dir, revision=cfg.model.revision, report=_say)
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     model.set_moe_backend(cfg.model.moe_backend)
     model.attn_implementation = cfg.model.attn_implementation
     lora_report = apply_lora(model, cfg.lora, cfg.lora.init_seed if cfg.lora.init_seed is not None else t.seed)
+    _say(lora_report.format() if hasattr(lora_report, "format") else str(lora_report))
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     if not params:

@@ -1,0 +1,76 @@
+"""The CLI contract: verbs, help, aliases, and user errors as one line with exit code 2."""
+
+import pytest
+
+from mixtune import cli
+from mixtune.config import load_config
+
+
+def _run(capsys, argv):
+    rc = cli.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["train", "--train.lr", "1"], "unknown config key 'train.lr'"),
+    (["train", "--train.max_steps", "many"], "train.max_steps: expected an integer, got 'many'"),
+    (["train", "--model", "a", "--model.name_or_path", "b"], "clashing options: --model 'a' and"),
+    (["generate", "--greedy", "--generate.greedy", "false"], "clashing options"),
+    (["train", "--train.bf16", "true", "--dtype", "float16"], "clashes with model.dtype float16"),
+    (["eval", "--resume"], "--resume is not an option of `mixtune eval`"),
+    (["train", "--adapter", "x"], "--adapter is not an option of `mixtune train`"),
+    (["train", "--lr", "1"], "unknown option --lr"),
+    (["train", "missing.yaml"], "config file not found: missing.yaml"),
+    (["train", "a.yaml", "b.yaml"], "unexpected argument 'b.yaml'"),
+    (["merge"], "mixtune merge needs --adapter DIR"),
+    (["merge", "--adapter", "/nonexistent/adapter"], "--adapter: directory not found"),
+    (["generate"], "needs at least one --prompt"),
+    (["trian"], "unknown verb 'trian' (did you mean train?)"),
+])
+def test_user_errors_are_one_line_exit_2(capsys, argv, msg):
+    rc, out, err = _run(capsys, argv)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mixtune: error: ") and msg in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_help_lists_verbs_and_every_key(capsys):
+    rc, out, _ = _run(capsys, ["--help"])
+    assert rc == 0 and all(v in out for v in cli.VERBS)
+    rc, out, _ = _run(capsys, ["train", "--help"])
+    assert rc == 0
+    for key in ("--train.max_steps", "--lora.targets", "--data.template", "--merge.out", "--resume",
+                "--output_dir"):
+        assert key in out
+
+
+def test_aliases_map_to_config_keys():
+    a = cli.parse_args("generate", ["cfg.yaml", "--model", "m", "--quant", "none", "--dtype", "float32",
+                                    "--max-new-tokens", "5", "--greedy", "--prompt", "p1", "--prompt", "p2",
+                                    "--adapter", "ad", "--json", "--train.seed=3"])
+    assert a.config == "cfg.yaml" and a.prompts == ["p1", "p2"] and a.adapter == "ad" and a.json
+    c = load_config(None, a.overrides)
+    assert (c.model.name_or_path, c.model.quant, c.model.dtype) == ("m", "none", "float32")
+    assert c.generate.max_new_tokens == 5 and c.generate.greedy and c.train.seed == 3
+    m = cli.parse_args("merge", ["--dtype", "float32", "--out", "o", "--output_dir", "d"])
+    c = load_config(None, m.overrides)
+    assert c.merge.dtype == "float32" and c.merge.out == "o" and c.train.output_dir == "d"
+    t = cli.parse_args("train", ["--resume"])
+    assert load_config(None, t.overrides).train.resume == "auto"
+    t = cli.parse_args("train", ["--resume", "runs/x/checkpoints/step-2", "--json"])
+    assert load_config(None, t.overrides).train.resume == "runs/x/checkpoints/step-2"
+
+
+def test_bench_verb_is_wired_or_says_why(capsys, monkeypatch):
+    import importlib.util
+    if importlib.util.find_spec("mixtune.bench") is None:
+        rc, _, err = _run(capsys, ["bench"])
+        assert rc == 2 and "mixtune bench" in err
+    else:
+        import mixtune.bench as bench
+        seen = []
+        monkeypatch.setattr(bench, "main", lambda argv: seen.append(argv) or 0)
+        assert cli.main(["bench", "--x", "1"]) == 0 and seen == [["--x", "1"]]
