@@ -284,6 +284,8 @@ def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | st
     frozen (requires_grad=False). dtype: the compute dtype of every 16-bit tensor (and what NF4 dequantizes to).
     """
     t0 = time.perf_counter()
+    if quant not in ("nf4", "none"):
+        raise ConfigError(f"model.quant: unknown quantization {quant!r} (nf4, none)")
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     dtype = resolve_dtype(dtype, device)
     path = resolve_model_path(name_or_path, cache_dir, revision)
@@ -307,8 +309,6 @@ def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | st
     stacks: dict[tuple[int, str], list] = {}  # (layer, w) -> [stack (E, out, in), experts seen]
     stats = {"quantized": 0, "q_before": 0, "q_after": 0, "dense": 0, "dense_bytes": 0}
     nf4 = quant == "nf4"
-    if quant not in ("nf4", "none"):
-        raise ConfigError(f"model.quant: unknown quantization {quant!r} (nf4, none)")
 
     def place_quantized(owner: nn.Module, name: str, w: torch.Tensor, linear: bool):
         q = NF4Weight.quantize(w)
