@@ -3,8 +3,11 @@
     moe_experts(x, topk_idx, topk_weight, w1, w3, w2, lora=None, backend="auto") -> (N, H)
     linear_cross_entropy(h, head, labels) -> (loss_sum fp32, n_tokens)
     build_attention(position_ids, S, n_rep, impl, decoding) -> callable(q, k, v)
+    rms_norm(x, weight, eps) -> like x;  nf4_linear(x, w4) -> x @ W^T
 
-`backend="auto"` picks the fastest path available for the device; "reference" forces the loop.
+MoE backends: "reference" (the per-expert loop), "grouped" (sorted tokens, grouped matrix products, fused
+NF4 dequantization; saves the (M, 2I) expert pre-activations), "grouped_lowmem" (the same, recomputing those
+in backward), "auto" (= grouped on CUDA, reference elsewhere).
 """
 
 from __future__ import annotations
@@ -12,12 +15,36 @@ from __future__ import annotations
 from .attention import AttentionSpec, build_attention, document_causal_mask, document_ids
 from .reference import linear_cross_entropy_reference, moe_experts_reference
 
+MOE_BACKENDS = ("auto", "reference", "grouped", "grouped_lowmem")
+
 
 def moe_experts(x, topk_idx, topk_weight, w1, w3, w2, lora=None, backend: str = "auto"):
     """x (N, H), topk_idx (N, k) long, topk_weight (N, k) -> (N, H). See reference.moe_experts_reference."""
-    return moe_experts_reference(x, topk_idx, topk_weight, w1, w3, w2, lora)
+    if backend == "auto":
+        backend = "grouped" if x.is_cuda else "reference"
+    if backend == "reference" or (lora is not None and getattr(lora, "dropout", 0.0)):
+        return moe_experts_reference(x, topk_idx, topk_weight, w1, w3, w2, lora)
+    if backend in ("grouped", "grouped_lowmem"):
+        from .moe import moe_experts_grouped
+        return moe_experts_grouped(x, topk_idx, topk_weight, w1, w3, w2, lora, save_h=backend == "grouped")
+    raise ValueError(f"unknown MoE backend {backend!r}; choose one of {', '.join(MOE_BACKENDS)}")
 
 
-def linear_cross_entropy(h, head, labels):
+def linear_cross_entropy(h, head, labels, chunk_size: int = 4096, impl: str = "auto"):
     """h (B, T, H), head module, labels (B, T) -> (loss_sum, n_tokens). See reference."""
-    return linear_cross_entropy_reference(h, head, labels)
+    if impl == "reference":
+        return linear_cross_entropy_reference(h, head, labels)
+    from .loss import linear_cross_entropy_chunked
+    return linear_cross_entropy_chunked(h, head, labels, chunk_size)
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm as modeling.RMSNorm computes it (fp32 statistics, weight * normed.to(x.dtype)), saving only x."""
+    from .norm import rms_norm as _rms
+    return _rms(x, weight, eps)
+
+
+def nf4_linear(x, w):
+    """x (..., in) @ W^T for an NF4Weight W (out, in), re-dequantizing in backward instead of saving W."""
+    from .linear import nf4_linear as _lin
+    return _lin(x, w)

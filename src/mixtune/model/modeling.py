@@ -39,6 +39,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [kernels hook] same arithmetic as below, but saves only x and the row rstd for backward
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return kernels.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -151,7 +151,9 @@ class NF4Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight.dequantize(x.dtype))
+        # [kernels hook] fused dequantization on GPU; backward re-dequantizes instead of keeping W
+        from ..kernels import nf4_linear
+        return nf4_linear(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"

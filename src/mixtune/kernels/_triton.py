@@ -1,0 +1,35 @@
+"""Optional Triton support: one place that decides whether a Triton kernel may run on a tensor.
+
+Triton kernels are built lazily (first use), so a test can set `TRITON_INTERPRET=1` before calling them and
+run them on CPU tensors through Triton's interpreter. Without Triton every op falls back to PyTorch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor, force: bool | None = None) -> bool:
+    """Run the Triton kernel on `t`? force=None: yes on CUDA (or under the interpreter) when Triton imports."""
+    if force is False or not triton_available():
+        return False
+    if force:
+        return True
+    return t.is_cuda or interpreting()
