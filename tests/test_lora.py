@@ -1,0 +1,248 @@
+"""LoRA: injection by name, B=0 is a no-op, gradients reach every adapter (experts and router included), the
+base stays frozen, the recipe's counts on Mixtral-8x7B, PEFT-format files that stock peft loads onto stock
+transformers with our logits, and mixtune's own round trip."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from mixtune.config import ConfigError, LoraConfig
+from mixtune.lora import (ExpertLoRA, LoRALinear, adapter_state_dict, apply_lora, load_adapter, lora_parameters,
+                          save_adapter)
+from mixtune.model import MIXTRAL_8X7B_CONFIG, NF4Linear
+from mixtune.model.loading import build_model_on_meta, load_model
+from mixtune.model.nf4 import NF4Weight
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head", "gate", "experts"]
+RECIPE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+def _ids(vocab: int, B: int = 2, T: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _randomize_b(model, seed: int = 1, std: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, LoRALinear):
+                mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * std)
+            elif isinstance(mod, ExpertLoRA):
+                for b in mod.B.values():
+                    b.copy_(torch.randn(b.shape, generator=g) * std)
+
+
+@pytest.fixture(scope="module")
+def fp32_model_factory(tiny_ckpt):
+    def make(quant="none"):
+        return load_model(tiny_ckpt, quant=quant, dtype=torch.float32, report=None)
+    return make
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_zero_b_changes_no_logit(fp32_model_factory, tiny_config, quant):
+    model = fp32_model_factory(quant)
+    ids = _ids(tiny_config.vocab_size)
+    with torch.no_grad():
+        before = model(ids).logits
+    rep = apply_lora(model, LoraConfig(r=4, alpha=8, targets=ALL), seed=0)
+    assert rep.adapted == ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head", "gate", "w1", "w2", "w3"]
+    assert not rep.unmatched
+    if quant == "nf4":
+        assert isinstance(model.model.layers[0].self_attn.q_proj.base, NF4Linear)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.equal(before, after)
+
+
+def test_grads_reach_every_adapter_and_base_stays_frozen(fp32_model_factory, tiny_config):
+    model = fp32_model_factory("nf4")
+    rep = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, targets=ALL), seed=0)
+    model.train()
+    routed = {}
+
+    def hook(layer_idx):
+        def fn(_mod, _inp, out):
+            routed[layer_idx] = out[1][1].detach()  # topk_idx (N, k)
+        return fn
+
+    for l, layer in enumerate(model.model.layers):
+        layer.block_sparse_moe.register_forward_hook(hook(l))
+    ids = _ids(tiny_config.vocab_size, B=2, T=32)
+    params = lora_parameters(model)
+    assert sum(p.numel() for p in params) == rep.trainable_params
+    opt = torch.optim.AdamW(params, lr=1e-2)
+
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    # base frozen: no base parameter wants or got a gradient; NF4 buffers never do
+    adapter_ids = {id(p) for p in params}
+    for name, p in model.named_parameters():
+        if id(p) not in adapter_ids:
+            assert not p.requires_grad and p.grad is None, name
+    for name, b in model.named_buffers():
+        assert b.grad is None, name
+    assert any(isinstance(m, NF4Weight) for m in model.modules())
+    # B gets a gradient everywhere (A's is exactly zero while B = 0)
+    n_lin = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            n_lin += 1
+            assert mod.lora_B.grad is not None and mod.lora_B.grad.abs().sum() > 0, name
+            assert mod.lora_A.grad.abs().sum() == 0, name
+    assert n_lin == 4 * 2 + 2 + 1  # attention x layers, router x layers, lm_head
+    for l, layer in enumerate(model.model.layers):
+        lora = layer.block_sparse_moe.experts.lora
+        got = set(routed[l].unique().tolist())
+        assert got, "no expert received tokens"
+        for w in ("w1", "w2", "w3"):
+            g = lora.B[w].grad  # (E, out, r)
+            for e in range(lora.num_experts):
+                nz = bool(g[e].abs().sum() > 0)
+                assert nz == (e in got), (l, w, e)
+    opt.step()
+    opt.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            assert mod.lora_A.grad.abs().sum() > 0, name
+    for l, layer in enumerate(model.model.layers):
+        lora = layer.block_sparse_moe.experts.lora
+        for w in ("w1", "w2", "w3"):
+            for e in set(routed[l].unique().tolist()):
+                assert lora.A[w].grad[e].abs().sum() > 0, (l, w, e)
+
+
+def test_same_seed_same_adapter(tiny_config):
+    from mixtune.model import MixtralForCausalLM
+
+    def make(seed):
+        m = MixtralForCausalLM(tiny_config)
+        m.init_weights(0)
+        apply_lora(m, LoraConfig(r=4, alpha=8, targets=ALL), seed=seed)
+        return adapter_state_dict(m)
+
+    a, b, c = make(3), make(3), make(4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if "lora_A" in k)
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_recipe_count_on_mixtral_8x7b(caplog, quant):
+    model = build_model_on_meta(MIXTRAL_8X7B_CONFIG, quant=quant)
+    with caplog.at_level(logging.WARNING, logger="mixtune.lora"):
+        rep = apply_lora(model, LoraConfig(r=64, alpha=16, dropout=0.1, targets=RECIPE), seed=0)
+    assert rep.trainable_params == 56836096
+    assert rep.peft_all_params == 23539437568
+    assert rep.peft_line().startswith("trainable params: 56836096 || all params: 23539437568")
+    assert rep.total_params == 46_440_382_464 + 262_410_240 + 56836096
+    assert rep.unmatched == ["gate_proj", "up_proj", "down_proj"]
+    assert rep.matched == {"q_proj": 32, "k_proj": 32, "v_proj": 32, "o_proj": 32, "lm_head": 1}
+    text = caplog.text
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        assert f"'{name}' matches no module" in text
+    assert "w1 (gate_proj), w3 (up_proj), w2 (down_proj)" in text
+
+
+def test_unmatched_target_strict_and_nothing_matched(tiny_config):
+    from mixtune.model import MixtralForCausalLM
+
+    with torch.device("meta"):
+        m = MixtralForCausalLM(tiny_config)
+    with pytest.raises(ConfigError, match="'up_proj' matches no module.*w3 \\(up_proj\\)"):
+        apply_lora(m, LoraConfig(targets=["q_proj", "up_proj"], strict_targets=True), seed=0)
+    with pytest.raises(ConfigError, match="none of qproj,mlp"):
+        apply_lora(m, LoraConfig(targets=["qproj", "mlp"]), seed=0)
+    rep = apply_lora(m, LoraConfig(targets=["qproj", "router", r"model\.layers\.1\.self_attn\.v_proj"]), seed=0)
+    assert rep.unmatched == ["qproj"] and "did you mean q_proj" in rep.messages[0]
+    assert rep.matched == {"router": 2, r"model\.layers\.1\.self_attn\.v_proj": 1}
+    assert isinstance(m.model.layers[1].self_attn.v_proj, LoRALinear)
+    assert not isinstance(m.model.layers[0].self_attn.v_proj, LoRALinear)
+
+
+def _peft_logits(ckpt, adapter_dir, ids, hf_model_from):
+    import peft
+
+    base = hf_model_from(ckpt, torch.float32)
+    pm = peft.PeftModel.from_pretrained(base, adapter_dir)
+    pm.eval()
+    with torch.no_grad():
+        return pm(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("targets,dropout", [(ALL, 0.0), (["q_proj", "o_proj", "w1", "w2"], 0.1)])
+def test_stock_peft_loads_our_adapter(fp32_model_factory, tiny_ckpt, tiny_config, hf_model_from, tmp_path,
+                                      targets, dropout):
+    model = fp32_model_factory("none")
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout, targets=targets), seed=0)
+    _randomize_b(model)
+    model.eval()
+    ids = _ids(tiny_config.vocab_size)
+    with torch.no_grad():
+        ours = model(ids).logits
+        plain = fp32_model_factory("none")(ids).logits
+    out = str(tmp_path / "adapter")
+    save_adapter(model, out, LoraConfig(r=4, alpha=8, dropout=dropout, targets=targets), tiny_ckpt)
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["r"] == 4
+    assert cfg["lora_dropout"] == 0.0  # peft refuses dropout on the router / expert (parameter) targets
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = _peft_logits(tiny_ckpt, out, ids, hf_model_from)
+    missing = [w for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    assert not missing, [str(w.message) for w in missing]
+    effect = (ours - plain).abs().max()
+    assert effect > 1e-2  # the adapter really changes the logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=2e-5)
+
+
+def test_mixtune_round_trip_and_errors(fp32_model_factory, tiny_config, tmp_path):
+    model = fp32_model_factory("nf4")
+    lcfg = LoraConfig(r=4, alpha=8, dropout=0.05, targets=["q_proj", "v_proj", "lm_head", "gate", "w3"])
+    rep = apply_lora(model, lcfg, seed=0)
+    _randomize_b(model)
+    out = str(tmp_path / "adapter")
+    save_adapter(model, out, lcfg, "tiny", report=rep)
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert cfg["target_modules"] == ["q_proj", "v_proj", "lm_head", "gate", "w1", "w3"]  # w1: zero pad for peft
+    model.eval()
+    ids = _ids(tiny_config.vocab_size)
+    with torch.no_grad():
+        ours = model(ids).logits
+    fresh = fp32_model_factory("nf4")
+    rep2 = load_adapter(fresh, out)
+    assert rep2.adapted == rep.adapted and rep2.trainable_params == rep.trainable_params
+    assert fresh.model.layers[0].self_attn.q_proj.dropout.p == 0.05
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, ours)
+    sd1, sd2 = adapter_state_dict(model), adapter_state_dict(fresh)
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    # saving again over the same directory replaces the files
+    save_adapter(model, out, lcfg, "tiny")
+
+    with pytest.raises(ConfigError, match="directory not found"):
+        load_adapter(fp32_model_factory("none"), str(tmp_path / "nope"))
+    # keys that match nothing in the model
+    from safetensors.torch import load_file, save_file
+
+    bad = str(tmp_path / "bad")
+    import shutil
+    shutil.copytree(out, bad)
+    t = load_file(os.path.join(bad, "adapter_model.safetensors"))
+    t["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, tiny_config.hidden_size)
+    save_file(t, os.path.join(bad, "adapter_model.safetensors"))
+    with pytest.raises(ConfigError, match="match nothing in this model.*layers.7"):
+        load_adapter(fp32_model_factory("none"), bad)
+    # a base model of another shape
+    from mixtune.model import MixtralForCausalLM, MixtralConfig
+
+    other = MixtralConfig(**{**tiny_config.__dict__, "intermediate_size": 192, "extra": {}})
+    with pytest.raises(ConfigError, match="has shape .* but the model expects"):
+        load_adapter(MixtralForCausalLM(other), out)
