@@ -1,0 +1,85 @@
+"""KV-cache generation: greedy ids equal stock transformers' generate; eos stops a row; sampling is seeded."""
+
+import json
+
+import pytest
+import torch
+
+from mixtune.generate import generate, sample_next
+from mixtune.model.loading import load_model
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_ckpt):
+    return load_model(tiny_ckpt, quant="none", dtype=torch.float32, report=None)
+
+
+PROMPTS = [[1, 733, 16289, 28793, 16230, 1526], [1, 22557], [1, 415, 2936, 9060, 285, 1142, 28705, 28770, 28723, 28734]]
+
+
+def test_greedy_equals_stock_generate(ours, tiny_ckpt, hf_model_from):
+    stock = hf_model_from(tiny_ckpt)
+    got = generate(ours, PROMPTS, max_new_tokens=12, greedy=True)  # batched, left-aligned
+    for p, g in zip(PROMPTS, got):
+        ref = stock.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=2)
+        assert g == ref[0, len(p):].tolist()
+        assert generate(ours, [p], max_new_tokens=12, greedy=True)[0] == g  # alone == batched
+
+
+def test_stops_at_eos_per_row(ours):
+    free = generate(ours, PROMPTS, max_new_tokens=10, greedy=True, eos_id=-1)  # no eos: full length
+    assert [len(r) for r in free] == [10, 10, 10]
+    eos = free[0][3]  # pretend row 0's 4th token is eos
+    got = generate(ours, PROMPTS, max_new_tokens=10, greedy=True, eos_id=eos)
+    assert got[0] == free[0][:4]
+    for g, f in zip(got, free):  # every row is its free run, cut after its first eos
+        cut = f.index(eos) + 1 if eos in f else len(f)
+        assert g == f[:cut]
+    assert generate(ours, PROMPTS[:1], max_new_tokens=0) == [[]]
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(ours, [[]], max_new_tokens=3)
+
+
+def test_sampling_is_seeded(ours):
+    kw = dict(max_new_tokens=8, greedy=False, temperature=1.0, top_p=0.9, top_k=0)
+    a = generate(ours, PROMPTS, seed=1, **kw)
+    assert a == generate(ours, PROMPTS, seed=1, **kw)
+    assert a != generate(ours, PROMPTS, seed=2, **kw)
+    greedy = generate(ours, PROMPTS, max_new_tokens=8, greedy=True)
+    assert generate(ours, PROMPTS, max_new_tokens=8, greedy=False, temperature=1.0, top_p=1.0, top_k=1) == greedy
+    assert generate(ours, PROMPTS, max_new_tokens=8, greedy=False, temperature=1.0, top_p=1e-6, top_k=0) == greedy
+
+
+def test_sample_next_truncation():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0]]).repeat(2000, 1)  # (2000, 5)
+    g = torch.Generator().manual_seed(0)
+    top2 = sample_next(logits, greedy=False, temperature=1.0, top_p=1.0, top_k=2, generator=g)
+    assert set(top2.tolist()) == {1, 2}
+    p = logits[0].softmax(-1)  # token 1: .47, 2: .43 -> top_p .8 keeps both, .4 keeps only token 1
+    assert set(sample_next(logits, greedy=False, temperature=1.0, top_p=0.8, top_k=0, generator=g).tolist()) == {1, 2}
+    assert set(sample_next(logits, greedy=False, temperature=1.0, top_p=0.4, top_k=0, generator=g).tolist()) == {1}
+    full = sample_next(logits, greedy=False, temperature=1.0, top_p=1.0, top_k=0, generator=g)
+    freq = torch.bincount(full, minlength=5).float() / 2000
+    assert torch.allclose(freq, p, atol=0.04)
+    assert sample_next(logits[:1], greedy=True, temperature=1.0, top_p=1.0, top_k=0, generator=None).item() == 1
+
+
+def test_generate_main_json(tiny_ckpt, capsys):
+    data = pytest.importorskip("mixtune.data")
+    if not hasattr(data, "format_generation_prompt") or not hasattr(data, "load_tokenizer"):
+        pytest.skip("mixtune.data has no format_generation_prompt/load_tokenizer yet")
+    from mixtune.config import load_config
+    from mixtune.generate import generate_main
+
+    cfg = load_config(None, ["--model.name_or_path", tiny_ckpt, "--model.quant", "none", "--model.dtype", "float32",
+                             "--generate.greedy", "true", "--generate.max_new_tokens", "5", "--model.device", "cpu"])
+    res = generate_main(cfg, ["Write a haiku about the sea", "Hello"], adapter=None, json_out=True)
+    lines = [json.loads(l) for l in capsys.readouterr().out.strip().splitlines()]
+    assert lines == res and len(res) == 2
+    tok = data.load_tokenizer("", tiny_ckpt)
+    model = load_model(tiny_ckpt, quant="none", dtype=torch.float32, report=None)
+    for r, text in zip(res, ["Write a haiku about the sea", "Hello"]):
+        assert r["prompt"] == text and 0 < len(r["token_ids"]) <= 5
+        ids = [tok.bos_id] + tok.encode(data.format_generation_prompt(cfg.data.template, text))
+        assert r["token_ids"] == generate(model, [ids], max_new_tokens=5, greedy=True, eos_id=tok.eos_id)[0]
+        assert r["text"] == tok.decode(r["token_ids"])
