@@ -1,0 +1,108 @@
+"""`mixtune inspect`: architecture, parameter counts, LoRA targets and a memory estimate, without weights.
+
+    mixtune inspect --model mistralai/Mixtral-8x7B-v0.1 --lora.targets q_proj,v_proj,experts --lora.r 64 [--json]
+
+Only config.json is read: the model is built on the meta device (NF4 placeholders where loading would
+quantize), LoRA is applied there, and everything is counted from shapes. The peft-style "all params" is the
+number peft + bitsandbytes print for the same targets on a 4-bit transformers-4.x model (4-bit weights counted
+as packed bytes), so the reference recipe's line can be checked: `trainable params: 56836096 || all params:
+23539437568` for its target list on Mixtral-8x7B. `--json` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from .config import Config
+from .lora import apply_lora, lora_parameters
+from .model.nf4 import NF4Weight
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _nf4_bytes(shape) -> int:
+    """Storage of one NF4 tensor as `NF4Weight` holds it: packed codes, uint8 absmax, fp32 absmax2, code2."""
+    n = math.prod(shape)
+    nb = n // 64
+    return n // 2 + nb + 4 * math.ceil(nb / 256) + 4 * 256
+
+
+def memory_estimate(model, dtype_bytes: int = 2) -> dict:
+    """Bytes for weights (NF4 as mixtune stores it / all 16-bit), the fp32 adapter, its gradients and AdamW's
+    fp32 m and v. Activations are not included (they depend on batch, length and checkpointing)."""
+    adapter_ids = {id(p) for p in lora_parameters(model)}
+    trainable = sum(p.numel() for p in lora_parameters(model))
+    dense = quantizable = nf4 = 0
+    for name, p in model.named_parameters():
+        if id(p) in adapter_ids:
+            continue
+        leaf = [x for x in name.split(".") if x not in ("base", "weight")][-1]
+        if leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"):
+            quantizable += p.numel()
+            nf4 += _nf4_bytes(p.shape)
+        else:
+            dense += p.numel()
+    for name, mod in model.named_modules():
+        if isinstance(mod, NF4Weight):
+            quantizable += math.prod(mod.shape)
+            nf4 += _nf4_bytes(mod.shape)
+    weights_nf4 = nf4 + dense * dtype_bytes
+    weights_16 = (quantizable + dense) * dtype_bytes
+    adapter = trainable * 4
+    grads = trainable * 4
+    optim = trainable * 8
+    return {"weights_nf4": weights_nf4, "weights_bf16": weights_16, "adapter_fp32": adapter,
+            "gradients_fp32": grads, "optimizer_adamw_fp32": optim,
+            "training_total_nf4": weights_nf4 + adapter + grads + optim,
+            "training_total_bf16": weights_16 + adapter + grads + optim}
+
+
+def inspect_main(cfg: Config, json_out: bool = False) -> dict:
+    """Print (or, with json_out, print as one JSON object) what fine-tuning `cfg.model` with `cfg.lora` means."""
+    from .model.loading import build_model_on_meta, load_config_only
+
+    config = load_config_only(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision)
+    quant = cfg.model.quant
+    model = build_model_on_meta(config, quant, torch.bfloat16)
+    seed = cfg.lora.init_seed if cfg.lora.init_seed is not None else cfg.train.seed
+    report = apply_lora(model, cfg.lora, seed)
+    mem = memory_estimate(model)
+    arch = {"layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size, "attention_heads": config.num_attention_heads,
+            "kv_heads": config.num_key_value_heads, "head_dim": config.head_dim,
+            "experts": config.num_local_experts, "experts_per_token": config.num_experts_per_tok,
+            "vocab_size": config.vocab_size, "rope_theta": config.rope_theta, "rms_norm_eps": config.rms_norm_eps,
+            "max_position_embeddings": config.max_position_embeddings}
+    out = {"model": cfg.model.name_or_path or "(tiny default)", "quant": quant, "architecture": arch,
+           "total_params": report.total_params, "trainable_params": report.trainable_params,
+           "peft_all_params": report.peft_all_params, "peft_line": report.peft_line(),
+           "lora": {"r": report.r, "alpha": report.alpha, "scaling": report.scaling, "dropout": cfg.lora.dropout,
+                    "targets": list(cfg.lora.targets)},
+           "matched_targets": report.matched, "unmatched_targets": report.unmatched,
+           "unmatched_messages": report.messages, "adapted": report.adapted, "memory_bytes": mem}
+    if json_out:
+        print(json.dumps(out))
+        return out
+    a = arch
+    print(f"model: {out['model']}")
+    print(f"  Mixtral: {a['layers']} layers, hidden {a['hidden_size']}, experts {a['experts']} x FFN "
+          f"{a['intermediate_size']} (top-{a['experts_per_token']}), attention {a['attention_heads']} query / "
+          f"{a['kv_heads']} KV heads of {a['head_dim']}, vocab {a['vocab_size']}, RoPE theta {a['rope_theta']:g}")
+    print(report.format())
+    print(f"memory (weights {quant}; activations not included):")
+    print(f"  weights nf4 (q/k/v/o + experts 4-bit, rest bf16): {_human(mem['weights_nf4'])}")
+    print(f"  weights bf16:                                      {_human(mem['weights_bf16'])}")
+    print(f"  LoRA adapter fp32: {_human(mem['adapter_fp32'])}, gradients fp32: {_human(mem['gradients_fp32'])}, "
+          f"AdamW m+v fp32: {_human(mem['optimizer_adamw_fp32'])}")
+    print(f"  training total: {_human(mem['training_total_nf4'])} with nf4 weights, "
+          f"{_human(mem['training_total_bf16'])} with bf16 weights")
+    return out
