@@ -111,11 +111,9 @@ def generate_main(cfg, prompts: list[str], adapter: Optional[str] = None, json_o
     path = resolve_model_path(mc.name_or_path, mc.cache_dir, mc.revision)
     device = resolve_device(mc.device)
     model = load_model(path, quant=mc.quant, dtype=resolve_dtype(mc.dtype, device), device=device,
-                       report=report)
-    if mc.attn_implementation in ("sdpa", "eager"):
-        model.attn_implementation = mc.attn_implementation
-    if mc.moe_backend != "auto":
-        model.set_moe_backend(mc.moe_backend)
+                       cache_dir=mc.cache_dir, revision=mc.revision, report=report)
+    model.attn_implementation = mc.attn_implementation
+    model.set_moe_backend(mc.moe_backend)
     if adapter:
         from .lora import load_adapter
 

@@ -230,3 +230,25 @@ def test_saved_checkpoint_round_trips_and_loads_in_transformers(tiny_ckpt, tmp_p
         assert torch.allclose(hf_model_from(out)(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="given twice"):
         save_hf_checkpoint([("a", torch.zeros(2)), ("a", torch.zeros(2))], str(tmp_path / "dup"), model.config)
+
+
+def test_streaming_keeps_one_layer_of_experts_open(tiny_ckpt, tmp_path):
+    model = load_model(tiny_ckpt, quant="nf4", dtype=torch.bfloat16, report=None)
+    info = model.load_info
+    assert info["max_open_expert_stacks"] <= 3  # w1, w2, w3 of one layer at most, even across the shard split
+    assert info["nf4_tensors"] == 2 * 4 + 2 * 3
+    assert info["nf4_bytes"] < info["nf4_bytes_as_16bit"] / 3
+    assert info["weight_bytes"] == info["nf4_bytes"] + info["dense_bytes"]
+
+
+def test_tied_embeddings(tmp_path, tiny_config):
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config, tie_word_embeddings=True, vocab_size=512)
+    path = make_tiny_checkpoint(str(tmp_path / "tied"), cfg, shards=1, tokenizer=False)
+    assert "lm_head.weight" not in checkpoint_files(path)["model.safetensors"]
+    model = _load(path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(3, 512, (1, 6))
+    with torch.no_grad():
+        assert model(ids).logits.shape == (1, 6, 512)

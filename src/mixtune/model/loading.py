@@ -282,6 +282,7 @@ def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | st
                report: Optional[Callable[[str], None]] = print) -> MixtralForCausalLM:
     """Load a Mixtral checkpoint (see module doc). Returns the model in eval mode with every base weight
     frozen (requires_grad=False). dtype: the compute dtype of every 16-bit tensor (and what NF4 dequantizes to).
+    `model.load_info` (a dict) records what was quantized, the bytes before/after, and the load time.
     """
     t0 = time.perf_counter()
     if quant not in ("nf4", "none"):
@@ -307,7 +308,7 @@ def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | st
     model = build_model_on_meta(config, "none", dtype)
     E = config.num_local_experts
     stacks: dict[tuple[int, str], list] = {}  # (layer, w) -> [stack (E, out, in), experts seen]
-    stats = {"quantized": 0, "q_before": 0, "q_after": 0, "dense": 0, "dense_bytes": 0}
+    stats = {"quantized": 0, "q_before": 0, "q_after": 0, "dense": 0, "dense_bytes": 0, "max_open_stacks": 0}
     nf4 = quant == "nf4"
 
     def place_quantized(owner: nn.Module, name: str, w: torch.Tensor, linear: bool):
@@ -332,6 +333,7 @@ def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | st
             slot = stacks.get((l, w))
             if slot is None:
                 slot = stacks[(l, w)] = [torch.empty(shape, dtype=dtype, device=device), set()]
+            stats["max_open_stacks"] = max(stats["max_open_stacks"], len(stacks))
             slot[0][e].copy_(t)
             slot[1].add(e)
             del t
@@ -369,8 +371,15 @@ def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | st
     if left:
         raise CheckpointError(f"checkpoint {path} left model tensors unfilled: {_some(left)}")
     model.eval()
+    seconds = time.perf_counter() - t0
+    # what was loaded, for reports: bytes of NF4 storage vs the same tensors in 16-bit, dense bytes, time
+    model.load_info = {"path": path, "quant": quant, "dtype": str(dtype).replace("torch.", ""),
+                       "device": str(device), "nf4_tensors": stats["quantized"], "nf4_bytes": stats["q_after"],
+                       "nf4_bytes_as_16bit": stats["q_before"], "dense_tensors": stats["dense"],
+                       "dense_bytes": stats["dense_bytes"], "weight_bytes": stats["q_after"] + stats["dense_bytes"],
+                       "max_open_expert_stacks": stats["max_open_stacks"], "seconds": round(seconds, 3)}
     if report is not None:
-        report(_load_report(path, quant, dtype, device, stats, time.perf_counter() - t0))
+        report(_load_report(path, quant, dtype, device, stats, seconds))
     return model
 
 
