@@ -1,0 +1,427 @@
+"""`mixtune bench`: check the fast kernels against the references, then time QLoRA training steps.
+
+    mixtune bench --cpu-tiny                       # seconds on CPU: numerics + a few tiny training steps
+    python bench/train_throughput.py --layers 4 --micro-batch 8 --stock --full   # the H200 benchmark
+
+One run, in order: (a) numerics — the grouped MoE layer (forward, and backward w.r.t. x, the routing weights
+and every LoRA A/B) and the model's loss/gradients on the fast path, each against the pure-PyTorch reference
+on the same random weights, as ‖fast − ref‖/‖ref‖ next to the reference's own bf16 error against an fp32
+evaluation; (b) training steps (forward + backward + AdamW over the LoRA parameters) of mixtune and, with
+--stock, of the stock stack (transformers + bitsandbytes 4-bit + peft: bench/stock_stack.py) on the same
+geometry, batch and packed rows; (c) with --full, mixtune on all layers of the geometry at each requested
+setting. Prints a table (tokens/s, model TFLOP/s under the 4·N and 6·N conventions, peak memory, build time)
+and one JSON line last. A row that fails (e.g. out of memory) is reported as such and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .model.config import MixtralConfig
+
+TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]
+
+
+# ------------------------------------------------------------------------------------------ accounting
+def active_params(cfg: MixtralConfig, layers: int) -> int:
+    """Matmul parameters one token touches: attention + top-k experts per layer, plus the lm_head."""
+    H, d = cfg.hidden_size, cfg.head_dim
+    attn = 2 * H * cfg.num_attention_heads * d + 2 * H * cfg.num_key_value_heads * d
+    expert = 3 * H * cfg.intermediate_size
+    return layers * (attn + cfg.num_experts_per_tok * expert) + cfg.vocab_size * H
+
+
+@dataclass
+class Row:
+    name: str
+    layers: int
+    micro_batch: int
+    seq: int
+    accum: int = 1
+    setting: str = ""
+    tok_s: float = float("nan")
+    tflops4: float = float("nan")
+    tflops6: float = float("nan")
+    peak_gib: float = float("nan")
+    build_s: float = float("nan")
+    step_s: float = float("nan")
+    loss: float = float("nan")
+    error: str = ""
+
+    def fill(self, cfg, tokens_per_step, step_times, peak_bytes, loss):
+        med = sorted(step_times)[len(step_times) // 2]
+        n = active_params(cfg, self.layers)
+        self.step_s = med
+        self.tok_s = tokens_per_step / med
+        self.tflops4 = 4 * n * self.tok_s / 1e12
+        self.tflops6 = 6 * n * self.tok_s / 1e12
+        self.peak_gib = peak_bytes / 2**30
+        self.loss = loss
+
+
+# ------------------------------------------------------------------------------------------ data
+def packed_batch(B: int, T: int, vocab: int, device, seed: int = 0, min_doc: int = 32):
+    """(B, T) input_ids, labels (the first token of each example masked), position_ids restarting per example.
+    Example lengths are uniform in [min_doc, T] until the row is full."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    pos = torch.empty(B, T, dtype=torch.long)
+    labels = ids.clone()
+    for b in range(B):
+        t = 0
+        while t < T:
+            n = min(T - t, int(torch.randint(min(min_doc, T), T + 1, (1,), generator=g)))
+            pos[b, t:t + n] = torch.arange(n)
+            labels[b, t] = -100
+            t += n
+    return ids.to(device), labels.to(device), pos.to(device)
+
+
+def rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------------------------ (a) numerics
+class _LoRA:
+    def __init__(self, A, B, scaling):
+        self.A, self.B, self.scaling = A, B, scaling
+
+
+def check_moe(device, E, H, I, N, k, r, seed=0, dtype=torch.bfloat16, backends=("grouped", "grouped_lowmem")):
+    """Our MoE layer vs the reference on the same random NF4 weights (LoRA on w1/w3/w2, B nonzero).
+    Returns {backend: {output: err, ...}, "reference_bf16": {...}}, errors against an fp32 reference."""
+    from . import kernels
+    from .model.nf4 import NF4Weight
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rn(*s, scale=1.0):
+        return torch.randn(s, generator=g, device=device) * scale
+
+    ws = [NF4Weight.quantize(rn(E, I, H, scale=0.02).to(dtype)), NF4Weight.quantize(rn(E, I, H, scale=0.02).to(dtype)),
+          NF4Weight.quantize(rn(E, H, I, scale=0.02).to(dtype))]
+    A = {n: rn(E, r, H if n != "w2" else I, scale=0.02) for n in ("w1", "w3", "w2")}
+    Bm = {n: rn(E, I if n != "w2" else H, r, scale=0.02) for n in ("w1", "w3", "w2")}
+    x0 = rn(N, H)
+    logits = rn(N, E)
+    tw0, idx = logits.softmax(-1).topk(k, dim=-1)
+    tw0 = tw0 / tw0.sum(-1, keepdim=True)
+    go = rn(N, H)
+    out = {}
+
+    def run(backend, dt):
+        x = x0.detach().to(dt).clone().requires_grad_()
+        tw = tw0.detach().to(dt).clone().requires_grad_()
+        a = {n: t.clone().requires_grad_() for n, t in A.items()}
+        b = {n: t.clone().requires_grad_() for n, t in Bm.items()}
+        lora = _LoRA(a, b, 2.0)
+        wts = ws if dt != torch.float32 else [w.dequantize(torch.float32) for w in ws]
+        y = kernels.moe_experts(x, idx, tw, *wts, lora=lora, backend=backend)
+        (y.float() * go).sum().backward()
+        return dict(out=y, dx=x.grad, dw=tw.grad, **{f"dA_{n}": a[n].grad for n in a},
+                    **{f"dB_{n}": b[n].grad for n in b})
+
+    ref32 = run("reference", torch.float32)
+    for name in ("reference",) + tuple(backends):
+        res = run(name, dtype)
+        out[name if name != "reference" else "reference_bf16"] = {kk: rel(res[kk], ref32[kk]) for kk in ref32}
+        del res
+    return out
+
+
+def moe_check_passes(res: dict) -> bool:
+    """Every fast-path error within 2x the reference's own bf16 error (+1e-3), and under 3e-2."""
+    ref = res["reference_bf16"]
+    ok = True
+    for name, errs in res.items():
+        if name == "reference_bf16":
+            continue
+        for kk, e in errs.items():
+            ok &= math.isfinite(e) and e <= 2 * ref[kk] + 1e-3 and e < 3e-2
+    return bool(ok)
+
+
+def check_model(cfg: MixtralConfig, device, B, T, seed=0):
+    """Loss and LoRA gradients of a random NF4 model: fast path (grouped MoE, chunked CE) vs reference path."""
+    from . import kernels
+    model = build_model(cfg, device, seed)
+    ids, labels, pos = packed_batch(B, T, cfg.vocab_size, device, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():  # nonzero B so every gradient path carries signal
+        for p in params:
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    res = {}
+    for path in ("reference", "fast"):
+        model.set_moe_backend("reference" if path == "reference" else "grouped")
+        for p in params:
+            p.grad = None
+        h = model_hidden(model, ids, pos)
+        ce = kernels.linear_cross_entropy(h, model.lm_head, labels,
+                                          impl="reference" if path == "reference" else "auto")
+        loss = ce[0] / ce[1]
+        loss.backward()
+        res[path] = (loss.detach(), [p.grad.detach().clone() for p in params])
+    loss_err = rel(res["fast"][0], res["reference"][0])
+    gr = torch.cat([g.flatten().double() for g in res["reference"][1]])
+    gf = torch.cat([g.flatten().double() for g in res["fast"][1]])
+    del model
+    return {"loss_rel": loss_err, "grad_rel": rel(gf, gr), "loss": float(res["reference"][0])}
+
+
+def model_hidden(model, ids, pos):
+    """The final normed hidden states (B, T, H), through the model's own forward (labels=None, no logits)."""
+    cache = {}
+    handle = model.model.norm.register_forward_hook(lambda m, i, o: cache.__setitem__("h", o))
+    model(ids, pos, None, return_logits=False)
+    handle.remove()
+    return cache["h"]
+
+
+# ------------------------------------------------------------------------------------------ (b) mixtune steps
+def build_model(cfg: MixtralConfig, device, seed=0, r=64, alpha=16.0, quant="nf4"):
+    from .config import LoraConfig
+    from .lora import apply_lora
+    from .model.random_init import build_random_nf4_model
+    model = build_random_nf4_model(cfg, device=device, seed=seed, quant=quant)
+    apply_lora(model, LoraConfig(r=r, alpha=alpha, targets=list(LORA_TARGETS)), seed=seed)
+    model.train()
+    return model
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_mixtune(model, cfg, row: Row, device, backend, ckpt, steps, warmup, seed=0, opt_fused=True):
+    """Times `steps` optimizer steps (after `warmup`) of row.accum micro-batches each; fills `row`."""
+    from .lora import lora_parameters
+    model.set_moe_backend(backend)
+    model.gradient_checkpointing = ckpt
+    params = lora_parameters(model)
+    cuda = torch.device(device).type == "cuda"
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda and opt_fused)
+    batches = [packed_batch(row.micro_batch, row.seq, cfg.vocab_size, device, seed + i) for i in range(row.accum)]
+    n_lab = sum(int((lab[:, 1:] != -100).sum()) for _, lab, _ in batches)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times, loss = [], float("nan")
+    for it in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        tot = 0.0
+        for ids, lab, pos in batches:
+            out = model(ids, pos, lab, return_logits=False)
+            (out.loss_sum / n_lab).backward()
+            tot += float(out.loss_sum.detach()) if it == warmup + steps - 1 else 0.0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if it >= warmup:
+            times.append(time.perf_counter() - t0)
+        loss = tot / n_lab
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    row.fill(cfg, row.micro_batch * row.seq * row.accum, times, peak, loss)
+    del opt
+    for p in params:
+        p.grad = None
+    return row
+
+
+def free(device):
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def parse_settings(spec: str):
+    """'mb=8,ckpt=0,backend=grouped;mb=16,...' -> list of dicts."""
+    out = []
+    for part in filter(None, (s.strip() for s in spec.split(";"))):
+        d = {"mb": 8, "accum": 1, "ckpt": 0, "backend": "grouped"}
+        for kv in part.split(","):
+            key, _, val = kv.partition("=")
+            if key not in d:
+                raise ValueError(f"--settings: unknown key {key!r} in {part!r} (mb, accum, ckpt, backend)")
+            d[key] = val if key == "backend" else int(val)
+        out.append(d)
+    return out
+
+
+def profile_step(model, cfg, s, seq, device, path, seed=0):
+    """One profiled training step at setting s; the top CUDA kernels by total time go to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+    row = Row("profile", cfg.num_hidden_layers, s["mb"], seq, s["accum"])
+    time_mixtune(model, cfg, row, device, s["backend"], bool(s["ckpt"]), 1, 1, seed)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        time_mixtune(model, cfg, row, device, s["backend"], bool(s["ckpt"]), 1, 0, seed)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    with open(path, "w") as f:
+        f.write(table)
+    print("\n".join(table.splitlines()[:30]), flush=True)
+
+
+def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed=0, profile_path=""):
+    t0 = time.perf_counter()
+    c = MixtralConfig(**{**cfg.__dict__, "num_hidden_layers": layers})
+    model = None
+    try:
+        model = build_model(c, device, seed)
+        build_s = getattr(model, "load_seconds", time.perf_counter() - t0)
+        for s in settings:
+            row = Row(f"mixtune {label}", layers, s["mb"], rows["seq"], s["accum"],
+                      f"{s['backend']}, ckpt={'layer' if s['ckpt'] else 'none'}", build_s=build_s)
+            try:
+                time_mixtune(model, c, row, device, s["backend"], bool(s["ckpt"]), steps, warmup, seed)
+            except torch.OutOfMemoryError as e:
+                row.error = "OOM: " + str(e).split("\n")[0][:80]
+            except RuntimeError as e:
+                row.error = f"{type(e).__name__}: {str(e)[:120]}"
+            rows["out"].append(row)
+            print_row(row)
+            free(device)
+        if profile_path and settings:
+            try:
+                profile_step(model, c, settings[0], rows["seq"], device, profile_path, seed)
+            except Exception as e:  # the profile is a diagnostic: never lose the rows for it
+                print(f"profile failed: {type(e).__name__}: {str(e)[:200]}")
+            free(device)
+    finally:
+        del model
+        free(device)
+
+
+# ------------------------------------------------------------------------------------------ report
+HEADER = (f"{'run':<26} {'L':>3} {'mb x seq':>10} {'setting':<28} {'tok/s':>9} {'TF/s 4N':>8} {'TF/s 6N':>8} "
+          f"{'peak GiB':>8} {'build s':>7} {'loss':>7}")
+
+
+def print_row(r: Row):
+    if r.error:
+        print(f"{r.name:<26} {r.layers:>3} {r.micro_batch:>4}x{r.seq:<5} {r.setting:<28} {r.error}", flush=True)
+        return
+    mb = f"{r.micro_batch}x{r.seq}" + (f"x{r.accum}" if r.accum > 1 else "")
+    print(f"{r.name:<26} {r.layers:>3} {mb:>10} {r.setting:<28} {r.tok_s:>9.0f} {r.tflops4:>8.1f} "
+          f"{r.tflops6:>8.1f} {r.peak_gib:>8.2f} {r.build_s:>7.1f} {r.loss:>7.3f}", flush=True)
+
+
+def versions():
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("transformers", "peft", "bitsandbytes", "triton"):
+        try:
+            v[mod] = __import__(mod).__version__
+        except Exception:
+            v[mod] = None
+    if torch.cuda.is_available():
+        v["gpu"] = torch.cuda.get_device_name()
+        v["cuda"] = torch.version.cuda
+    return v
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="mixtune bench", description=__doc__.split("\n")[0])
+    p.add_argument("--cpu-tiny", action="store_true", help="tiny geometry on CPU (seconds): numerics + steps")
+    p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--layers", type=int, default=4, help="layers for the side-by-side comparison")
+    p.add_argument("--seq", type=int, default=1024, help="packed row length")
+    p.add_argument("--settings", default="mb=8,ckpt=0,backend=grouped;mb=8,ckpt=1,backend=grouped",
+                   help="mixtune settings at --layers: 'mb=8,accum=1,ckpt=0,backend=grouped;...'")
+    p.add_argument("--full", default="", help="settings for the full-depth run (same syntax); empty: skip")
+    p.add_argument("--full-layers", type=int, default=0, help="full depth (default: the geometry's)")
+    p.add_argument("--stock", default="", help="stock-stack settings 'mb=8,ckpt=1;...' at --layers; empty: skip")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-check", action="store_true", help="skip the numerics checks")
+    p.add_argument("--check-tokens", type=int, default=4096, help="tokens in the MoE layer check")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default="", help="write a torch.profiler kernel table of one step of the first "
+                                                 "--layers setting to this file")
+    return p
+
+
+def main(argv=None, stock_runner=None) -> int:
+    """`mixtune bench`. stock_runner: the stock-stack timer (bench/train_throughput.py passes it)."""
+    args = build_parser().parse_args(argv)
+    if args.cpu_tiny:
+        device = "cpu"
+        cfg = MixtralConfig(**TINY)
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        cfg = MixtralConfig()
+    try:
+        settings = parse_settings(args.settings)
+        full = parse_settings(args.full)
+        stock = parse_settings(args.stock)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if stock and stock_runner is None:
+        print("error: --stock runs from bench/train_throughput.py (it needs the benchmark's stock-stack module)",
+              file=sys.stderr)
+        return 2
+    result = {"versions": versions(), "device": device, "geometry": {k: getattr(cfg, k) for k in TINY},
+              "seq": args.seq, "lora": {"r": 64, "alpha": 16, "targets": LORA_TARGETS}}
+    ok = True
+    t_start = time.perf_counter()
+    if not args.no_check:
+        E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        N = args.check_tokens if not args.cpu_tiny else 64
+        moe = check_moe(device, E, H, I, N, cfg.num_experts_per_tok, 64 if not args.cpu_tiny else 8, args.seed)
+        moe_ok = moe_check_passes(moe)
+        print(f"[check] MoE layer E={E} H={H} I={I} N={N}: rel. error vs fp32 reference "
+              f"({'PASS' if moe_ok else 'FAIL'})")
+        for name, errs in moe.items():
+            print(f"  {name:<16} " + " ".join(f"{kk}={v:.2e}" for kk, v in errs.items()))
+        mcfg = MixtralConfig(**{**cfg.__dict__, "num_hidden_layers": 1})
+        mdl = check_model(mcfg, device, 2, min(args.seq, 512), args.seed)
+        mdl_ok = mdl["loss_rel"] < 1e-2 and mdl["grad_rel"] < 5e-2
+        print(f"[check] 1-layer model, fast vs reference path: loss rel {mdl['loss_rel']:.2e}, LoRA grads rel "
+              f"{mdl['grad_rel']:.2e} ({'PASS' if mdl_ok else 'FAIL'})", flush=True)
+        result["check"] = {"moe": moe, "moe_pass": moe_ok, "model": mdl, "model_pass": mdl_ok}
+        ok = moe_ok and mdl_ok
+        free(device)
+    rows = {"seq": args.seq, "out": []}
+    print(HEADER, flush=True)
+    if args.cpu_tiny:
+        run_settings(cfg, cfg.num_hidden_layers, [dict(mb=2, accum=1, ckpt=0, backend="grouped"),
+                                                  dict(mb=2, accum=1, ckpt=1, backend="reference")],
+                     device, 2, 1, {"seq": 64, "out": rows["out"]}, "tiny", args.seed)
+    else:
+        if settings:
+            run_settings(cfg, args.layers, settings, device, args.steps, args.warmup, rows, f"{args.layers}L", args.seed,
+                         args.profile)
+        if stock:
+            for s in stock:
+                row = stock_runner(Row, cfg, args.layers, s, args.seq, device, args.steps, args.warmup, args.seed)
+                rows["out"].append(row)
+                print_row(row)
+                free(device)
+        if full:
+            L = args.full_layers or cfg.num_hidden_layers
+            run_settings(cfg, L, full, device, args.steps, args.warmup, rows, f"{L}L", args.seed)
+    print()
+    print(HEADER)
+    for r in rows["out"]:
+        print_row(r)
+    result["rows"] = [r.__dict__ for r in rows["out"]]
+    result["ok"] = ok
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    print(json.dumps(result, default=str))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
