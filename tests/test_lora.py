@@ -163,6 +163,10 @@ def test_unmatched_target_strict_and_nothing_matched(tiny_config):
     assert rep.matched == {"router": 2, r"model\.layers\.1\.self_attn\.v_proj": 1}
     assert isinstance(m.model.layers[1].self_attn.v_proj, LoRALinear)
     assert not isinstance(m.model.layers[0].self_attn.v_proj, LoRALinear)
+    with torch.device("meta"):
+        m2 = MixtralForCausalLM(tiny_config)
+    rep = apply_lora(m2, LoraConfig(targets=["all-linear"]), seed=0)
+    assert rep.adapted == ["q_proj", "k_proj", "v_proj", "o_proj", "gate", "w1", "w2", "w3"]
 
 
 def _peft_logits(ckpt, adapter_dir, ids, hf_model_from):
@@ -226,6 +230,17 @@ def test_mixtune_round_trip_and_errors(fp32_model_factory, tiny_config, tmp_path
     assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     # saving again over the same directory replaces the files
     save_adapter(model, out, lcfg, "tiny")
+    # without our sidecar (as a plain PEFT adapter): the zero w1 padding loads as a zero adapter, same logits
+    plain = str(tmp_path / "plain")
+    import shutil
+    shutil.copytree(out, plain)
+    os.remove(os.path.join(plain, "mixtune_adapter.json"))
+    fresh2 = fp32_model_factory("nf4")
+    rep3 = load_adapter(fresh2, plain)
+    assert rep3.adapted == ["q_proj", "v_proj", "lm_head", "gate", "w1", "w3"]
+    fresh2.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh2(ids).logits, ours, rtol=0, atol=0)
 
     with pytest.raises(ConfigError, match="directory not found"):
         load_adapter(fp32_model_factory("none"), str(tmp_path / "nope"))
@@ -233,7 +248,6 @@ def test_mixtune_round_trip_and_errors(fp32_model_factory, tiny_config, tmp_path
     from safetensors.torch import load_file, save_file
 
     bad = str(tmp_path / "bad")
-    import shutil
     shutil.copytree(out, bad)
     t = load_file(os.path.join(bad, "adapter_model.safetensors"))
     t["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, tiny_config.hidden_size)

@@ -46,7 +46,7 @@ SIDECAR = "mixtune_adapter.json"  # our own notes next to the PEFT files (peft i
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "lm_head", "gate")
 EXPERT_NAMES = ("w1", "w2", "w3")
-KNOWN_NAMES = LINEAR_NAMES + EXPERT_NAMES + ("experts",)
+KNOWN_NAMES = LINEAR_NAMES + EXPERT_NAMES + ("experts", "all-linear")
 ALIASES = {"router": "gate"}
 # Names from Llama-style MLPs that users (and the reference recipe) pass for Mixtral's experts.
 LLAMA_EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
@@ -243,6 +243,8 @@ def _resolve_targets(model: nn.Module, targets: list[str]):
     for t in targets:
         if t == "experts":
             lin, ex = [], list(experts)
+        elif t == "all-linear":  # peft's shorthand: every linear but the output layer (experts included)
+            lin, ex = [p for p in linears if p.rsplit(".", 1)[-1] != "lm_head"], list(experts)
         else:
             lin, ex = _match(t, linears), _match(t, experts)
         if not lin and not ex:
@@ -524,30 +526,39 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, seed: int = 0
                       dropout=float(side.get("lora_dropout", cfg.get("lora_dropout", 0.0)) or 0.0),
                       targets=list(targets), strict_targets=False)
     report = apply_lora(model, lcfg, seed)
+    set_adapter_state_dict(model, tensors, skip_leaves=pad, origin=os.fspath(adapter_dir))
+    return report
+
+
+def set_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], skip_leaves: Iterable[str] = (),
+                           origin: str = "adapter") -> None:
+    """Copy PEFT-named adapter tensors into a model that already has its LoRA modules (e.g. to resume).
+    Every adapter slot must be filled and every tensor used (tensors of `skip_leaves`, e.g. zero padding
+    for peft's w1/w3 fusion, are ignored); shapes must agree. Errors name the keys."""
+    skip = set(skip_leaves)
     slots = _adapter_slots(model)
     unknown, loaded = [], set()
     with torch.no_grad():
         for key, t in tensors.items():
             if key not in slots:
                 leaf = key.split(".lora_")[0].rsplit(".", 1)[-1]
-                if leaf not in pad:
+                if leaf not in skip:
                     unknown.append(key)
                 continue
             p, e = slots[key]
             dst = p if e is None else p[e]
             if tuple(dst.shape) != tuple(t.shape):
                 raise ConfigError(f"adapter: {key} has shape {tuple(t.shape)} but the model expects "
-                                  f"{tuple(dst.shape)} (r={cfg['r']}); is this adapter for this base model?")
+                                  f"{tuple(dst.shape)}; is {origin} an adapter for this base model and rank?")
             dst.copy_(t.to(dst.dtype))
             loaded.add(key)
     if unknown:
-        raise ConfigError(f"adapter: {len(unknown)} tensors in {adapter_dir} match nothing in this model, e.g. "
+        raise ConfigError(f"adapter: {len(unknown)} tensors in {origin} match nothing in this model, e.g. "
                           f"{', '.join(sorted(unknown)[:3])}")
     missing = sorted(set(slots) - loaded)
     if missing:
-        raise ConfigError(f"adapter: {len(missing)} adapter tensors missing from {adapter_dir}, e.g. "
+        raise ConfigError(f"adapter: {len(missing)} adapter tensors missing from {origin}, e.g. "
                           f"{', '.join(missing[:3])}")
-    return report
 
 
 # --------------------------------------------------------------------------------------------------
