@@ -112,43 +112,31 @@ class Tokenizer:
     # ---------------------------------------------------------------- transformers view
     @property
     def hf(self):
-        """The transformers tokenizer. For the SentencePiece backend it is built on first use as
-        `LlamaTokenizer(legacy=True, add_bos_token=True)` from the same model file (same ids)."""
+        """The transformers tokenizer. For the SentencePiece backend it is built on first use from the same
+        model file and gives the same ids as SentencePiece (see `_exact_hf_files`)."""
         if self._hf is None:
-            from transformers import LlamaTokenizer
+            from transformers import AutoTokenizer
 
             with tempfile.TemporaryDirectory() as tmp:
-                shutil.copyfile(self._sp_path, os.path.join(tmp, "tokenizer.model"))
-                self._hf = LlamaTokenizer.from_pretrained(tmp, legacy=True, add_bos_token=True,
-                                                          add_eos_token=False)
+                _exact_hf_files(self._sp, self._sp_path, tmp)
+                self._hf = AutoTokenizer.from_pretrained(tmp)
         return self._hf
 
     def save_pretrained(self, directory: str) -> list[str]:
-        """Write HF tokenizer files (tokenizer.json, tokenizer_config.json with `legacy: true`, and
-        tokenizer.model for the SentencePiece backend) that stock `AutoTokenizer.from_pretrained` loads to
-        the same ids. Returns the written file names."""
+        """Write HF tokenizer files that stock `AutoTokenizer.from_pretrained(directory)` loads to the same ids:
+        tokenizer.json, tokenizer_config.json (with `legacy: true`) and, for SentencePiece, tokenizer.model.
+        Returns the file names in the directory."""
         os.makedirs(directory, exist_ok=True)
+        if self._sp is not None:
+            _exact_hf_files(self._sp, self._sp_path, directory)
+            return sorted(os.listdir(directory))
         hf = self.hf
         hf.save_pretrained(directory)
-        cfg_path = os.path.join(directory, "tokenizer_config.json")
-        with open(cfg_path) as fh:
-            cfg = json.load(fh)
-        for k in ("is_local", "local_files_only"):  # machine-specific loader state, not tokenizer facts
-            cfg.pop(k, None)
         legacy = getattr(hf, "legacy", None)
-        if self._sp is not None or legacy is None or legacy:
-            # transformers does not persist `legacy`; without it stock loaders encode the text after <s>
-            # differently (28792 instead of 733 for "[" in "<s>[INST]").
-            cfg["legacy"] = True
-        else:
-            cfg["legacy"] = False
-        if self._sp is not None:
-            cfg["add_bos_token"], cfg["add_eos_token"] = True, False
-            cfg["tokenizer_class"] = "LlamaTokenizer"
-            shutil.copyfile(self._sp_path, os.path.join(directory, "tokenizer.model"))
-        with open(cfg_path, "w") as fh:
-            json.dump(cfg, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
+        # transformers does not persist `legacy`; without it stock Llama loaders encode the text after <s>
+        # differently (28792 instead of 733 for the "[" of "<s>[INST]").
+        _patch_config(os.path.join(directory, "tokenizer_config.json"),
+                      {"legacy": bool(legacy) if legacy is not None else True})
         return sorted(os.listdir(directory))
 
     # ---------------------------------------------------------------- identity (cache keys)
@@ -170,6 +158,54 @@ class Tokenizer:
     def __repr__(self) -> str:
         kind = "sentencepiece" if self._sp is not None else type(self._hf).__name__
         return f"Tokenizer({self.name!r}, {kind}, vocab={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id})"
+
+
+def _patch_config(path: str, updates: dict) -> None:
+    with open(path) as fh:
+        cfg = json.load(fh)
+    for k in ("is_local", "local_files_only"):  # machine-specific loader state, not tokenizer facts
+        cfg.pop(k, None)
+    cfg.update(updates)
+    with open(path, "w") as fh:
+        json.dump(cfg, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+
+
+def _exact_hf_files(sp, sp_path: str, directory: str) -> None:
+    """Write tokenizer.json / tokenizer_config.json / tokenizer.model for a SentencePiece BPE model such that
+    a tokenizers-backed loader reproduces SentencePiece's ids exactly.
+
+    transformers' converter (LlamaTokenizer from tokenizer.model) differs from SentencePiece on runs of spaces
+    (code indentation, "a  b"): it ranks the whitespace-only merges ("▁▁", score -1e9 in the model) first, and
+    its Metaspace pre-tokenizer adds no dummy prefix to text that already starts with a space. Here the merges
+    are re-ranked by the SentencePiece score of the merged piece (how SentencePiece BPE picks merges) and the
+    pipeline is SentencePiece's: normalizer Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer. The class is
+    `PreTrainedTokenizerFast` (loads tokenizer.json as is, in transformers 4.x and 5.x); `legacy: true` is kept
+    for loaders that rebuild a Llama pipeline.
+    """
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(sp_path, os.path.join(tmp, "tokenizer.model"))
+        llama = LlamaTokenizer.from_pretrained(tmp, legacy=True, add_bos_token=True, add_eos_token=False)
+        llama.save_pretrained(directory)
+    tj_path = os.path.join(directory, "tokenizer.json")
+    with open(tj_path, encoding="utf-8") as fh:
+        tj = json.load(fh)
+    merges = tj["model"]["merges"]
+    pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in merges]
+    order = sorted(range(len(pairs)), key=lambda i: (-sp.get_score(sp.piece_to_id(pairs[i][0] + pairs[i][1])), i))
+    tj["model"]["merges"] = [merges[i] for i in order]
+    tj["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    tj["pre_tokenizer"] = None
+    with open(tj_path, "w", encoding="utf-8") as fh:
+        json.dump(tj, fh, ensure_ascii=False)
+    _patch_config(os.path.join(directory, "tokenizer_config.json"),
+                  {"tokenizer_class": "PreTrainedTokenizerFast", "legacy": True, "add_bos_token": True,
+                   "add_eos_token": False})
+    shutil.copyfile(sp_path, os.path.join(directory, "tokenizer.model"))
 
 
 def _sp_tokenizer(path: str, name: str) -> Tokenizer:
