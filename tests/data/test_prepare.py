@@ -1,0 +1,241 @@
+"""prepare_data / prepare_main: sources, bad input messages, skip counts, cache, dumps, held-out split."""
+
+import json
+
+import pytest
+
+from mixtune.config import ConfigError, load_config
+from mixtune.data import IGNORE, load_tokenizer, prepare_data, prepare_main, wrap_instruction
+from mixtune.data.sources import DataError
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def _cfg(tmp_path, *over):
+    return load_config(overrides=["--data.cache_dir", str(tmp_path / "cache"), "--train.eval_steps", "0", *over])
+
+
+def _row(i, instruction=None, response=None):
+    return {"prompt": wrap_instruction(instruction or f"Instruction number {i}: describe the number {i}."),
+            "response": response or f"The number {i} is {'even' if i % 2 == 0 else 'odd'}.", "source": "t"}
+
+
+def _write_jsonl(path, rows, raw_lines=()):
+    with open(path, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+        for line in raw_lines:
+            fh.write(line + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("source,template", [("bundled", "backtranslate"), ("bundled", "mixtral-chat"),
+                                             ("bundled-alpaca", "alpaca"), ("bundled-chat", "mixtral-chat")])
+def test_bundled_sources_prepare_to_sensible_lengths(tmp_path, tok, source, template):
+    d = prepare_data(_cfg(tmp_path, "--data.source", source, "--data.template", template,
+                          "--data.max_seq_length", "512"), tok)
+    s = d.stats
+    if source == "bundled":
+        assert s["rows_read"] >= 300 and s["schema"] == "instruct"
+        assert 50 <= s["length"]["p50"] <= 400 and s["length"]["max"] <= 512
+    assert s["rows_bad"] == 0 and s["truncated"] == 0 and s["eval_examples"] >= 1
+    assert s["packing_efficiency"] > 0.8
+    assert all(len(r["input_ids"]) == 512 for r in d.train_rows + d.eval_rows)
+    assert s["tokens"] == sum(int((r["position_ids"] != 0).sum()) + int((r["position_ids"] == 0).sum())
+                              - int((r["input_ids"] == 0).sum()) for r in d.train_rows)
+    e = d.eval_examples[0]
+    assert e["prompt"] and e["reference"] and e["prompt_ids"][0] == 1
+
+
+def test_recipe_example_through_prepare_and_dumps(tmp_path, tok, capsys):
+    rows = [_row(0, "Write a haiku about autumn leaves.", "Crimson leaves drift down.")] + [_row(i) for i in
+                                                                                         range(1, 10)]
+    path = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = _cfg(tmp_path, "--data.path", path, "--data.template", "backtranslate")
+    dt, dk = tmp_path / "out" / "text.jsonl", tmp_path / "out" / "tokens.jsonl"
+    stats = prepare_main(cfg, json_out=True, dump_text=str(dt), dump_tokens=str(dk))
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and json.loads(out[0])["rows_read"] == 10 == stats["rows_read"]
+    texts = [json.loads(x)["text"] for x in dt.read_text().splitlines()]
+    assert len(texts) == 10  # every example, in source order (held-out ones included)
+    assert texts[0] == ("<s>[INST]Use the provided input to create an instruction that could have been used to "
+                        "generate the response with an LLM.\nCrimson leaves drift down.[/INST]Write a haiku about "
+                        "autumn leaves.</s>")
+    toks = [json.loads(x) for x in dk.read_text().splitlines()]
+    assert len(toks) == 10
+    assert toks[0]["input_ids"] == [1] + tok.encode(texts[0][3:-4]) + [2]
+    lab = toks[0]["labels"]
+    assert lab[0] == IGNORE and lab[-1] == 2 and tok.decode([x for x in lab if x != IGNORE]) == \
+        "Write a haiku about autumn leaves."
+
+
+def test_cache_hit_on_second_run_and_invalidation(tmp_path, tok, capsys):
+    path = _write_jsonl(tmp_path / "rows.jsonl", [_row(i) for i in range(30)])
+    cfg = _cfg(tmp_path, "--data.path", path)
+    a = prepare_data(cfg, tok)
+    b = prepare_data(cfg, tok)
+    assert a.stats["cached"] is False and b.stats["cached"] is True
+    assert len(a.train_rows) == len(b.train_rows)
+    for x, y in zip(a.train_rows + a.eval_rows, b.train_rows + b.eval_rows):
+        assert all((x[k] == y[k]).all() for k in ("input_ids", "labels", "position_ids"))
+    assert a.eval_examples == b.eval_examples
+    stats = prepare_main(cfg)
+    assert stats["cached"] is True and "[cached]" in capsys.readouterr().out
+    # a changed file, template or length is a miss
+    _write_jsonl(tmp_path / "rows.jsonl", [_row(i) for i in range(31)])
+    assert prepare_data(cfg, tok).stats["cached"] is False
+    assert prepare_data(_cfg(tmp_path, "--data.path", path, "--data.template", "mixtral-chat"),
+                        tok).stats["cached"] is False
+    assert prepare_data(_cfg(tmp_path, "--data.path", path, "--data.max_seq_length", "128"),
+                        tok).stats["cached"] is False
+
+
+def test_held_out_split_is_seeded_and_disjoint(tmp_path, tok):
+    path = _write_jsonl(tmp_path / "rows.jsonl", [_row(i) for i in range(40)])
+    a = prepare_data(_cfg(tmp_path, "--data.path", path, "--data.eval_fraction", "0.25"), tok)
+    b = prepare_data(_cfg(tmp_path, "--data.path", path, "--data.eval_fraction", "0.25", "--data.seed", "1"), tok)
+    assert a.stats["eval_examples"] == 10 and a.stats["train_examples"] == 30 and a.stats["eval_seed"] == 42
+    assert [e["reference"] for e in a.eval_examples] != [e["reference"] for e in b.eval_examples]
+    refs = {e["reference"] for e in a.eval_examples}
+    trained = set()
+    for r in a.train_rows:
+        ids, lab = r["input_ids"].tolist(), r["labels"].tolist()
+        trained.add(tok.decode([i for i, l in zip(ids, lab) if l not in (IGNORE, 2)]))
+    assert not any(ref in t for ref in refs for t in trained)
+    capped = prepare_data(_cfg(tmp_path, "--data.path", path, "--data.eval_fraction", "0.25",
+                               "--data.eval_max_rows", "3", "--data.max_rows", "20"), tok)
+    assert capped.stats["eval_examples"] == 3 and capped.stats["rows_read"] == 20
+
+
+def test_eval_split_file_and_other_formats(tmp_path, tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"instruction": f"Add {i} and {i}.", "input": "", "output": f"{2 * i}"} for i in range(12)]
+    jl = _write_jsonl(tmp_path / "a.jsonl", rows)
+    js = tmp_path / "a.json"
+    js.write_text(json.dumps({"data": rows}))
+    csvp = tmp_path / "a.csv"
+    csvp.write_text("instruction,input,output\n" + "".join(f'"Add {i} and {i}.",,{2 * i}\n' for i in range(12)))
+    pqp = tmp_path / "a.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), pqp)
+    results = []
+    for p in (jl, js, csvp, pqp):
+        d = prepare_data(_cfg(tmp_path, "--data.path", str(p), "--data.template", "alpaca",
+                              "--data.eval_split", str(tmp_path / "a.jsonl")), tok)
+        assert d.stats["schema"] == "alpaca" and d.stats["eval_from"].endswith("a.jsonl")
+        assert d.stats["train_examples"] == 12 and d.stats["eval_examples"] == 12
+        results.append([r["input_ids"].tolist() for r in d.train_rows])
+    assert all(r == results[0] for r in results)
+    with pytest.raises(DataError, match="data.eval_split: 'test' is neither a file nor a split"):
+        prepare_data(_cfg(tmp_path, "--data.path", jl, "--data.eval_split", "test"), tok)
+
+
+def test_column_mapping(tmp_path, tok):
+    rows = [{"q": f"Question {i}?", "a": f"Answer {i}."} for i in range(6)]
+    path = _write_jsonl(tmp_path / "m.jsonl", rows)
+    d = prepare_data(_cfg(tmp_path, "--data.path", path, "--data.template", "mixtral-chat",
+                          "--data.columns", "{instruction: q, output: a}"), tok)
+    assert d.stats["train_examples"] + d.stats["eval_examples"] == 6
+    with pytest.raises(DataError, match="no known columns .have: a, q."):
+        prepare_data(_cfg(tmp_path, "--data.path", path), tok)
+    with pytest.raises(DataError, match="data.columns: unknown key 'question'"):
+        prepare_data(_cfg(tmp_path, "--data.path", path, "--data.columns", "{question: q}"), tok)
+
+
+BAD = [  # (raw line or row, reason, message pattern) — the good rows are lines 1-3, the bad one is line 4
+    ({"prompt": wrap_instruction("x")}, "missing_column", r"rows.jsonl: row 4: missing column 'response'"),
+    ({"prompt": wrap_instruction("x"), "response": None}, "null_value", r"row 4: column 'response' is null"),
+    ({"prompt": wrap_instruction("x"), "response": "  "}, "empty_value", r"row 4: column 'response' is empty"),
+    ({"prompt": wrap_instruction("x"), "response": 42}, "not_string",
+     r"row 4: column 'response' is not a string \(got int '42'\)"),
+    ({"prompt": wrap_instruction(" "), "response": "ok"}, "empty_value", r"row 4: column 'prompt' holds no instr"),
+    ('{"prompt": "unterminated', "bad_line", r"rows.jsonl: row 4: not valid JSON"),
+    ("[1, 2]", "not_object", r"row 4: expected a JSON object, got list"),
+]
+
+
+@pytest.mark.parametrize("bad,reason,pattern", BAD, ids=[b[1] + str(i) for i, b in enumerate(BAD)])
+def test_bad_input_messages_and_skip_counts(tmp_path, tok, bad, reason, pattern):
+    raw = [bad] if isinstance(bad, str) else [json.dumps(bad)]
+    path = _write_jsonl(tmp_path / "rows.jsonl", [_row(i) for i in range(3)], raw + [json.dumps(_row(9))])
+    with pytest.raises(ConfigError, match=pattern) as ei:
+        prepare_data(_cfg(tmp_path, "--data.path", path), tok)
+    assert "\n" not in str(ei.value) and "skip_bad_rows" in str(ei.value)
+    d = prepare_data(_cfg(tmp_path, "--data.path", path, "--data.skip_bad_rows", "true"), tok)
+    assert d.stats["rows_bad"] == 1 and d.stats["rows_bad_by_reason"] == {reason: 1}
+    assert d.stats["train_examples"] + d.stats["eval_examples"] == 4
+    assert d.stats["bad_row_examples"] and "row 4" in d.stats["bad_row_examples"][0]
+
+
+def test_undecodable_bytes_and_chat_rows(tmp_path, tok):
+    p = tmp_path / "rows.jsonl"
+    p.write_bytes(json.dumps(_row(1)).encode() + b"\n" + b'{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"row 2: line is not valid UTF-8"):
+        prepare_data(_cfg(tmp_path, "--data.path", str(p)), tok)
+    msgs = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
+            {"messages": [{"role": "robot", "content": "x"}]},
+            {"messages": "not a list"}]
+    path = _write_jsonl(tmp_path / "chat.jsonl", msgs)
+    with pytest.raises(DataError, match=r"chat.jsonl: row 2: column 'messages': message 1 has role 'assistant', "
+                                        r"expected 'user'"):
+        prepare_data(_cfg(tmp_path, "--data.path", path, "--data.template", "mixtral-chat"), tok)
+    d = prepare_data(_cfg(tmp_path, "--data.path", path, "--data.template", "mixtral-chat",
+                          "--data.skip_bad_rows", "true", "--data.eval_fraction", "0"), tok)
+    assert d.stats["rows_bad_by_reason"] == {"bad_messages": 3, "null_value": 1}
+    assert d.stats["train_examples"] == 1
+
+
+def test_missing_file_unknown_template_and_no_rows(tmp_path, tok):
+    with pytest.raises(DataError, match=r"data.path: file not found: .*nope.jsonl"):
+        prepare_data(_cfg(tmp_path, "--data.path", str(tmp_path / "nope.jsonl")), tok)
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(DataError, match=r"unsupported file type '.txt'"):
+        prepare_data(_cfg(tmp_path, "--data.path", str(tmp_path / "x.txt")), tok)
+    with pytest.raises(ConfigError, match="data.template: 'chatml' is not one of"):
+        _cfg(tmp_path, "--data.template", "chatml")
+    cfg = _cfg(tmp_path)
+    cfg.data.template = "chatml"  # set behind the config's back: prepare_data still refuses it clearly
+    with pytest.raises(DataError, match="data.template: unknown template 'chatml'"):
+        prepare_data(cfg, tok)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="empty.jsonl: no rows"):
+        prepare_data(_cfg(tmp_path, "--data.path", str(tmp_path / "empty.jsonl")), tok)
+
+
+def test_overlong_truncate_or_drop(tmp_path, tok):
+    long_resp = " ".join(f"word{i}" for i in range(200))
+    rows = [_row(i) for i in range(6)] + [_row(6, response=long_resp)]
+    path = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    common = ["--data.path", path, "--data.max_seq_length", "96", "--data.eval_fraction", "0"]
+    t = prepare_data(_cfg(tmp_path, *common), tok)
+    assert t.stats["truncated"] == 1 and t.stats["dropped_overlong"] == 0 and t.stats["train_examples"] == 7
+    d = prepare_data(_cfg(tmp_path, *common, "--data.overlong", "drop"), tok)
+    assert d.stats["dropped_overlong"] == 1 and d.stats["train_examples"] == 6
+    assert d.stats["tokens"] == t.stats["tokens"] - 96
+
+
+def test_unpacked_rows(tmp_path, tok):
+    path = _write_jsonl(tmp_path / "rows.jsonl", [_row(i) for i in range(8)])
+    d = prepare_data(_cfg(tmp_path, "--data.path", path, "--data.packing", "false", "--data.eval_fraction", "0"),
+                     tok)
+    assert len(d.train_rows) == 8 and d.stats["packing_efficiency"] is None
+    assert all(r["position_ids"].tolist() == list(range(len(r["input_ids"]))) for r in d.train_rows)
+
+
+def test_hub_code_path_with_a_local_dataset_dir(tmp_path, tok):
+    pytest.importorskip("datasets")
+    ds_dir = tmp_path / "my_dataset"
+    ds_dir.mkdir()
+    _write_jsonl(ds_dir / "train.jsonl", [_row(i) for i in range(8)])
+    _write_jsonl(ds_dir / "test.jsonl", [_row(i) for i in range(100, 104)])
+    d = prepare_data(_cfg(tmp_path, "--data.source", str(ds_dir), "--data.eval_split", "test"), tok)
+    assert d.stats["source"].endswith("my_dataset[train]") and d.stats["eval_from"].endswith("my_dataset[test]")
+    assert d.stats["train_examples"] == 8 and d.stats["eval_examples"] == 4
+    with pytest.raises(DataError, match="cannot load Hub dataset"):
+        prepare_data(_cfg(tmp_path, "--data.source", str(ds_dir), "--data.train_split", "nosuch"), tok)
