@@ -39,6 +39,7 @@ def test_save_pretrained_round_trip_through_stock_autotokenizer(tok, tmp_path):
     assert cfg["legacy"] is True
     hf = AutoTokenizer.from_pretrained(str(tmp_path))
     assert len(hf) == 32000
+    assert tok.hf.encode(REF, add_special_tokens=False) == REF_IDS  # the lazily built transformers view
     # the trap: without legacy: true, the "[" after <s> becomes 28792 instead of 733
     assert hf.encode(REF, add_special_tokens=False) == REF_IDS
     assert hf.encode("hello") == [1, 6312, 28709]  # bos added by default, like the Mixtral tokenizer
@@ -51,8 +52,12 @@ def test_save_pretrained_round_trip_through_stock_autotokenizer(tok, tmp_path):
     for t in texts:
         assert hf.encode(t, add_special_tokens=False) == tok.encode(t), t
     # our loader on the saved dir (HF backend) agrees too, and so does a bare tokenizer.model directory
+    back = load_tokenizer(str(tmp_path))  # our own exact files: read back through SentencePiece
+    assert back.identity() == tok.identity() and back.vocab_size == 32000 and back.pad_id == 0
+    cfg.pop("mixtune_sentencepiece_exact")  # without the marker: the HF backend, same ids
+    json.dump(cfg, open(tmp_path / "tokenizer_config.json", "w"))
     back = load_tokenizer(str(tmp_path))
-    assert back.hf is not None and back.vocab_size == 32000 and back.pad_id == 0
+    assert back._sp is None and back.hf is not None and back.vocab_size == 32000 and back.pad_id == 0
     bare = tmp_path / "bare"
     bare.mkdir()
     os.link(tmp_path / "tokenizer.model", bare / "tokenizer.model")

@@ -26,6 +26,10 @@ from ..config import ConfigError
 
 V1_SPEC = "mistral-common:v1"
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Set in tokenizer_config.json by `save_pretrained` of a SentencePiece tokenizer: the files are an exact HF
+# rendering of tokenizer.model, so mixtune may load that directory through SentencePiece again (same ids,
+# same cache identity, no transformers import) unless a chat template was added since.
+SP_MARKER = "mixtune_sentencepiece_exact"
 
 
 def v1_model_path() -> str:
@@ -204,7 +208,7 @@ def _exact_hf_files(sp, sp_path: str, directory: str) -> None:
         json.dump(tj, fh, ensure_ascii=False)
     _patch_config(os.path.join(directory, "tokenizer_config.json"),
                   {"tokenizer_class": "PreTrainedTokenizerFast", "legacy": True, "add_bos_token": True,
-                   "add_eos_token": False})
+                   "add_eos_token": False, SP_MARKER: True})
     shutil.copyfile(sp_path, os.path.join(directory, "tokenizer.model"))
 
 
@@ -235,9 +239,19 @@ def _hf_tokenizer(spec: str, revision: Optional[str] = None) -> Tokenizer:
 
 def _from_dir(path: str) -> Optional[Tokenizer]:
     """A directory's own tokenizer: HF files first, else a bare tokenizer.model; None if it has neither."""
+    sp_file = os.path.join(path, "tokenizer.model")
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(sp_file) and os.path.isfile(cfg_file) and \
+            not os.path.isfile(os.path.join(path, "chat_template.jinja")):
+        try:
+            with open(cfg_file) as fh:
+                tc = json.load(fh)
+        except (OSError, ValueError):
+            tc = {}
+        if tc.get(SP_MARKER) and not tc.get("chat_template"):
+            return _sp_tokenizer(sp_file, path)
     if any(os.path.isfile(os.path.join(path, f)) for f in _HF_FILES):
         return _hf_tokenizer(path)
-    sp_file = os.path.join(path, "tokenizer.model")
     if os.path.isfile(sp_file):
         return _sp_tokenizer(sp_file, path)
     return None
