@@ -41,13 +41,24 @@ def test_stops_at_eos_per_row(ours):
 
 
 def test_sampling_is_seeded(ours):
-    kw = dict(max_new_tokens=8, greedy=False, temperature=1.0, top_p=0.9, top_k=0)
+    kw = dict(max_new_tokens=5, greedy=False, temperature=1.0, top_p=0.9, top_k=0)
     a = generate(ours, PROMPTS, seed=1, **kw)
     assert a == generate(ours, PROMPTS, seed=1, **kw)
     assert a != generate(ours, PROMPTS, seed=2, **kw)
-    greedy = generate(ours, PROMPTS, max_new_tokens=8, greedy=True)
-    assert generate(ours, PROMPTS, max_new_tokens=8, greedy=False, temperature=1.0, top_p=1.0, top_k=1) == greedy
-    assert generate(ours, PROMPTS, max_new_tokens=8, greedy=False, temperature=1.0, top_p=1e-6, top_k=0) == greedy
+    greedy = generate(ours, PROMPTS, max_new_tokens=5, greedy=True)
+    assert generate(ours, PROMPTS, max_new_tokens=5, greedy=False, temperature=1.0, top_p=1.0, top_k=1) == greedy
+    assert generate(ours, PROMPTS, max_new_tokens=5, greedy=False, temperature=1.0, top_p=1e-6, top_k=0) == greedy
+
+
+def test_nf4_greedy_with_cache_equals_recomputing_everything(tiny_ckpt):
+    model = load_model(tiny_ckpt, quant="nf4", dtype=torch.float32, report=None)
+    got = generate(model, PROMPTS[:2], max_new_tokens=4, greedy=True, eos_id=-1)
+    for p, g in zip(PROMPTS[:2], got):
+        ids = list(p)
+        with torch.no_grad():
+            for _ in range(4):  # no cache: the whole sequence every step
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert g == ids[len(p):]
 
 
 def test_sample_next_truncation():
