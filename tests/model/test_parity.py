@@ -76,3 +76,13 @@ def test_kv_cache_decode_equals_full_forward(ours):
             parts.append(ours(ids[:, t:t + 1], kv_cache=cache).logits)
     assert cache.length == 15
     assert rel_err(torch.cat(parts, dim=1), full) <= 1e-5
+
+
+def test_loads_a_checkpoint_saved_by_stock_transformers(stock, tmp_path):
+    out = str(tmp_path / "hf-saved")
+    stock.save_pretrained(out)  # transformers 5's own config.json (rope_parameters, dtype) and file layout
+    model = load_model(out, quant="none", dtype=torch.float32, report=None)
+    assert model.config.rope_theta == stock.config.rope_parameters["rope_theta"]
+    ids = torch.randint(3, 32000, (1, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, stock(ids).logits) <= 1e-5
