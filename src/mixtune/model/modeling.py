@@ -227,7 +227,9 @@ class MixtralForCausalLM(nn.Module):
                                        decoding=kv_cache is not None)
         aux_parts = []
         for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # [kernels hook] a layer with `checkpoint = False` keeps its activations (selective checkpointing)
+            if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+                    and getattr(layer, "checkpoint", True)):
                 h, router = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn, None, use_reentrant=False)
             else:
                 h, router = layer(h, cos, sin, attn, kv_cache)
