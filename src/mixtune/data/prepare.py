@@ -26,7 +26,7 @@ from .sources import BadRow, DataError, resolve_sources
 from .templates import TEMPLATES, column_map, detect_schema, render_example, to_conversation
 from .tokenize import IGNORE, fit_length, tokenize_example
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _KEY_FIELDS = ("source", "path", "train_split", "eval_split", "eval_fraction", "eval_max_rows", "max_rows",
                "template", "columns", "train_on_prompt", "max_seq_length", "packing", "overlong",
                "skip_bad_rows", "seed")
@@ -84,14 +84,15 @@ def _flatten(rows: list) -> dict:
     if not rows:
         return {"lengths": torch.zeros(0, dtype=torch.long)}
     return {"lengths": torch.tensor([len(r["input_ids"]) for r in rows], dtype=torch.long),
-            **{k: torch.cat([r[k] for r in rows]) for k in ("input_ids", "labels", "position_ids")}}
+            # int32 on disk (ids < 2**31): half the size of int64; widened back on load
+            **{k: torch.cat([r[k] for r in rows]).to(torch.int32) for k in ("input_ids", "labels", "position_ids")}}
 
 
 def _unflatten(flat: dict) -> list:
     lengths = flat["lengths"].tolist()
     if not lengths:
         return []
-    split = {k: torch.split(flat[k], lengths) for k in ("input_ids", "labels", "position_ids")}
+    split = {k: torch.split(flat[k].long(), lengths) for k in ("input_ids", "labels", "position_ids")}
     return [{k: split[k][i] for k in split} for i in range(len(lengths))]
 
 

@@ -33,23 +33,29 @@ def _lcp(a: list, b: list) -> int:
     return i
 
 
-def _encode_segment(seg, tokenizer) -> tuple[list, list]:
+def _encode_segment(seg, tokenizer) -> tuple[list, list, list]:
+    """-> (ids of the whole segment, per-id train flags, ids of the first piece encoded alone)."""
     enc = tokenizer.encode_with_specials if seg.specials else tokenizer.encode
     texts = [p[0] for p in seg.pieces]
     full = enc("".join(texts))
     flags = [False] * len(full)
-    start, prefix = 0, ""
+    start, prefix, first = 0, "", None
     for k, (text, train) in enumerate(seg.pieces):
         prefix += text
-        end = len(full) if k == len(seg.pieces) - 1 else max(start, _lcp(enc(prefix), full))
+        if k == len(seg.pieces) - 1:
+            end = len(full)
+        else:
+            pre = enc(prefix)
+            first = pre if first is None else first
+            end = max(start, _lcp(pre, full))
         for j in range(start, end):
             flags[j] = train
         start = end
-    return full, flags
+    return full, flags, first
 
 
 def tokenize_example(ex: Example, tokenizer) -> Tokenized:
-    ids, flags, seg_ends = [], [], []
+    ids, flags, seg_ends, firsts = [], [], [], []
     for seg in ex.segments:
         if seg.kind == "bos":
             ids.append(tokenizer.bos_id)
@@ -58,7 +64,8 @@ def tokenize_example(ex: Example, tokenizer) -> Tokenized:
             ids.append(tokenizer.eos_id)
             flags.append(seg.train)
         else:
-            t, f = _encode_segment(seg, tokenizer)
+            t, f, first = _encode_segment(seg, tokenizer)
+            firsts.append((len(seg_ends), first))
             ids += t
             flags += f
         seg_ends.append(len(ids))
@@ -73,7 +80,10 @@ def tokenize_example(ex: Example, tokenizer) -> Tokenized:
         nxt = ex.segments[n] if n < len(ex.segments) else None
         if nxt is not None and nxt.kind == "text" and len(nxt.pieces) > 1:
             # the prompt ends inside this segment (backtranslate, alpaca): generation encodes it alone
-            prompt_ids = prompt_ids + tokenizer.encode(ex.prompt)
+            first = dict(firsts).get(n)
+            if first is None or nxt.pieces[0][0] != ex.prompt:
+                first = tokenizer.encode(ex.prompt)
+            prompt_ids = prompt_ids + first
     return Tokenized(ids, labels, prompt_ids)
 
 
