@@ -423,8 +423,9 @@ def parse_size(size) -> int:
 
 def iter_model_state(model: MixtralForCausalLM, dtype: Optional[torch.dtype] = None
                      ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) of a model in the real checkpoint layout and order (expert stacks split per expert,
-    NF4 weights dequantized one at a time), in `dtype` (default: each tensor's own / the model's)."""
+    """(key, tensor) of a model's base weights in the real checkpoint layout and order (expert stacks split per
+    expert, NF4 weights dequantized one at a time, LoRA adapters NOT folded in), in `dtype` (default: each
+    tensor's own; NF4 weights in the model's dtype)."""
     cfg = model.config
     sd_dtype = dtype or model.dtype
     for key in expected_keys(cfg):
@@ -436,6 +437,8 @@ def iter_model_state(model: MixtralForCausalLM, dtype: Optional[torch.dtype] = N
         else:
             modname, _, pname = key.rpartition(".")
             mod = model.get_submodule(modname)
+            if not hasattr(mod, pname) and hasattr(mod, "base"):  # a LoRA wrapper: its frozen base layer
+                mod = mod.base
             src = getattr(mod, pname)
             t = src.dequantize(sd_dtype) if isinstance(src, NF4Weight) else src
         yield key, t.detach().to(dtype or t.dtype)
