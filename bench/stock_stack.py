@@ -73,12 +73,13 @@ def run_stock(Row, cfg, layers, s, seq, device, steps, warmup, seed=0):
             for ids, lab, pos in batches:
                 out = model(input_ids=ids, position_ids=pos, labels=lab)
                 (out.loss / row.accum).backward()
+                loss_t = out.loss.detach()
             opt.step()
             opt.zero_grad(set_to_none=True)
             _sync()
             if it >= warmup:
                 times.append(time.perf_counter() - t0)
-            loss = float(out.loss)
+            loss = float(loss_t)
         row.fill(cfg, row.micro_batch * seq * row.accum, times, torch.cuda.max_memory_allocated(), loss)
     except torch.OutOfMemoryError as e:
         row.error = "OOM: " + str(e).split("\n")[0][:80]

@@ -152,6 +152,49 @@ def moe_check_passes(res: dict) -> bool:
     return bool(ok)
 
 
+def time_kernels(cfg: MixtralConfig, device, reps: int = 10) -> dict:
+    """ms per call on the GPU: NF4 dequantization of one layer's experts (ours vs bitsandbytes), and the
+    grouped products of one layer's experts at 8192 tokens, uniform routing."""
+    from .kernels.dequant import dequantize_nf4, dequantize_nf4_stack
+    from .kernels.moe import grouped_mm
+    from .model.nf4 import NF4Weight
+    E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    w = [NF4Weight.quantize(torch.randn(E, I, H, device=device, dtype=torch.bfloat16) * 0.02) for _ in range(3)]
+
+    def t(fn):
+        fn()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        ts = []
+        for _ in range(reps):
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+        return sorted(ts)[len(ts) // 2]
+
+    out = {"dequant_w13_ms": t(lambda: dequantize_nf4_stack(w[:2], torch.bfloat16)),
+           "dequant_one_ms": t(lambda: dequantize_nf4(w[0], torch.bfloat16))}
+    try:
+        import bitsandbytes.functional as bf
+        qs = w[0].bnb_quant_state()
+        out["bnb_dequant_one_ms"] = t(lambda: bf.dequantize_4bit(w[0].packed, qs))
+    except Exception as e:  # noqa: BLE001 - bitsandbytes is optional for this number
+        out["bnb_dequant_one_ms"] = f"n/a ({type(e).__name__})"
+    n_bytes = E * I * H * (2 + 0.5 + 1 / 64)  # bf16 written + codes + absmax read
+    out["dequant_one_TBps"] = n_bytes / out["dequant_one_ms"] / 1e9
+    M = 16384
+    xs = torch.randn(M, H, device=device, dtype=torch.bfloat16)
+    offs = torch.arange(1, E + 1, device=device, dtype=torch.int32) * (M // E)
+    W = torch.randn(E, 2 * I, H, device=device, dtype=torch.bfloat16)
+    ms = t(lambda: grouped_mm(xs, W.transpose(1, 2), offs))
+    out["grouped_mm_w13_ms"] = ms
+    out["grouped_mm_w13_TFLOPs"] = 2 * M * H * 2 * I / ms / 1e9
+    del w, W, xs
+    return out
+
+
 def check_model(cfg: MixtralConfig, device, B, T, seed=0):
     """Loss and LoRA gradients of a random NF4 model: fast path (grouped MoE, chunked CE) vs reference path."""
     from . import kernels
@@ -209,7 +252,10 @@ def time_mixtune(model, cfg, row: Row, device, backend, ckpt, steps, warmup, see
     """Times `steps` optimizer steps (after `warmup`) of row.accum micro-batches each; fills `row`."""
     from .lora import lora_parameters
     model.set_moe_backend(backend)
-    model.gradient_checkpointing = ckpt
+    n_ck = min(int(ckpt), len(model.model.layers))  # checkpoint the first n_ck layers
+    model.gradient_checkpointing = n_ck > 0
+    for i, layer in enumerate(model.model.layers):
+        layer.checkpoint = i < n_ck
     params = lora_parameters(model)
     cuda = torch.device(device).type == "cuda"
     opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda and opt_fused)
@@ -247,8 +293,13 @@ def free(device):
         torch.cuda.empty_cache()
 
 
+def ckpt_label(n: int, layers: int) -> str:
+    return "none" if n <= 0 else ("all" if n >= layers else f"{n}/{layers}")
+
+
 def parse_settings(spec: str):
-    """'mb=8,ckpt=0,backend=grouped;mb=16,...' -> list of dicts."""
+    """'mb=8,ckpt=0,backend=grouped;mb=16,...' -> list of dicts. ckpt = number of layers checkpointed
+    (the first ones; 1 with the stock stack means all), accum = micro-batches per optimizer step."""
     out = []
     for part in filter(None, (s.strip() for s in spec.split(";"))):
         d = {"mb": 8, "accum": 1, "ckpt": 0, "backend": "grouped"}
@@ -265,9 +316,9 @@ def profile_step(model, cfg, s, seq, device, path, seed=0):
     """One profiled training step at setting s; the top CUDA kernels by total time go to `path`."""
     from torch.profiler import ProfilerActivity, profile
     row = Row("profile", cfg.num_hidden_layers, s["mb"], seq, s["accum"])
-    time_mixtune(model, cfg, row, device, s["backend"], bool(s["ckpt"]), 1, 1, seed)
+    time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], 1, 1, seed)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        time_mixtune(model, cfg, row, device, s["backend"], bool(s["ckpt"]), 1, 0, seed)
+        time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], 1, 0, seed)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
     with open(path, "w") as f:
         f.write(table)
@@ -283,9 +334,9 @@ def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed
         build_s = getattr(model, "load_seconds", time.perf_counter() - t0)
         for s in settings:
             row = Row(f"mixtune {label}", layers, s["mb"], rows["seq"], s["accum"],
-                      f"{s['backend']}, ckpt={'layer' if s['ckpt'] else 'none'}", build_s=build_s)
+                      f"{s['backend']}, ckpt={ckpt_label(s['ckpt'], layers)}", build_s=build_s)
             try:
-                time_mixtune(model, c, row, device, s["backend"], bool(s["ckpt"]), steps, warmup, seed)
+                time_mixtune(model, c, row, device, s["backend"], s["ckpt"], steps, warmup, seed)
             except torch.OutOfMemoryError as e:
                 row.error = "OOM: " + str(e).split("\n")[0][:80]
             except RuntimeError as e:
@@ -391,13 +442,17 @@ def main(argv=None, stock_runner=None) -> int:
         print(f"[check] 1-layer model, fast vs reference path: loss rel {mdl['loss_rel']:.2e}, LoRA grads rel "
               f"{mdl['grad_rel']:.2e} ({'PASS' if mdl_ok else 'FAIL'})", flush=True)
         result["check"] = {"moe": moe, "moe_pass": moe_ok, "model": mdl, "model_pass": mdl_ok}
+        if device == "cuda":
+            result["kernels"] = time_kernels(cfg, device)
+            print("[kernels] " + " ".join(f"{kk}={v:.3g}" if isinstance(v, float) else f"{kk}={v}"
+                                          for kk, v in result["kernels"].items()), flush=True)
         ok = moe_ok and mdl_ok
         free(device)
     rows = {"seq": args.seq, "out": []}
     print(HEADER, flush=True)
     if args.cpu_tiny:
         run_settings(cfg, cfg.num_hidden_layers, [dict(mb=2, accum=1, ckpt=0, backend="grouped"),
-                                                  dict(mb=2, accum=1, ckpt=1, backend="reference")],
+                                                  dict(mb=2, accum=1, ckpt=2, backend="reference")],
                      device, 2, 1, {"seq": 64, "out": rows["out"]}, "tiny", args.seed)
     else:
         if settings:
@@ -416,6 +471,9 @@ def main(argv=None, stock_runner=None) -> int:
     print(HEADER)
     for r in rows["out"]:
         print_row(r)
+    from .kernels.moe import FALLBACKS
+    result["grouped_mm_layout_copies"] = dict(FALLBACKS)
+    print(f"grouped_mm calls that needed a layout copy: {FALLBACKS}")
     result["rows"] = [r.__dict__ for r in rows["out"]]
     result["ok"] = ok
     result["seconds"] = round(time.perf_counter() - t_start, 1)

@@ -19,7 +19,7 @@ import torch
 from ..model.nf4 import NF4Weight
 from ._triton import use_triton
 
-BYTES_PER_PROGRAM = 2048  # packed bytes per Triton program = 4096 weights = 64 NF4 blocks
+BLOCKS_PER_PROGRAM = 64  # NF4 blocks (of 64 weights) per Triton program = 4096 weights
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,65 +29,69 @@ def _kernel():
 
     @triton.jit
     def nf4_dequant_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset_ptr, out_ptr,
-                           n_bytes, bytes_per_expert, out_expert_stride, out_offset,
-                           BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        bo = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) byte offsets
-        m = bo < n_bytes
-        b = tl.load(packed_ptr + bo, mask=m, other=0).to(tl.int32)
-        v_hi = tl.load(code_ptr + (b >> 4))  # first element of the pair
-        v_lo = tl.load(code_ptr + (b & 15))
-        blk = bo // 32  # 64 weights = 32 bytes per absmax block
-        a = tl.load(absmax_ptr + blk, mask=m, other=0).to(tl.int32)
-        s = tl.load(code2_ptr + a) * tl.load(absmax2_ptr + blk // 256, mask=m, other=0.0) + tl.load(offset_ptr)
-        vals = tl.reshape(tl.join(v_hi * s, v_lo * s), (2 * BLOCK,))  # (2*BLOCK,) in memory order
-        e = bo // bytes_per_expert  # expert of each byte
-        dst = e * out_expert_stride + out_offset + 2 * (bo - e * bytes_per_expert)
-        dst2 = tl.reshape(tl.join(dst, dst + 1), (2 * BLOCK,))
-        m2 = tl.reshape(tl.join(m, m), (2 * BLOCK,))
-        tl.store(out_ptr + dst2, vals.to(out_ptr.dtype.element_ty), mask=m2)
+                           n_blocks, per_expert, cols, ld, out_expert_stride, out_offset,
+                           R: tl.constexpr):
+        # R blocks of 64 weights per program; a block never crosses a row (cols % 64 == 0)
+        b = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)  # (R,) block ids
+        mb = b < n_blocks
+        a = tl.load(absmax_ptr + b, mask=mb, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + a) * tl.load(absmax2_ptr + b // 256, mask=mb, other=0.0) + tl.load(offset_ptr)
+        byte = b[:, None] * 32 + tl.arange(0, 32)[None, :]  # (R, 32)
+        q = tl.load(packed_ptr + byte, mask=mb[:, None], other=0).to(tl.int32)
+        hi = tl.load(code_ptr + (q >> 4))  # first element of each pair
+        lo = tl.load(code_ptr + (q & 15))
+        v = tl.reshape(tl.join(hi, lo), (R, 64)) * scale[:, None]  # (R, 64) in memory order
+        f = b * 64  # first weight of the block in the source tensor
+        e = f // per_expert
+        rem = f - e * per_expert
+        row = rem // cols
+        dst = e * out_expert_stride + out_offset + row * ld + (rem - row * cols)  # (R,)
+        ptr = dst[:, None] + tl.arange(0, 64)[None, :]
+        tl.store(out_ptr + ptr, v.to(out_ptr.dtype.element_ty), mask=mb[:, None])
 
     return nf4_dequant_kernel
 
 
-def _launch(w: NF4Weight, out: torch.Tensor, per_expert: int, out_expert_stride: int, out_offset: int) -> None:
-    n_bytes = w.packed.numel()
-    grid = (triton_cdiv(n_bytes, BYTES_PER_PROGRAM),)
-    _kernel()[grid](w.packed, w.absmax, w.absmax2, w.code2, w.code, w.offset, out, n_bytes, per_expert // 2,
-                    out_expert_stride, out_offset, BLOCK=BYTES_PER_PROGRAM, num_warps=4)
+def _launch(w: NF4Weight, out: torch.Tensor, per_expert: int, cols: int, ld: int, out_expert_stride: int,
+            out_offset: int) -> None:
+    n_blocks = w.absmax.numel()
+    grid = ((n_blocks + BLOCKS_PER_PROGRAM - 1) // BLOCKS_PER_PROGRAM,)
+    _kernel()[grid](w.packed, w.absmax, w.absmax2, w.code2, w.code, w.offset, out, n_blocks, per_expert, cols, ld,
+                    out_expert_stride, out_offset, R=BLOCKS_PER_PROGRAM, num_warps=4)
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
+def _fits(w) -> bool:
+    return isinstance(w, NF4Weight) and w.shape[-1] % 64 == 0
 
 
 def dequantize_nf4(w, dtype: torch.dtype = torch.bfloat16, triton: bool | None = None) -> torch.Tensor:
     """NF4Weight (or plain tensor) -> dense tensor of w.shape in dtype."""
     if not isinstance(w, NF4Weight):
         return w.to(dtype)
-    if not use_triton(w.packed, triton):
+    if not _fits(w) or not use_triton(w.packed, triton):
         return w.dequantize(dtype)
     out = torch.empty(w.shape, dtype=dtype, device=w.device)
     n = out.numel()
-    _launch(w, out, n, n, 0)
+    _launch(w, out, n, w.shape[-1], w.shape[-1], n, 0)
     return out
 
 
-def dequantize_nf4_stack(ws, dtype: torch.dtype = torch.bfloat16, triton: bool | None = None) -> torch.Tensor:
-    """Weights of shapes (E, O_i, In) -> (E, sum O_i, In), expert e's rows [w_0[e]; w_1[e]; ...].
-
-    With NF4 weights on CUDA each weight is dequantized by one launch straight into its slice."""
+def dequantize_nf4_stack(ws, dtype: torch.dtype = torch.bfloat16, triton: bool | None = None,
+                         rows: int | None = None, cols: int | None = None) -> torch.Tensor:
+    """Weights of shapes (E, O_i, In) -> (E, rows, cols) with expert e's rows [w_0[e]; w_1[e]; ...] in
+    [:sum O_i, :In]. rows >= sum O_i and cols >= In leave room for extra (LoRA) rows/columns, which are
+    left uninitialised for the caller to fill. With NF4 weights on CUDA each weight is one launch."""
     E, In = ws[0].shape[0], ws[0].shape[-1]
-    rows = [w.shape[1] for w in ws]
-    if not all(isinstance(w, NF4Weight) for w in ws) or not use_triton(ws[0].packed, triton):
-        return torch.cat([dequantize_nf4(w, dtype, False) for w in ws], dim=1)
-    out = torch.empty(E, sum(rows), In, dtype=dtype, device=ws[0].device)  # (E, sum O_i, In)
-    stride = sum(rows) * In
+    heights = [w.shape[1] for w in ws]
+    rows = rows or sum(heights)
+    cols = cols or In
+    dev = ws[0].device
+    out = torch.empty(E, rows, cols, dtype=dtype, device=dev)  # (E, rows, cols)
     off = 0
-    for w, r in zip(ws, rows):
-        per = r * In
-        if per % 2:
-            raise ValueError("NF4 expert slices must hold an even number of weights")
-        _launch(w, out, per, stride, off)
-        off += per
+    for w, h in zip(ws, heights):
+        if _fits(w) and use_triton(w.packed, triton):
+            _launch(w, out, h * In, In, cols, rows * cols, off * cols)
+        else:
+            out[:, off:off + h, :In] = dequantize_nf4(w, dtype, False)
+        off += h
     return out

@@ -13,6 +13,13 @@ Same function as `reference.moe_experts_reference` (the ground truth). Steps, wi
   out[n] = sum_j topk_weight[n, j] * y[assignment (n, j)]
 Saved for backward: x, h13 (or nothing, with save_h=False: then h13 is recomputed, trading one w1|w3 grouped
 product for (M, 2I) of memory), y (for d topk_weight), the LoRA inner products (M, r). Never the weights.
+
+LoRA rides inside the big products by widening the contraction (no (M, I) adds, no B·A):
+  h13 = [xs | s·u1 | s·u3] @ [[W1 | B1 | 0], [W3 | 0 | B3]]^T        with u = xs @ A^T          (K = H + 2r)
+  y   = [g | s·u2] @ [W2 | B2]^T                                      with u2 = g @ A2^T         (K = I + r)
+  dg  = [dy | du2] @ [W2; A2]                                         with du2 = s·dy @ B2
+  dxs = [dh13 | du13] @ [W13; A13]                                    with du13 = s·dh13 @ blockdiag(B1, B3)
+The dequantization kernel writes the frozen weights straight into the widened buffers.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from .dequant import dequantize_nf4, dequantize_nf4_stack
 from .swiglu import swiglu_backward, swiglu_forward
 
 _GMM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+FALLBACKS = {"grouped_mm": 0, "grouped_mm_k": 0}  # times a layout had to be copied to suit the kernel
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -33,6 +41,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     try:
         return _GMM(a, b, offs=offs)
     except RuntimeError:
+        FALLBACKS["grouped_mm"] += 1
         return _GMM(a.contiguous(), b.contiguous(), offs=offs)
 
 
@@ -43,6 +52,7 @@ def grouped_mm_k(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.
     try:
         return _GMM(a, b, offs=offs)
     except RuntimeError:  # the CUDA kernel wants the summed (M) dimension contiguous in both operands
+        FALLBACKS["grouped_mm_k"] += 1
         return _GMM(a.contiguous(), b.t().contiguous().t(), offs=offs)
 
 
@@ -61,6 +71,49 @@ def _grouped_mm_loop(a, b, offs):
 _NAMES = ("w1", "w3", "w2")
 
 
+def _sort(topk_idx, E):
+    """-> order (M,) assignment ids sorted by expert, offs (E,) int32 cumulative counts (no host sync)."""
+    flat = topk_idx.reshape(-1)  # (M,)
+    order = torch.argsort(flat, stable=True)
+    bounds = torch.arange(E, device=flat.device, dtype=flat.dtype)
+    offs = torch.searchsorted(flat[order], bounds, right=True).to(torch.int32)  # (E,)
+    return order, offs
+
+
+def _cat_lora(lc, n1, n3, dim):
+    """A13 = [A1; A3] along the rank dim (zeros where a matrix has no LoRA)."""
+    ref = lc[n1][0] if n1 in lc else lc[n3][0]
+    a1 = lc[n1][0] if n1 in lc else torch.zeros_like(ref)
+    a3 = lc[n3][0] if n3 in lc else torch.zeros_like(ref)
+    return torch.cat([a1, a3], dim=dim)
+
+
+def _bblk(lc, E, I, r, dt, dev):
+    """blockdiag(B1, B3): (E, 2I, 2r), zeros where a matrix has no LoRA."""
+    out = torch.zeros(E, 2 * I, 2 * r, dtype=dt, device=dev)
+    if "w1" in lc:
+        out[:, :I, :r] = lc["w1"][1]
+    if "w3" in lc:
+        out[:, I:, r:] = lc["w3"][1]
+    return out
+
+
+def _up(xs, offs, w1, w3, lc, s, I, dt):
+    """h13 = xs @ [w1; w3]^T + LoRA, (M, 2I); also u13 = xs @ [A1; A3]^T (M, 2r) or None."""
+    E, H = w1.shape[0], w1.shape[-1]
+    if "w1" not in lc and "w3" not in lc:
+        W13 = dequantize_nf4_stack([w1, w3], dt)  # (E, 2I, H)
+        return grouped_mm(xs, W13.transpose(1, 2), offs), None
+    A13 = _cat_lora(lc, "w1", "w3", 1)  # (E, 2r, H)
+    r = A13.shape[1] // 2
+    u13 = grouped_mm(xs, A13.transpose(1, 2), offs)  # (M, 2r)
+    xa = torch.cat([xs, u13 * s], dim=1)  # (M, H + 2r)
+    Wa = dequantize_nf4_stack([w1, w3], dt, cols=H + 2 * r)  # (E, 2I, H + 2r), LoRA columns next
+    Wa[:, :, H:] = _bblk(lc, E, I, r, dt, xs.device)
+    h13 = grouped_mm(xa, Wa.transpose(1, 2), offs)  # (M, 2I)
+    return h13, u13
+
+
 class _GroupedMoE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_weight, topk_idx, w1, w3, w2, scaling, save_h, *ab):
@@ -69,40 +122,49 @@ class _GroupedMoE(torch.autograd.Function):
         k = topk_idx.shape[1]
         E, I = w1.shape[0], w1.shape[1]
         dt = x.dtype
-        flat = topk_idx.reshape(-1)  # (M,)
-        order = torch.argsort(flat, stable=True)  # (M,) assignment ids sorted by expert
+        s = scaling
+        order, offs = _sort(topk_idx, E)
         tok = order // k  # (M,) token of each sorted assignment
-        offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)  # (E,)
+        M = order.numel()
         lora = {n: (ab[2 * i], ab[2 * i + 1]) for i, n in enumerate(_NAMES) if ab[2 * i] is not None}
         lc = {n: (A.to(dt), B.to(dt)) for n, (A, B) in lora.items()}  # compute-dtype copies (small)
 
         xs = x[tok]  # (M, H)
-        h13, us = _up(xs, offs, w1, w3, lc, scaling, I, dt)
-        g = swiglu_forward(h13)  # (M, I)
-        W2 = dequantize_nf4(w2, dt)  # (E, H, I)
-        y = grouped_mm(g, W2.transpose(1, 2), offs)  # (M, H)
-        del W2
+        h13, u13 = _up(xs, offs, w1, w3, lc, s, I, dt)
+        del xs
         if "w2" in lc:
-            A, B = lc["w2"]
-            us["w2"] = grouped_mm(g, A.transpose(1, 2), offs)  # (M, r)
-            y.add_(grouped_mm(us["w2"], B.transpose(1, 2), offs), alpha=scaling)
+            A2, B2 = lc["w2"]
+            r2 = A2.shape[1]
+            ga = torch.empty(M, I + r2, dtype=dt, device=x.device)  # [g | s·u2]
+            g = swiglu_forward(h13, out=ga[:, :I])  # (M, I) view
+            u2 = grouped_mm(g, A2.transpose(1, 2), offs)  # (M, r)
+            ga[:, I:] = u2 * s
+            W2a = dequantize_nf4_stack([w2], dt, cols=I + r2)  # (E, H, I + r)
+            W2a[:, :, I:] = B2
+            y = grouped_mm(ga, W2a.transpose(1, 2), offs)  # (M, H)
+            del ga, g, W2a
+        else:
+            u2 = None
+            g = swiglu_forward(h13)  # (M, I)
+            W2 = dequantize_nf4(w2, dt)  # (E, H, I)
+            y = grouped_mm(g, W2.transpose(1, 2), offs)  # (M, H)
+            del g, W2
         inv = torch.empty_like(order)
-        inv[order] = torch.arange(order.numel(), device=order.device)  # sorted position of assignment
+        inv[order] = torch.arange(M, device=order.device)  # sorted position of each assignment
         out = torch.bmm(topk_weight.to(dt).view(N, 1, k), y[inv].view(N, k, H)).view(N, H)
 
-        ctx.meta = (w1, w3, w2, scaling, save_h, I, k, list(lora), [(A.dtype, B.dtype) for A, B in lora.values()])
-        ctx.save_for_backward(x, topk_weight, order, inv, offs, h13 if save_h else None, y,
-                              *[us[n] for n in lora], *[t for n in lora for t in lc[n]])
+        ctx.meta = (w1, w3, w2, s, save_h, I, k, list(lora), {n: (A.dtype, B.dtype) for n, (A, B) in lora.items()})
+        ctx.save_for_backward(x, topk_weight, order, inv, offs, h13 if save_h else None, y, u13, u2,
+                              *[t for n in lora for t in lc[n]])
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        w1, w3, w2, s, save_h, I, k, names, pdtypes = ctx.meta
-        x, topk_weight, order, inv, offs, h13, y, *rest = ctx.saved_tensors
-        nl = len(names)
-        us = dict(zip(names, rest[:nl]))
-        lc = {n: (rest[nl + 2 * i], rest[nl + 2 * i + 1]) for i, n in enumerate(names)}
+        w1, w3, w2, s, save_h, I, k, names, pdt = ctx.meta
+        x, topk_weight, order, inv, offs, h13, y, u13, u2, *rest = ctx.saved_tensors
+        lc = {n: (rest[2 * i], rest[2 * i + 1]) for i, n in enumerate(names)}
         N, H = x.shape
+        E = w1.shape[0]
         M = order.numel()
         dt = x.dtype
         tok = order // k
@@ -110,60 +172,67 @@ class _GroupedMoE(torch.autograd.Function):
         xs = x[tok]  # (M, H)
         if h13 is None:
             h13, _ = _up(xs, offs, w1, w3, lc, s, I, dt)
-        ds = dout[tok]  # (M, H) output grad of each sorted assignment
+        ds = dout[tok]  # (M, H) output gradient of each sorted assignment
         # d topk_weight[n, j] = <dout[n], y[assignment]>, accumulated in fp32
         dws = torch.bmm(ds.view(M, 1, H), y.view(M, H, 1)).view(M)
         dtw = dws[inv].view(N, k).to(topk_weight.dtype)
-        dy = ds.mul_(topk_weight.reshape(-1)[order].to(dt)[:, None])  # (M, H)
+        wsort = topk_weight.reshape(-1)[order].to(dt)[:, None]  # (M, 1)
         grads = {}
-        W2 = dequantize_nf4(w2, dt)  # (E, H, I)
-        dg = grouped_mm(dy, W2, offs)  # (M, I)
-        del W2
+        # ---- w2:  dg = [dy | du2] @ [W2; A2]
         if "w2" in lc:
-            A, B = lc["w2"]
-            du = grouped_mm(dy, B, offs).mul_(s)  # (M, r)
+            A2, B2 = lc["w2"]
+            r2 = A2.shape[1]
+            ya = torch.empty(M, H + r2, dtype=dt, device=x.device)
+            dy = torch.mul(ds, wsort, out=ya[:, :H])  # (M, H) view
+            du2 = grouped_mm(dy, B2, offs).mul_(s)  # (M, r)
+            ya[:, H:] = du2
+            W2b = dequantize_nf4_stack([w2], dt, rows=H + r2)  # (E, H + r, I)
+            W2b[:, H:] = A2
+            dg = grouped_mm(ya, W2b, offs)  # (M, I)
+            del W2b
             g = swiglu_forward(h13)  # (M, I)
-            grads["w2"] = (grouped_mm_k(du.t(), g, offs),  # dA (E, r, I)
-                           grouped_mm_k(dy.t(), us["w2"], offs).mul_(s))  # dB (E, H, r)
-            del g
-            dg.add_(grouped_mm(du, A, offs))
-        dh13 = swiglu_backward(h13, dg)  # (M, 2I)
-        del dg, h13
-        W13 = dequantize_nf4_stack([w1, w3], dt)  # (E, 2I, H)
-        dxs = grouped_mm(dh13, W13, offs)  # (M, H)
-        del W13
-        for n, sl in (("w1", slice(0, I)), ("w3", slice(I, 2 * I))):
-            if n not in lc:
-                continue
-            A, B = lc[n]
-            dh = dh13[:, sl]  # (M, I)
-            du = grouped_mm(dh, B, offs).mul_(s)  # (M, r)
-            grads[n] = (grouped_mm_k(du.t(), xs, offs),  # dA (E, r, H)
-                        grouped_mm_k(dh.t(), us[n], offs).mul_(s))  # dB (E, I, r)
-            dxs.add_(grouped_mm(du, A, offs))
+            grads["w2"] = (grouped_mm_k(du2.t(), g, offs),  # dA2 (E, r, I)
+                           grouped_mm_k(u2.t(), dy, offs).mul_(s).transpose(1, 2))  # dB2 (E, H, r)
+            del g, ya, dy
+        else:
+            dy = ds.mul_(wsort)
+            W2 = dequantize_nf4(w2, dt)  # (E, H, I)
+            dg = grouped_mm(dy, W2, offs)  # (M, I)
+            del W2, dy
+        del ds
+        # ---- w1/w3:  dxs = [dh13 | du13] @ [W13; A13]
+        if u13 is None:
+            dh13 = swiglu_backward(h13, dg)  # (M, 2I)
+            del dg, h13
+            W13 = dequantize_nf4_stack([w1, w3], dt)  # (E, 2I, H)
+            dxs = grouped_mm(dh13, W13, offs)  # (M, H)
+            del W13
+        else:
+            r = u13.shape[1] // 2
+            dha = torch.empty(M, 2 * I + 2 * r, dtype=dt, device=x.device)
+            dh13 = swiglu_backward(h13, dg, out=dha[:, :2 * I])  # (M, 2I) view
+            del dg, h13
+            du13 = grouped_mm(dh13, _bblk(lc, E, I, r, dt, x.device), offs).mul_(s)  # (M, 2r)
+            dha[:, 2 * I:] = du13
+            Wb = dequantize_nf4_stack([w1, w3], dt, rows=2 * I + 2 * r)  # (E, 2I + 2r, H)
+            Wb[:, 2 * I:] = _cat_lora(lc, "w1", "w3", 1)
+            dxs = grouped_mm(dha, Wb, offs)  # (M, H)
+            del Wb
+            dA13 = grouped_mm_k(du13.t(), xs, offs)  # (E, 2r, H)
+            dBt = grouped_mm_k(u13.t(), dh13, offs).mul_(s)  # (E, 2r, 2I): [u1|u3]^T [dh1|dh3]
+            if "w1" in lc:
+                grads["w1"] = (dA13[:, :r], dBt[:, :r, :I].transpose(1, 2))
+            if "w3" in lc:
+                grads["w3"] = (dA13[:, r:], dBt[:, r:, I:].transpose(1, 2))
+            del dha, dh13
         dx = dxs[inv].view(N, k, H).sum(1)  # (N, H)
         ab_grads = []
-        pdt = dict(zip(names, pdtypes))
         for n in _NAMES:
             if n in grads:
-                ab_grads += [grads[n][0].to(pdt[n][0]), grads[n][1].to(pdt[n][1])]
+                ab_grads += [grads[n][0].to(pdt[n][0]).contiguous(), grads[n][1].to(pdt[n][1]).contiguous()]
             else:
                 ab_grads += [None, None]
         return (dx, dtw, None, None, None, None, None, None, *ab_grads)
-
-
-def _up(xs, offs, w1, w3, lc, s, I, dt):
-    """h13 = xs @ [w1; w3]^T + LoRA, (M, 2I); also the LoRA inner products u = xs @ A^T (M, r)."""
-    W13 = dequantize_nf4_stack([w1, w3], dt)  # (E, 2I, H)
-    h13 = grouped_mm(xs, W13.transpose(1, 2), offs)  # (M, 2I)
-    del W13
-    us = {}
-    for n, sl in (("w1", slice(0, I)), ("w3", slice(I, 2 * I))):
-        if n in lc:
-            A, B = lc[n]
-            us[n] = grouped_mm(xs, A.transpose(1, 2), offs)  # (M, r)
-            h13[:, sl].add_(grouped_mm(us[n], B.transpose(1, 2), offs), alpha=s)
-    return h13, us
 
 
 def moe_experts_grouped(x, topk_idx, topk_weight, w1, w3, w2, lora=None, save_h: bool = True):

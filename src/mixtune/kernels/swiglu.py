@@ -24,17 +24,17 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def fwd(h_ptr, g_ptr, I, BLOCK: tl.constexpr):
+    def fwd(h_ptr, g_ptr, I, g_ld, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = col < I
         h1 = tl.load(h_ptr + row * 2 * I + col, mask=m, other=0.0).to(tl.float32)
         h3 = tl.load(h_ptr + row * 2 * I + I + col, mask=m, other=0.0).to(tl.float32)
         g = h1 * tl.sigmoid(h1) * h3
-        tl.store(g_ptr + row * I + col, g.to(g_ptr.dtype.element_ty), mask=m)
+        tl.store(g_ptr + row * g_ld + col, g.to(g_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def bwd(h_ptr, dg_ptr, dh_ptr, I, BLOCK: tl.constexpr):
+    def bwd(h_ptr, dg_ptr, dh_ptr, I, dh_ld, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = col < I
@@ -44,33 +44,48 @@ def _kernels():
         s = tl.sigmoid(h1)
         dh3 = dg * h1 * s
         dh1 = dg * h3 * s * (1.0 + h1 * (1.0 - s))
-        tl.store(dh_ptr + row * 2 * I + col, dh1.to(dh_ptr.dtype.element_ty), mask=m)
-        tl.store(dh_ptr + row * 2 * I + I + col, dh3.to(dh_ptr.dtype.element_ty), mask=m)
+        tl.store(dh_ptr + row * dh_ld + col, dh1.to(dh_ptr.dtype.element_ty), mask=m)
+        tl.store(dh_ptr + row * dh_ld + I + col, dh3.to(dh_ptr.dtype.element_ty), mask=m)
 
     return fwd, bwd
 
 
-def swiglu_forward(h13: torch.Tensor, triton: bool | None = None) -> torch.Tensor:
+def _rowmajor(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1 and t.stride(0) >= t.shape[1]
+
+
+def swiglu_forward(h13: torch.Tensor, triton: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """h13 (M, 2I) -> g (M, I); `out` may be a row-strided (M, I) view (e.g. the left part of a wider buffer)."""
     M, I2 = h13.shape
     I = I2 // 2
-    if not use_triton(h13, triton) or M == 0:
-        return F.silu(h13[:, :I].float()).mul_(h13[:, I:].float()).to(h13.dtype)
+    if not use_triton(h13, triton) or M == 0 or (out is not None and not _rowmajor(out)):
+        g = F.silu(h13[:, :I].float()).mul_(h13[:, I:].float()).to(h13.dtype)
+        if out is None:
+            return g
+        out.copy_(g)
+        return out
     h13 = h13.contiguous()
-    g = torch.empty(M, I, dtype=h13.dtype, device=h13.device)
-    _kernels()[0][(M, (I + BLOCK - 1) // BLOCK)](h13, g, I, BLOCK=BLOCK, num_warps=4)
+    g = torch.empty(M, I, dtype=h13.dtype, device=h13.device) if out is None else out
+    _kernels()[0][(M, (I + BLOCK - 1) // BLOCK)](h13, g, I, g.stride(0), BLOCK=BLOCK, num_warps=4)
     return g
 
 
-def swiglu_backward(h13: torch.Tensor, dg: torch.Tensor, triton: bool | None = None) -> torch.Tensor:
+def swiglu_backward(h13: torch.Tensor, dg: torch.Tensor, triton: bool | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """-> dh13 (M, 2I) = [dL/dh1 | dL/dh3]; `out` may be a row-strided (M, 2I) view."""
     M, I2 = h13.shape
     I = I2 // 2
-    if not use_triton(h13, triton) or M == 0:
+    if not use_triton(h13, triton) or M == 0 or (out is not None and not _rowmajor(out)):
         h1, h3, d = h13[:, :I].float(), h13[:, I:].float(), dg.float()
         s = torch.sigmoid(h1)
         dh3 = d * h1 * s
         dh1 = d * h3 * s * (1 + h1 * (1 - s))
-        return torch.cat([dh1, dh3], dim=1).to(h13.dtype)  # (M, 2I)
+        dh = torch.cat([dh1, dh3], dim=1).to(h13.dtype)  # (M, 2I)
+        if out is None:
+            return dh
+        out.copy_(dh)
+        return out
     h13, dg = h13.contiguous(), dg.contiguous()
-    dh = torch.empty_like(h13)
-    _kernels()[1][(M, (I + BLOCK - 1) // BLOCK)](h13, dg, dh, I, BLOCK=BLOCK, num_warps=4)
+    dh = torch.empty_like(h13) if out is None else out
+    _kernels()[1][(M, (I + BLOCK - 1) // BLOCK)](h13, dg, dh, I, dh.stride(0), BLOCK=BLOCK, num_warps=4)
     return dh
