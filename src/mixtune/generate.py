@@ -61,7 +61,8 @@ def generate(model: MixtralForCausalLM, prompt_ids: list[list[int]], *, max_new_
     lens = [len(p) for p in prompt_ids]
     lo, hi = min(lens), max(lens)
     total = hi + max_new_tokens
-    tokens = torch.full((B, total), eos, dtype=torch.long, device=device)  # (B, total) prompt + generated
+    fill = eos if eos >= 0 else 0  # what finished rows keep feeding (ignored); eos_id=-1 means "never stop"
+    tokens = torch.full((B, total), fill, dtype=torch.long, device=device)  # (B, total) prompt + generated
     for i, p in enumerate(prompt_ids):
         tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
     plen = torch.tensor(lens, device=device)  # (B,)
@@ -79,7 +80,7 @@ def generate(model: MixtralForCausalLM, prompt_ids: list[list[int]], *, max_new_
             nxt = sample_next(logits, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
                               generator=gen)  # (B,)
             in_prompt = pos < plen  # rows still reading their prompt keep its token
-            nxt = torch.where(in_prompt, tokens[:, pos], torch.where(done, torch.full_like(nxt, eos), nxt))
+            nxt = torch.where(in_prompt, tokens[:, pos], torch.where(done, torch.full_like(nxt, fill), nxt))
             tokens[:, pos] = nxt
             done = done | (~in_prompt & (nxt == eos))
             # every row has produced its max_new_tokens (or stopped): nothing left to decide
