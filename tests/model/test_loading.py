@@ -175,7 +175,8 @@ def test_hub_ids_go_through_snapshot_download(monkeypatch, tiny_ckpt):
     assert resolve_model_path("someone/tiny-mixtral", cache_dir="/tmp/c", revision="abc") == tiny_ckpt
     repo, kw = calls[0]
     assert repo == "someone/tiny-mixtral" and kw["revision"] == "abc"
-    assert set(kw["allow_patterns"]) == {"*.json", "*.safetensors", "tokenizer.model"}
+    # HF weights only: never a repo's duplicate consolidated.safetensors (Mistral format)
+    assert set(kw["allow_patterns"]) == {"*.json", "model*.safetensors", "tokenizer.model"}
 
     def offline(repo_id, **kw):
         raise OSError("Cannot reach https://huggingface.co\nsecond line")

@@ -74,7 +74,7 @@ def resolve_model_path(name_or_path: str, cache_dir: str = "", revision: Optiona
     """A local directory holding config.json + safetensors for `name_or_path`.
 
     "" = the embedded tiny random Mixtral, built once into <cache>/tiny-mixtral-v1; an existing directory is
-    used as is; "owner/name" is downloaded from the Hugging Face Hub (json, safetensors, tokenizer.model)."""
+    used as is; "owner/name" is downloaded from the Hugging Face Hub (*.json, model*.safetensors, tokenizer.model)."""
     if not name_or_path:
         root = default_cache_dir(cache_dir)
         path = os.path.join(root, TINY_NAME)
@@ -113,7 +113,7 @@ def _download(repo_id: str, cache_dir: str, revision: Optional[str], need_weight
         from huggingface_hub import snapshot_download
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise CheckpointError(f"{repo_id!r} is not a local directory and huggingface_hub is missing: {e}")
-    patterns = ["*.json", "*.safetensors", "tokenizer.model"] if need_weights else ["*.json", "tokenizer.model"]
+    patterns = ["*.json", "model*.safetensors", "tokenizer.model"] if need_weights else ["*.json", "tokenizer.model"]
     try:
         path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                  cache_dir=os.path.join(default_cache_dir(cache_dir), "hub"))
