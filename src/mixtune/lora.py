@@ -120,7 +120,7 @@ class ExpertLoRA(nn.Module):
         super().__init__()
         E, H, I = experts.num_experts, experts.hidden_size, experts.intermediate_size
         self.num_experts, self.r, self.alpha, self.scaling = E, r, float(alpha), float(alpha) / r
-        device = _weight_device(experts.w1)
+        device = experts.w1.device  # a Parameter or an NF4Weight
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
         for name in EXPERT_NAMES:
@@ -144,14 +144,6 @@ class ExpertLoRA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"targets={list(self.A.keys())}, experts={self.num_experts}, r={self.r}, alpha={self.alpha:g}"
-
-
-def _weight_device(w) -> torch.device:
-    return w.device
-
-
-def _numel(w) -> int:
-    return math.prod(w.shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,7 +264,7 @@ def count_params(model: nn.Module) -> tuple[int, int, int]:
             packed += n
     for path, mod in model.named_modules():
         if isinstance(mod, NF4Weight):
-            n = _numel(mod)
+            n = math.prod(mod.shape)
             total += n
             packed += n if _is_packed(path) else 0
     return trainable, total, packed
