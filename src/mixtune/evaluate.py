@@ -61,17 +61,22 @@ def evaluate_loss(model, rows: list, batch_size: int, *, autocast: bool = False,
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list[str], gen_cfg, *, max_new_tokens: Optional[int] = None,
+def generate_texts(model, tokenizer, prompts: list, gen_cfg, *, max_new_tokens: Optional[int] = None,
                    greedy: Optional[bool] = None) -> list[dict[str, Any]]:
-    """Continue each prompt text (already formatted, e.g. PreparedData.eval_examples' "prompt"; bos is
-    prepended here) with `mixtune.generate.generate` and gen_cfg's decoding settings.
+    """Continue each prompt with `mixtune.generate.generate` and gen_cfg's decoding settings. A prompt is a
+    formatted text (bos is prepended here) or an example dict with "prompt" and "prompt_ids" (the exact ids
+    the model saw in training, e.g. PreparedData.eval_examples).
 
     Returns [{"prompt", "text", "token_ids"}] (token_ids: the new ids, eos included if emitted)."""
     from .generate import generate
 
     out = []
     for p in prompts:
-        ids = tokenizer.encode(p, bos=True)
+        if isinstance(p, dict):
+            ids = list(p.get("prompt_ids") or tokenizer.encode(p["prompt"], bos=True))
+            p = p["prompt"]
+        else:
+            ids = tokenizer.encode(p, bos=True)
         new = generate(model, [ids],
                        max_new_tokens=gen_cfg.max_new_tokens if max_new_tokens is None else max_new_tokens,
                        greedy=gen_cfg.greedy if greedy is None else greedy, temperature=gen_cfg.temperature,

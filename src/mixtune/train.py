@@ -82,9 +82,9 @@ def warmup_steps(cfg: Config, total: int) -> int:
 
 
 def batches_per_epoch(rows: list, batch_size: int) -> int:
-    """Micro-batches iterate_batches yields over one epoch of `rows`."""
-    from .data import iterate_batches
-    return sum(1 for _ in iterate_batches(rows, batch_size, shuffle=False, seed=0))
+    """Micro-batches iterate_batches yields over one epoch of `rows` (the last one may be smaller)."""
+    from .data import num_batches
+    return num_batches(len(rows), batch_size)
 
 
 def total_optimizer_steps(cfg: Config, n_rows: int, per_epoch: Optional[int] = None) -> int:
@@ -213,11 +213,11 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     eval_bs = t.per_device_eval_batch_size
     eval_before = evaluate_loss(model, data.eval_rows, eval_bs, autocast=bf16) if data.eval_rows else None
     examples = list(data.eval_examples[: t.generate_after])
-    before = generate_texts(model, tokenizer, [e["prompt"] for e in examples], cfg.generate) if examples else []
+    before = generate_texts(model, tokenizer, examples, cfg.generate) if examples else []
 
     # 4. optimizer over the adapter only, schedule
     micro_bs, accum = t.per_device_train_batch_size, t.gradient_accumulation_steps
-    per_epoch = batches_per_epoch(data.train_rows, micro_bs) if t.max_steps <= 0 else None
+    per_epoch = batches_per_epoch(data.train_rows, micro_bs)
     total = total_optimizer_steps(cfg, len(data.train_rows), per_epoch)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   eps=t.adam_epsilon, weight_decay=t.weight_decay)
@@ -297,8 +297,8 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
         if step % t.logging_steps == 0 or step == total:
             dt = max(1e-9, time.time() - win_t0)
             tokens_seen += win_tokens_in
-            rec = {"kind": "train", "step": step, "epoch": round(epoch + consumed / per_epoch, 4) if per_epoch
-                   else epoch, "loss": win_loss / max(1, win_tok), "lr": lr, "grad_norm": grad_norm,
+            rec = {"kind": "train", "step": step, "epoch": round(epoch + consumed / max(1, per_epoch), 4),
+                   "loss": win_loss / max(1, win_tok), "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": win_tokens_in / dt, "tokens_seen": tokens_seen}
             if win_aux:
                 rec["aux_loss"] = win_aux / t.logging_steps
@@ -333,7 +333,7 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     metrics.close()
     adapter_dir = os.path.join(out_dir, "adapter")
     save_adapter(model, adapter_dir, cfg.lora, base_name)
-    after = generate_texts(model, tokenizer, [e["prompt"] for e in examples], cfg.generate) if examples else []
+    after = generate_texts(model, tokenizer, examples, cfg.generate) if examples else []
     gens = [{"prompt": e["prompt"], "reference": e.get("reference", ""), "before": b["text"], "after": a["text"]}
             for e, b, a in zip(examples, before, after)]
     with open(os.path.join(out_dir, "generations.jsonl"), "w") as fh:

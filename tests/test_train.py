@@ -1,0 +1,89 @@
+"""The training recipe: kill-and-resume reaches the same adapter as one uninterrupted run; a fresh run
+refuses a directory with checkpoints; accumulation normalises by the step's tokens."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mixtune import checkpoint as ckpt
+from mixtune import train
+from mixtune.config import load_config
+
+FAST = ["--train.max_steps", "6", "--train.save_steps", "2", "--train.eval_steps", "0",
+        "--train.generate_after", "0", "--train.tensorboard", "false", "--train.progress", "false",
+        "--train.logging_steps", "1", "--data.max_seq_length", "128", "--train.per_device_train_batch_size", "2",
+        "--train.gradient_accumulation_steps", "2", "--lora.dropout", "0.1", "--lora.r", "4",
+        "--train.router_aux_loss_coef", "0.01"]
+
+
+DATA: list = []
+FAST = FAST + DATA
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def _cfg(out_dir, *extra):
+    return load_config(None, FAST + ["--train.output_dir", str(out_dir), *extra])
+
+
+def test_kill_and_resume_gives_the_same_adapter(tmp_path):
+    full = tmp_path / "full"
+    train.main(_cfg(full))
+
+    part = tmp_path / "part"
+
+    def kill_at_3(step):
+        if step == 3:
+            raise Killed("simulated kill after step 3")
+
+    with pytest.raises(Killed):
+        train.main(_cfg(part), on_step=kill_at_3)
+    assert [s for s, _ in ckpt.list_checkpoints(str(part))] == [2]
+    # the kill also left a checkpoint half-written (no completion marker): it must never be loaded
+    half = part / "checkpoints" / "step-4"
+    half.mkdir()
+    (half / "trainable.safetensors").write_bytes(b"not a tensor file")
+    assert ckpt.find_latest_checkpoint(str(part)).endswith("step-2")
+
+    # a fresh run into that directory is refused with a clear message
+    with pytest.raises(ckpt.CheckpointError, match="--resume"):
+        train.main(_cfg(part))
+
+    result = train.main(_cfg(part, "--train.resume", "auto"))
+    assert result["steps"] == 6
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(part / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    # the metrics of the resumed run continue the killed one without duplicates
+    steps = [r["step"] for r in train._read_jsonl(str(part / "metrics.jsonl")) if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert os.path.exists(part / "checkpoints" / "step-6" / ckpt.MARKER)
+
+
+def test_same_seed_same_loss_curve(tmp_path):
+    r1 = train.main(_cfg(tmp_path / "a", "--train.max_steps", "2", "--train.save_steps", "0"))
+    r2 = train.main(_cfg(tmp_path / "b", "--train.max_steps", "2", "--train.save_steps", "0"))
+    l1 = [r["loss"] for r in train._read_jsonl(str(tmp_path / "a" / "metrics.jsonl")) if r["kind"] == "train"]
+    l2 = [r["loss"] for r in train._read_jsonl(str(tmp_path / "b" / "metrics.jsonl")) if r["kind"] == "train"]
+    assert l1 == l2 and r1["eval_loss"] == r2["eval_loss"]
+
+
+def test_schedule_and_step_planning():
+    cfg = load_config(None, ["--train.max_steps", "-1", "--train.num_train_epochs", "2",
+                             "--train.gradient_accumulation_steps", "3"])
+    assert train.total_optimizer_steps(cfg, 100, per_epoch=25) == 17  # ceil(2 * 25 / 3)
+    assert train.warmup_steps(cfg, 100) == 5  # ceil(0.05 * 100)
+    f = train.lr_lambda("cosine", 5, 100)
+    assert f(4) < 1.0 and f(5) == pytest.approx(1.0) and f(100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_label_tokens_match_the_shifted_loss():
+    labels = torch.tensor([[-100, 5, 6, -100], [1, 2, -100, 3]])
+    # position t predicts labels[t + 1]: the first label of each row is never a target
+    assert train.label_tokens({"labels": labels}) == 4
