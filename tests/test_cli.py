@@ -74,3 +74,16 @@ def test_bench_verb_is_wired_or_says_why(capsys, monkeypatch):
         seen = []
         monkeypatch.setattr(bench, "main", lambda argv: seen.append(argv) or 0)
         assert cli.main(["bench", "--x", "1"]) == 0 and seen == [["--x", "1"]]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as fh:
+        readme = fh.read()
+    with open(os.path.join(root, ".ci", "run")) as fh:
+        ci = fh.read()
+    m = re.search(r'^TEST_COMMAND="(.+)"$', ci, re.M)
+    assert m and m.group(1) in readme and "torch==2.13.0" in ci and "torch==2.13.0" in readme
+    assert os.access(os.path.join(root, ".ci", "run"), os.X_OK)
