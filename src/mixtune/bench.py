@@ -174,8 +174,19 @@ def time_kernels(cfg: MixtralConfig, device, reps: int = 10) -> dict:
             ts.append(a.elapsed_time(b))
         return sorted(ts)[len(ts) // 2]
 
-    out = {"dequant_w13_ms": t(lambda: dequantize_nf4_stack(w[:2], torch.bfloat16)),
+    from .kernels import dequant
+    sweep = {}
+    for R, nw in ((32, 4), (64, 4), (64, 8), (128, 8), (128, 4)):  # pick the dequant tile for this GPU
+        dequant.CONFIG.update(R=R, num_warps=nw)
+        sweep[f"R{R}w{nw}"] = t(lambda: dequantize_nf4(w[0], torch.bfloat16))
+    best = min(sweep, key=sweep.get)
+    dequant.CONFIG.update(R=int(best[1:best.index("w")]), num_warps=int(best[best.index("w") + 1:]))
+    out = {"dequant_sweep_ms": sweep, "dequant_config": dict(dequant.CONFIG),
+           "dequant_w13_ms": t(lambda: dequantize_nf4_stack(w[:2], torch.bfloat16)),
            "dequant_one_ms": t(lambda: dequantize_nf4(w[0], torch.bfloat16))}
+    ref = w[0].dequantize(torch.bfloat16)
+    out["dequant_exact"] = bool(torch.equal(dequantize_nf4(w[0], torch.bfloat16), ref))
+    del ref
     try:
         import bitsandbytes.functional as bf
         qs = w[0].bnb_quant_state()
@@ -444,9 +455,10 @@ def main(argv=None, stock_runner=None) -> int:
         result["check"] = {"moe": moe, "moe_pass": moe_ok, "model": mdl, "model_pass": mdl_ok}
         if device == "cuda":
             result["kernels"] = time_kernels(cfg, device)
+            ok = ok and result["kernels"]["dequant_exact"]
             print("[kernels] " + " ".join(f"{kk}={v:.3g}" if isinstance(v, float) else f"{kk}={v}"
                                           for kk, v in result["kernels"].items()), flush=True)
-        ok = moe_ok and mdl_ok
+        ok = ok and moe_ok and mdl_ok
         free(device)
     rows = {"seq": args.seq, "out": []}
     print(HEADER, flush=True)

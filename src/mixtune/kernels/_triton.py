@@ -1,7 +1,7 @@
 """Optional Triton support: one place that decides whether a Triton kernel may run on a tensor.
 
 Triton kernels are built lazily (first use), so a test can set `TRITON_INTERPRET=1` before calling them and
-run them on CPU tensors through Triton's interpreter. Without Triton every op falls back to PyTorch.
+run them on CPU tensors through Triton's interpreter (passing triton=True). Without Triton every op falls back to PyTorch.
 """
 
 from __future__ import annotations
@@ -26,10 +26,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+FORCE: bool | None = None  # tests set True (with TRITON_INTERPRET=1) to run every kernel through Triton on CPU
+
+
 def use_triton(t: torch.Tensor, force: bool | None = None) -> bool:
-    """Run the Triton kernel on `t`? force=None: yes on CUDA (or under the interpreter) when Triton imports."""
+    """Run the Triton kernel on `t`? force=None: on CUDA when Triton imports. force=True also runs it on CPU
+    tensors, which works under `TRITON_INTERPRET=1` (tests)."""
+    if force is None:
+        force = FORCE
     if force is False or not triton_available():
         return False
     if force:
         return True
-    return t.is_cuda or interpreting()
+    return t.is_cuda

@@ -19,7 +19,7 @@ import torch
 from ..model.nf4 import NF4Weight
 from ._triton import use_triton
 
-BLOCKS_PER_PROGRAM = 64  # NF4 blocks (of 64 weights) per Triton program = 4096 weights
+CONFIG = {"R": 64, "num_warps": 4}  # NF4 blocks (of 64 weights) per Triton program; tuned by the benchmark
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,19 +28,20 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def nf4_dequant_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset_ptr, out_ptr,
+    def nf4_dequant_kernel(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset_ptr, out_ptr,
                            n_blocks, per_expert, cols, ld, out_expert_stride, out_offset,
                            R: tl.constexpr):
-        # R blocks of 64 weights per program; a block never crosses a row (cols % 64 == 0)
+        # R blocks of 64 weights per program; a block never crosses a row (cols % 64 == 0).
+        # The codes are read as int32 words (8 per block, 8 codes per word, little-endian bytes).
         b = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)  # (R,) block ids
         mb = b < n_blocks
         a = tl.load(absmax_ptr + b, mask=mb, other=0).to(tl.int32)
         scale = tl.load(code2_ptr + a) * tl.load(absmax2_ptr + b // 256, mask=mb, other=0.0) + tl.load(offset_ptr)
-        byte = b[:, None] * 32 + tl.arange(0, 32)[None, :]  # (R, 32)
-        q = tl.load(packed_ptr + byte, mask=mb[:, None], other=0).to(tl.int32)
-        hi = tl.load(code_ptr + (q >> 4))  # first element of each pair
-        lo = tl.load(code_ptr + (q & 15))
-        v = tl.reshape(tl.join(hi, lo), (R, 64)) * scale[:, None]  # (R, 64) in memory order
+        w = tl.load(words_ptr + b[:, None] * 8 + tl.arange(0, 8)[None, :], mask=mb[:, None], other=0)  # (R, 8)
+        j = tl.arange(0, 8)
+        shift = (j // 2) * 8 + (1 - j % 2) * 4  # element j of a word: byte j//2, high nibble first
+        q = (w[:, :, None] >> shift[None, None, :]) & 15  # (R, 8, 8)
+        v = tl.reshape(tl.load(code_ptr + q), (R, 64)) * scale[:, None]  # (R, 64) in memory order
         f = b * 64  # first weight of the block in the source tensor
         e = f // per_expert
         rem = f - e * per_expert
@@ -55,9 +56,10 @@ def _kernel():
 def _launch(w: NF4Weight, out: torch.Tensor, per_expert: int, cols: int, ld: int, out_expert_stride: int,
             out_offset: int) -> None:
     n_blocks = w.absmax.numel()
-    grid = ((n_blocks + BLOCKS_PER_PROGRAM - 1) // BLOCKS_PER_PROGRAM,)
-    _kernel()[grid](w.packed, w.absmax, w.absmax2, w.code2, w.code, w.offset, out, n_blocks, per_expert, cols, ld,
-                    out_expert_stride, out_offset, R=BLOCKS_PER_PROGRAM, num_warps=4)
+    R = CONFIG["R"]
+    grid = ((n_blocks + R - 1) // R,)
+    _kernel()[grid](w.packed.view(torch.int32), w.absmax, w.absmax2, w.code2, w.code, w.offset, out, n_blocks,
+                    per_expert, cols, ld, out_expert_stride, out_offset, R=R, num_warps=CONFIG["num_warps"])
 
 
 def _fits(w) -> bool:

@@ -36,24 +36,30 @@ FALLBACKS = {"grouped_mm": 0, "grouped_mm_k": 0}  # times a layout had to be cop
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Row-grouped: a (M, K) rows of group e are offs[e-1]:offs[e]; b (E, K, N) -> (M, N)."""
-    if _GMM is None:
-        return _grouped_mm_loop(a, b, offs)
-    try:
-        return _GMM(a, b, offs=offs)
-    except RuntimeError:
-        FALLBACKS["grouped_mm"] += 1
-        return _GMM(a.contiguous(), b.contiguous(), offs=offs)
+    if _GMM is not None:
+        try:
+            return _GMM(a, b, offs=offs)
+        except RuntimeError:
+            FALLBACKS["grouped_mm"] += 1
+            try:
+                return _GMM(a.contiguous(), b.contiguous(), offs=offs)
+            except RuntimeError:  # e.g. strides that are not multiples of 16 bytes (tiny shapes)
+                pass
+    return _grouped_mm_loop(a, b, offs)
 
 
 def grouped_mm_k(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """K-grouped (weight gradients): a (P, M), b (M, Q), group e sums over M-slice e -> (E, P, Q)."""
-    if _GMM is None:
-        return torch.stack([a[:, s:t] @ b[s:t] for s, t in _bounds(offs)])
-    try:
-        return _GMM(a, b, offs=offs)
-    except RuntimeError:  # the CUDA kernel wants the summed (M) dimension contiguous in both operands
-        FALLBACKS["grouped_mm_k"] += 1
-        return _GMM(a.contiguous(), b.t().contiguous().t(), offs=offs)
+    if _GMM is not None:
+        try:
+            return _GMM(a, b, offs=offs)
+        except RuntimeError:  # the CUDA kernel may want the summed (M) dimension contiguous in both
+            FALLBACKS["grouped_mm_k"] += 1
+            try:
+                return _GMM(a.contiguous(), b.t().contiguous().t(), offs=offs)
+            except RuntimeError:
+                pass
+    return torch.stack([a[:, s:t] @ b[s:t] for s, t in _bounds(offs)])
 
 
 def _bounds(offs: torch.Tensor):
@@ -151,7 +157,7 @@ class _GroupedMoE(torch.autograd.Function):
             del g, W2
         inv = torch.empty_like(order)
         inv[order] = torch.arange(M, device=order.device)  # sorted position of each assignment
-        out = torch.bmm(topk_weight.to(dt).view(N, 1, k), y[inv].view(N, k, H)).view(N, H)
+        out = (y[inv].view(N, k, H) * topk_weight.to(dt)[:, :, None]).sum(1)  # (N, H), fp32 accumulation
 
         ctx.meta = (w1, w3, w2, s, save_h, I, k, list(lora), {n: (A.dtype, B.dtype) for n, (A, B) in lora.items()})
         ctx.save_for_backward(x, topk_weight, order, inv, offs, h13 if save_h else None, y, u13, u2,
@@ -174,7 +180,7 @@ class _GroupedMoE(torch.autograd.Function):
             h13, _ = _up(xs, offs, w1, w3, lc, s, I, dt)
         ds = dout[tok]  # (M, H) output gradient of each sorted assignment
         # d topk_weight[n, j] = <dout[n], y[assignment]>, accumulated in fp32
-        dws = torch.bmm(ds.view(M, 1, H), y.view(M, H, 1)).view(M)
+        dws = (ds * y).sum(-1, dtype=torch.float32)  # (M,)
         dtw = dws[inv].view(N, k).to(topk_weight.dtype)
         wsort = topk_weight.reshape(-1)[order].to(dt)[:, None]  # (M, 1)
         grads = {}

@@ -52,10 +52,11 @@ def _kernels():
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, eps):
+    def forward(ctx, x, w, eps, triton=None):
         H = x.shape[-1]
         x2 = x.reshape(-1, H).contiguous()  # (R, H)
-        if use_triton(x2) and w.dtype == x.dtype:
+        ctx.triton = triton
+        if use_triton(x2, triton) and w.dtype == x.dtype:
             y = torch.empty_like(x2)
             r = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
             _kernels()[0][(x2.shape[0],)](x2, w, y, r, H, eps, BLOCK=triton_next_pow2(H), num_warps=8)
@@ -77,20 +78,20 @@ class _RMSNorm(torch.autograd.Function):
             n = (x2.float() * r[:, None]).to(x2.dtype)
             dw = (dy2.float() * n.float()).sum(0).to(w.dtype)
         if not ctx.needs_input_grad[0]:
-            return None, dw, None
-        if use_triton(x2) and w.dtype == x2.dtype:
+            return None, dw, None, None
+        if use_triton(x2, ctx.triton) and w.dtype == x2.dtype:
             dx = torch.empty_like(x2)
             _kernels()[1][(x2.shape[0],)](x2, w, dy2, r, dx, H, BLOCK=triton_next_pow2(H), num_warps=8)
         else:
             xh = x2.float() * r[:, None]
             dn = dy2.float() * w.float()
             dx = (r[:, None] * (dn - xh * (dn * xh).mean(-1, keepdim=True))).to(x2.dtype)
-        return dx.view(dy.shape), dw, None
+        return dx.view(dy.shape), dw, None, None
 
 
 def triton_next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _RMSNorm.apply(x, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, triton: bool | None = None) -> torch.Tensor:
+    return _RMSNorm.apply(x, weight, eps, triton)

@@ -1,0 +1,96 @@
+"""Chunked linear+CE, memory-light RMSNorm and NF4 linear vs their plain-PyTorch definitions."""
+
+import torch
+from torch import nn
+
+from mixtune import kernels
+from mixtune.kernels.norm import rms_norm
+from mixtune.model.nf4 import NF4Linear, NF4Weight
+
+
+def _labels(B, T, V, g):
+    lab = torch.randint(0, V, (B, T), generator=g)
+    lab[0, :5] = -100
+    lab[1, 7] = -100
+    return lab
+
+
+def test_chunked_ce_matches_reference_plain_and_trainable_head():
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 2, 17, 32, 50
+    head = nn.Linear(H, V, bias=False)
+    lab = _labels(B, T, V, g)
+    for trainable in (False, True):
+        head.weight.requires_grad_(trainable)
+        h = torch.randn(B, T, H, generator=g, requires_grad=True)
+        ref, n_ref = kernels.linear_cross_entropy(h, head, lab, impl="reference")
+        ref.backward()
+        gh, gw = h.grad.clone(), (head.weight.grad.clone() if trainable else None)
+        h.grad = None
+        head.weight.grad = None
+        got, n = kernels.linear_cross_entropy(h, head, lab, chunk_size=5)
+        (got * 1.0).backward()
+        assert int(n) == int(n_ref)
+        assert torch.allclose(got, ref, rtol=1e-5)
+        assert torch.allclose(h.grad, gh, atol=1e-6)
+        if trainable:
+            assert torch.allclose(head.weight.grad, gw, atol=1e-5)
+
+
+def test_chunked_ce_with_wrapped_head_uses_the_module():
+    g = torch.Generator().manual_seed(1)
+    B, T, H, V = 2, 9, 16, 30
+
+    class Wrapped(nn.Module):  # e.g. a LoRA-wrapped lm_head: only callable as a module
+        def __init__(self):
+            super().__init__()
+            self.base = nn.Linear(H, V, bias=False)
+            self.extra = nn.Parameter(torch.randn(V, generator=g) * 0.1)
+
+        def forward(self, x):
+            return self.base(x) + self.extra
+
+    head = Wrapped()
+    lab = _labels(B, T, V, g)
+    h = torch.randn(B, T, H, generator=g, requires_grad=True)
+    ref, _ = kernels.linear_cross_entropy(h, head, lab, impl="reference")
+    ref.backward()
+    ge = head.extra.grad.clone()
+    head.extra.grad = None
+    got, _ = kernels.linear_cross_entropy(h, head, lab, chunk_size=4)
+    got.backward()
+    assert torch.allclose(got, ref, rtol=1e-5)
+    assert torch.allclose(head.extra.grad, ge, atol=1e-5)
+
+
+def test_rms_norm_torch_path_matches_module():
+    from mixtune.model.modeling import RMSNorm
+    g = torch.Generator().manual_seed(2)
+    norm = RMSNorm(24, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(24, generator=g) + 0.5)
+    x = torch.randn(3, 4, 24, generator=g, requires_grad=True)
+    ref = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    go = torch.randn(ref.shape, generator=g)
+    (ref * go).sum().backward()
+    gref = x.grad.clone()
+    x.grad = None
+    norm.weight.requires_grad_(True)
+    y = rms_norm(x, norm.weight, 1e-5)
+    (y * go).sum().backward()
+    assert torch.allclose(y, ref, atol=1e-6)
+    assert torch.allclose(x.grad, gref, atol=1e-5)
+    assert norm.weight.grad is not None
+
+
+def test_nf4_linear_backward_redequantizes():
+    g = torch.Generator().manual_seed(3)
+    w = NF4Weight.quantize(torch.randn(48, 64, generator=g))
+    lin = NF4Linear(w)
+    x = torch.randn(5, 64, generator=g, requires_grad=True)
+    y = lin(x)
+    go = torch.randn(y.shape, generator=g)
+    (y * go).sum().backward()
+    W = w.dequantize(torch.float32)
+    assert torch.allclose(y, x @ W.t(), atol=1e-5)
+    assert torch.allclose(x.grad, go @ W, atol=1e-5)
