@@ -108,12 +108,12 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = _f("runs/tiny", "Every file of the run goes under this directory.")
-    max_steps: int = _f(40, "Optimizer steps to run; -1 = derive from num_train_epochs.")
+    max_steps: int = _f(100, "Optimizer steps to run; -1 = derive from num_train_epochs.")
     num_train_epochs: float = _f(1.0, "Epochs over the packed training rows (when max_steps is -1).")
     per_device_train_batch_size: int = _f(4, "Packed rows per micro-batch.")
     per_device_eval_batch_size: int = _f(4, "Packed rows per evaluation batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    learning_rate: float = _f(3e-3, "Peak learning rate (AdamW).")
+    learning_rate: float = _f(2e-3, "Peak learning rate (AdamW).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
@@ -122,9 +122,9 @@ class TrainConfig:
     warmup_steps: int = _f(0, "Warm-up steps.")
     lr_scheduler_type: str = _f("cosine", "Schedule after warm-up.", ("cosine", "linear", "constant"))
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
-    logging_steps: int = _f(5, "Log every N optimizer steps.")
-    eval_steps: int = _f(10, "Evaluate every N optimizer steps (0 = only at the start and the end).")
-    save_steps: int = _f(20, "Checkpoint every N optimizer steps (0 = only at the end).")
+    logging_steps: int = _f(10, "Log every N optimizer steps.")
+    eval_steps: int = _f(20, "Evaluate every N optimizer steps (0 = only at the start and the end).")
+    save_steps: int = _f(50, "Checkpoint every N optimizer steps (0 = only at the end).")
     save_total_limit: int = _f(2, "Keep the last K checkpoints.")
     bf16: str = _f("auto", "bf16 autocast: auto (on where the device supports it), true, false.",
                    ("auto", "true", "false"))

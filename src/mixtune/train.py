@@ -255,7 +255,8 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     bar = None
     if t.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
+                   mininterval=0.5)
     win_loss, win_tok, win_aux, win_t0, win_tokens_in = 0.0, 0, 0.0, time.time(), 0
     tokens_seen = history.get("tokens_seen", 0)
     last_eval = None
