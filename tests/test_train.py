@@ -87,3 +87,79 @@ def test_label_tokens_match_the_shifted_loss():
     labels = torch.tensor([[-100, 5, 6, -100], [1, 2, -100, 3]])
     # position t predicts labels[t + 1]: the first label of each row is never a target
     assert train.label_tokens({"labels": labels}) == 4
+
+
+def _tiny_lora_model(tiny_ckpt, targets="q_proj,v_proj,experts,lm_head"):
+    from mixtune.lora import apply_lora
+    from mixtune.model.loading import load_model
+    model = load_model(tiny_ckpt, quant="none", dtype=torch.float32, device="cpu", report=None)
+    cfg = load_config(None, ["--lora.targets", targets, "--lora.r", "4"])
+    apply_lora(model, cfg.lora, seed=0)
+    with torch.no_grad():  # make B non-zero so every adapter tensor gets a gradient
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    model.train()
+    return model
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _batches():
+    g = torch.Generator().manual_seed(0)
+    T = 24
+    ids = torch.randint(3, 32000, (4, T), generator=g)
+    pos = torch.cat([torch.arange(10), torch.arange(T - 10)]).expand(4, T).contiguous()  # two packed examples
+    labels = ids.clone()
+    labels[0, :20] = -100  # rows with very different numbers of label tokens
+    labels[1, :15] = -100
+    labels[2, :3] = -100
+    rows = [{"input_ids": ids[i:i + 1], "labels": labels[i:i + 1], "position_ids": pos[i:i + 1]} for i in range(4)]
+    cat = lambda rs: {k: torch.cat([r[k] for r in rs]) for k in rs[0]}  # noqa: E731
+    return cat(rows[:2]), cat(rows[2:]), cat(rows)
+
+
+def test_accumulation_is_exact_and_checkpointing_changes_nothing(tiny_ckpt):
+    model = _tiny_lora_model(tiny_ckpt)
+    dev = torch.device("cpu")
+    b1, b2, both = _batches()
+
+    loss_a, n_a, _, _ = train.forward_backward(model, [b1, b2], dev, False, 0.0)
+    g_accum = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss_b, n_b, _, _ = train.forward_backward(model, [both], dev, False, 0.0)
+    g_whole = _grads(model)
+    model.zero_grad(set_to_none=True)
+    assert n_a == n_b == train.label_tokens(both)
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for n in g_whole:
+        torch.testing.assert_close(g_accum[n], g_whole[n], rtol=1e-4, atol=1e-7)
+
+    # a mean of per-micro-batch means would weigh the tokens differently: the test can tell
+    for b in (b1, b2):
+        (model(b["input_ids"], b["position_ids"], b["labels"], return_logits=False).loss / 2).backward()
+    g_means = _grads(model)
+    model.zero_grad(set_to_none=True)
+    assert any(not torch.allclose(g_means[n], g_whole[n], rtol=1e-3, atol=1e-6) for n in g_whole)
+
+    # activation checkpointing recomputes the same values
+    model.gradient_checkpointing = True
+    train.forward_backward(model, [b1, b2], dev, False, 0.0)
+    g_ckpt = _grads(model)
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing = False
+    for n in g_whole:
+        torch.testing.assert_close(g_ckpt[n], g_accum[n], rtol=1e-5, atol=1e-7)
+
+    # the router aux loss adds a gradient when its coefficient is on
+    train.forward_backward(model, [b1, b2], dev, False, 0.5)
+    g_aux = _grads(model)
+    assert any(not torch.allclose(g_aux[n], g_accum[n]) for n in g_accum)
+
+
+def test_bf16_autocast_runs_on_cpu_when_asked(tmp_path):
+    r = train.main(_cfg(tmp_path / "bf16", "--train.max_steps", "2", "--train.save_steps", "0", "--train.bf16",
+                        "true"))
+    assert r["steps"] == 2 and r["eval_loss"] == r["eval_loss"]  # finite, not NaN

@@ -119,6 +119,32 @@ def label_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+def forward_backward(model, batches: list[dict], device: torch.device, bf16: bool, aux_coef: float
+                     ) -> tuple[float, int, float, int]:
+    """Forward + backward over the micro-batches of ONE optimizer step, accumulating into .grad.
+
+    Exact accumulation: the step's loss is (sum of token losses over all micro-batches) / (label tokens of
+    the whole step), so every token weighs the same however the rows are split (not a mean of per-batch
+    means). The router aux loss of each micro-batch is weighted by its share of the step's label tokens.
+    Returns (sum of token CE, label tokens, token-weighted aux loss, input tokens)."""
+    n_step = max(1, sum(label_tokens(b) for b in batches))
+    loss_sum, aux, n_in = 0.0, 0.0, 0
+    for batch in batches:
+        b = batch_to(batch, device)  # (B, T) each
+        with autocast_context(device, bf16):
+            out = model(b["input_ids"], b["position_ids"], b["labels"], return_logits=False)
+        loss = out.loss_sum / n_step
+        share = int(out.n_tokens) / n_step
+        if aux_coef > 0 and out.aux_loss is not None:
+            loss = loss + aux_coef * out.aux_loss * share
+        loss.backward()
+        loss_sum += float(out.loss_sum.detach())
+        if out.aux_loss is not None:
+            aux += float(out.aux_loss.detach()) * share
+        n_in += b["input_ids"].numel()
+    return loss_sum, n_step, aux, n_in
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per line) + TensorBoard scalars under tb/."""
 
@@ -257,27 +283,16 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
                    mininterval=0.5)
-    win_loss, win_tok, win_aux, win_t0, win_tokens_in = 0.0, 0, 0.0, time.time(), 0
+    win_loss, win_tok, win_aux, win_t0, win_tokens_in, win_steps = 0.0, 0, 0.0, time.time(), 0, 0
     tokens_seen = history.get("tokens_seen", 0)
     last_eval = None
     save_adapter_fn = lambda d: save_adapter(model, d, cfg.lora, base_name)  # noqa: E731
     while step < total:
         micro = [next(stream) for _ in range(accum)]  # [(epoch, consumed after it, batch (B, T))]
-        n_step = max(1, sum(label_tokens(b) for _, _, b in micro))
-        step_loss, step_aux = 0.0, 0.0
-        for _, _, batch in micro:
-            b = batch_to(batch, device)
-            with autocast_context(device, bf16):
-                out = model(b["input_ids"], b["position_ids"], b["labels"], return_logits=False)
-            # exact accumulation: every token of the optimizer step weighs the same
-            loss = out.loss_sum / n_step
-            if t.router_aux_loss_coef > 0 and out.aux_loss is not None:
-                loss = loss + t.router_aux_loss_coef * out.aux_loss * (int(out.n_tokens) / n_step)
-            loss.backward()
-            step_loss += float(out.loss_sum.detach())
-            if out.aux_loss is not None:
-                step_aux += float(out.aux_loss.detach()) / accum
-            win_tokens_in += b["input_ids"].numel()
+        step_loss, n_step, step_aux, n_in = forward_backward(model, [b for _, _, b in micro], device, bf16,
+                                                             t.router_aux_loss_coef)
+        win_tokens_in += n_in
+        tokens_seen += n_in
         if t.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
         else:
@@ -292,23 +307,23 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
         win_loss += step_loss
         win_tok += n_step
         win_aux += step_aux
+        win_steps += 1
         if bar is not None:
             bar.update(1)
 
         if step % t.logging_steps == 0 or step == total:
             dt = max(1e-9, time.time() - win_t0)
-            tokens_seen += win_tokens_in
             rec = {"kind": "train", "step": step, "epoch": round(epoch + consumed / max(1, per_epoch), 4),
                    "loss": win_loss / max(1, win_tok), "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": win_tokens_in / dt, "tokens_seen": tokens_seen}
             if win_aux:
-                rec["aux_loss"] = win_aux / t.logging_steps
+                rec["aux_loss"] = win_aux / win_steps
             metrics.log(rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             else:
                 _say(f"step {step}/{total} loss {rec['loss']:.4f} lr {lr:.3g} {rec['tokens_per_s']:.0f} tok/s")
-            win_loss, win_tok, win_aux, win_t0, win_tokens_in = 0.0, 0, 0.0, time.time(), 0
+            win_loss, win_tok, win_aux, win_t0, win_tokens_in, win_steps = 0.0, 0, 0.0, time.time(), 0, 0
 
         if data.eval_rows and t.eval_steps and step % t.eval_steps == 0 and step != total:
             last_eval = evaluate_loss(model, data.eval_rows, eval_bs, autocast=bf16)
