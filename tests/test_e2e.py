@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from mixtune import cli
 
@@ -44,9 +45,10 @@ def test_every_verb_on_the_tiny_default(capsys, run_dir):
     out, err = _run(capsys, ["train", "--output_dir", out_dir, "--train.max_steps", "12",
                              "--train.eval_steps", "6", "--train.save_steps", "6", "--train.logging_steps", "3",
                              "--train.generate_after", "1", "--generate.max_new_tokens", "8",
-                             "--train.progress", "false", "--json", *DATA])
+                             "--train.progress", "false", "--train.merge_after", "true", "--merge.dtype", "float32",
+                             "--json", *DATA])
     result = _json_lines(out)[-1]
-    for name in ("config.yaml", "metrics.jsonl", "tb", "adapter/adapter_config.json",
+    for name in ("config.yaml", "metrics.jsonl", "tb", "adapter/adapter_config.json", "merged/config.json",
                  "adapter/adapter_model.safetensors", "checkpoints/step-12/COMPLETE", "checkpoints/step-6/COMPLETE",
                  "generations.jsonl", "loss.png", "report.md"):
         assert os.path.exists(os.path.join(out_dir, name)), name
@@ -72,13 +74,21 @@ def test_every_verb_on_the_tiny_default(capsys, run_dir):
     out, _ = _run(capsys, ["eval", "--adapter", adapter, "--json", *DATA])
     ev = _json_lines(out)[-1]
     assert ev["eval_loss"] == pytest.approx(result["eval_loss"], rel=1e-4)
-    out, _ = _run(capsys, ["eval", "--json", *DATA])
-    assert _json_lines(out)[-1]["eval_loss"] > ev["eval_loss"] + 0.1
+    out, _ = _run(capsys, ["eval", *DATA])
+    assert "eval loss" in out and "perplexity" in out and "base model" in out
+    base_loss = float(out.split("eval loss")[1].split()[0])
+    assert base_loss > ev["eval_loss"] + 0.1
 
     # merge (fp32) and generate: the merged model generates exactly what base + adapter generates (greedy)
-    merged = os.path.join(out_dir, "merged")
+    merged = os.path.join(out_dir, "merged-cli")
     _run(capsys, ["merge", "--adapter", adapter, "--out", merged, "--dtype", "float32", "--json"])
     assert os.path.exists(os.path.join(merged, "config.json"))
+    from safetensors.torch import load_file
+    import glob
+    def _weights(d):
+        return {k: v for f in sorted(glob.glob(os.path.join(d, "*.safetensors"))) for k, v in load_file(f).items()}
+    w_cli, w_train = _weights(merged), _weights(os.path.join(out_dir, "merged"))
+    assert w_cli.keys() == w_train.keys() and all(torch.equal(w_cli[k], w_train[k]) for k in w_cli)
     prompt = ["--prompt", "Write a haiku about the sea.", "--prompt", "Explain what a packed row is.",
               "--greedy", "--max-new-tokens", "12", "--quant", "none", "--dtype", "float32", "--json"]
     out, _ = _run(capsys, ["generate", "--adapter", adapter, *prompt])

@@ -1,0 +1,59 @@
+"""Evaluation: token-weighted loss independent of batching; perplexity = exp(loss); generation helper."""
+
+import math
+
+import torch
+
+from mixtune.config import load_config
+from mixtune.evaluate import evaluate_loss, generate_texts
+
+
+def _model(tiny_ckpt):
+    from mixtune.model.loading import load_model
+    return load_model(tiny_ckpt, quant="none", dtype=torch.float32, device="cpu", report=None)
+
+
+def _rows(n=5, T=16):
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(3, 32000, (T,), generator=g)
+        labels = ids.clone()
+        labels[: 2 + 3 * i] = -100  # different label counts per row
+        rows.append({"input_ids": ids, "labels": labels, "position_ids": torch.arange(T)})
+    return rows
+
+
+def test_eval_loss_is_token_weighted_and_batch_independent(tiny_ckpt):
+    model = _model(tiny_ckpt)
+    rows = _rows()
+    m1 = evaluate_loss(model, rows, batch_size=1)
+    m3 = evaluate_loss(model, rows, batch_size=3)
+    with torch.no_grad():
+        s, n = 0.0, 0
+        for r in rows:
+            out = model(r["input_ids"][None], r["position_ids"][None], r["labels"][None], return_logits=False)
+            s, n = s + float(out.loss_sum), n + int(out.n_tokens)
+    assert m1["eval_tokens"] == m3["eval_tokens"] == n
+    assert math.isclose(m1["eval_loss"], s / n, rel_tol=1e-5) and math.isclose(m3["eval_loss"], s / n, rel_tol=1e-5)
+    assert math.isclose(m1["eval_perplexity"], math.exp(m1["eval_loss"]), rel_tol=1e-9)
+    assert math.isnan(evaluate_loss(model, [], batch_size=2)["eval_loss"])
+
+
+def test_eval_restores_training_mode(tiny_ckpt):
+    model = _model(tiny_ckpt)
+    model.train()
+    evaluate_loss(model, _rows(2), batch_size=2)
+    assert model.training
+
+
+def test_generate_texts_uses_the_exact_prompt_ids(tiny_ckpt):
+    from mixtune.data import load_tokenizer
+    model = _model(tiny_ckpt)
+    tok = load_tokenizer("", tiny_ckpt)
+    gen = load_config(None, ["--generate.greedy", "true", "--generate.max_new_tokens", "5"]).generate
+    text = "[INST]hello[/INST]"
+    a = generate_texts(model, tok, [text], gen)[0]
+    b = generate_texts(model, tok, [{"prompt": text, "prompt_ids": tok.encode(text, bos=True)}], gen)[0]
+    assert a["token_ids"] == b["token_ids"] and 0 < len(a["token_ids"]) <= 5
+    assert a["text"] == tok.decode(a["token_ids"]) and a["prompt"] == text
