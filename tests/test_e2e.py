@@ -106,3 +106,9 @@ def test_python_dash_m_entry_point():
                        text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "mixtune: error: train.max_steps: expected an integer, got 'x'"]
+
+
+def test_bench_verb_small_cpu_mode(capsys):
+    out, _ = _run(capsys, ["bench", "--cpu-tiny"])
+    last = json.loads(out.strip().splitlines()[-1])  # benchmarks print a table, then one JSON line
+    assert last["ok"] is True and last["rows"] and all(r["tok_s"] > 0 for r in last["rows"])
