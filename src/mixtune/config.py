@@ -128,7 +128,7 @@ class TrainConfig:
     save_total_limit: int = _f(2, "Keep the last K checkpoints.")
     bf16: str = _f("auto", "bf16 autocast: auto (on where the device supports it), true, false.",
                    ("auto", "true", "false"))
-    seed: int = _f(42, "Seed for initialisation, dropout and data order.")
+    seed: int = _f(42, "Seed for LoRA initialisation (unless lora.init_seed) and dropout; the data order follows data.seed.")
     router_aux_loss_coef: float = _f(0.0, "Weight of Mixtral's router load-balancing loss (Mixtral used 0.02; "
                                          "0 with a frozen router).")
     resume: str = _f("", "'' (fresh run; refuses a non-empty output_dir with checkpoints), 'auto' (latest "
