@@ -404,5 +404,7 @@ def _report_fields(lora_report) -> dict:
     for key in ("unmatched", "unmatched_targets"):
         v = getattr(lora_report, key, None)
         if v:
-            out["unmatched targets"] = ", ".join(map(str, v))
+            out["unmatched targets"] = ", ".join(map(str, v)) + " (matched nothing: not adapted)"
+    if hasattr(lora_report, "peft_line"):
+        out["as peft prints it (4-bit)"] = lora_report.peft_line()
     return out
