@@ -184,9 +184,14 @@ def time_kernels(cfg: MixtralConfig, device, reps: int = 10) -> dict:
     out = {"dequant_sweep_ms": sweep, "dequant_config": dict(dequant.CONFIG),
            "dequant_w13_ms": t(lambda: dequantize_nf4_stack(w[:2], torch.bfloat16)),
            "dequant_one_ms": t(lambda: dequantize_nf4(w[0], torch.bfloat16))}
-    ref = w[0].dequantize(torch.bfloat16)
-    out["dequant_exact"] = bool(torch.equal(dequantize_nf4(w[0], torch.bfloat16), ref))
-    del ref
+    # Same arithmetic as NF4Weight.dequantize up to fp32 contraction (the GPU fuses scale*absmax2+offset into
+    # one FMA), so a rare element can land one bf16 step away: check fp32 closeness, report bf16 mismatches.
+    got, ref = dequantize_nf4(w[0], torch.float32), w[0].dequantize(torch.float32)
+    out["dequant_max_rel_fp32"] = float((got - ref).abs().max() / ref.abs().max())
+    del got, ref
+    out["dequant_bf16_mismatch_frac"] = float(
+        (dequantize_nf4(w[0], torch.bfloat16) != w[0].dequantize(torch.bfloat16)).float().mean())
+    out["dequant_ok"] = out["dequant_max_rel_fp32"] < 1e-6 and out["dequant_bf16_mismatch_frac"] < 1e-4
     try:
         import bitsandbytes.functional as bf
         qs = w[0].bnb_quant_state()
@@ -455,7 +460,7 @@ def main(argv=None, stock_runner=None) -> int:
         result["check"] = {"moe": moe, "moe_pass": moe_ok, "model": mdl, "model_pass": mdl_ok}
         if device == "cuda":
             result["kernels"] = time_kernels(cfg, device)
-            ok = ok and result["kernels"]["dequant_exact"]
+            ok = ok and result["kernels"]["dequant_ok"]
             print("[kernels] " + " ".join(f"{kk}={v:.3g}" if isinstance(v, float) else f"{kk}={v}"
                                           for kk, v in result["kernels"].items()), flush=True)
         ok = ok and moe_ok and mdl_ok
