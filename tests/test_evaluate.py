@@ -57,3 +57,13 @@ def test_generate_texts_uses_the_exact_prompt_ids(tiny_ckpt):
     b = generate_texts(model, tok, [{"prompt": text, "prompt_ids": tok.encode(text, bos=True)}], gen)[0]
     assert a["token_ids"] == b["token_ids"] and 0 < len(a["token_ids"]) <= 5
     assert a["text"] == tok.decode(a["token_ids"]) and a["prompt"] == text
+
+
+def test_generation_metrics():
+    from mixtune.evaluate import generation_metrics, token_f1
+    assert token_f1("Explain the moon.", "explain the Moon") == 1.0
+    assert token_f1("a b", "c d") == 0.0
+    assert abs(token_f1("the cat sat", "the cat") - 0.8) < 1e-9
+    m = generation_metrics(["Explain the moon.", "x"], ["explain the moon", "y z"])
+    assert m == {"exact_match": 0.5, "word_f1": 0.5}
+    assert generation_metrics([], []) == {}

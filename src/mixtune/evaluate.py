@@ -85,6 +85,33 @@ def generate_texts(model, tokenizer, prompts: list, gen_cfg, *, max_new_tokens: 
     return out
 
 
+def _words(text: str) -> list[str]:
+    return "".join(c.lower() if c.isalnum() else " " for c in text).split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style word-overlap F1 between two texts (lower-cased alphanumeric words), in [0, 1]."""
+    from collections import Counter
+
+    p, r = _words(prediction), _words(reference)
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    prec, rec = common / len(p), common / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+def generation_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Exact match (after whitespace/case normalisation) and mean word F1 of generations against references."""
+    if not predictions:
+        return {}
+    em = [float(_words(p) == _words(r)) for p, r in zip(predictions, references)]
+    f1 = [token_f1(p, r) for p, r in zip(predictions, references)]
+    return {"exact_match": sum(em) / len(em), "word_f1": sum(f1) / len(f1)}
+
+
 # --------------------------------------------------------------------------------------------------
 # `mixtune eval`
 # --------------------------------------------------------------------------------------------------

@@ -81,6 +81,13 @@ def write_report(path: str, summary: dict[str, Any]) -> str:
     gens = summary.get("generations") or []
     if gens:
         lines += ["", "## Generations (held-out examples)", ""]
+        scores = summary.get("generation_scores") or {}
+        if scores.get("before") and scores.get("after"):
+            lines += ["| against the reference | exact match | word F1 |", "|---|---|---|"]
+            for when in ("before", "after"):
+                sc = scores[when]
+                lines.append(f"| {when} training | {sc['exact_match']:.2f} | {sc['word_f1']:.3f} |")
+            lines.append("")
         for i, g in enumerate(gens, 1):
             lines += [f"### Example {i}", "", "Prompt:", "", "```", g["prompt"].strip()[-800:], "```", "",
                       "| reference | before | after |", "|---|---|---|",

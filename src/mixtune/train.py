@@ -28,7 +28,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config
-from .evaluate import autocast_context, batch_to, evaluate_loss, generate_texts
+from .evaluate import autocast_context, batch_to, evaluate_loss, generate_texts, generation_metrics
 
 # --------------------------------------------------------------------------------------------------
 # small helpers (device, precision, schedule, data stream)
@@ -352,6 +352,9 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     after = generate_texts(model, tokenizer, examples, cfg.generate) if examples else []
     gens = [{"prompt": e["prompt"], "reference": e.get("reference", ""), "before": b["text"], "after": a["text"]}
             for e, b, a in zip(examples, before, after)]
+    refs = [g["reference"] for g in gens]
+    gen_scores = {"before": generation_metrics([g["before"] for g in gens], refs),
+                  "after": generation_metrics([g["after"] for g in gens], refs)} if gens else {}
     with open(os.path.join(out_dir, "generations.jsonl"), "w") as fh:
         fh.writelines(json.dumps(g) + "\n" for g in gens)
     if gens:
@@ -373,7 +376,7 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
         "eval_loss": eval_after["eval_loss"] if eval_after else None,
         "eval_perplexity": eval_after["eval_perplexity"] if eval_after else None,
         "trainable_params": n_trainable, "seconds": round(time.time() - t_start, 1),
-        "output_dir": out_dir, "adapter": adapter_dir, "merged": merged_dir,
+        "output_dir": out_dir, "adapter": adapter_dir, "merged": merged_dir, "generation_scores": gen_scores,
     }
     files = sorted(n for n in os.listdir(out_dir)) + ["report.md"]
     write_report(os.path.join(out_dir, "report.md"), {
@@ -386,7 +389,7 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
         "train": {"steps": step, "micro-batch × accumulation": f"{micro_bs} × {accum}",
                   "learning rate": t.learning_rate, "schedule": t.lr_scheduler_type,
                   "final train loss": result["train_loss"], "wall time (s)": round(train_seconds, 1)},
-        "eval_before": eval_before, "eval_after": eval_after, "loss_png": "loss.png",
+        "eval_before": eval_before, "eval_after": eval_after, "loss_png": "loss.png", "generation_scores": gen_scores,
         "generations": gens, "files": files})
     _say(f"mixtune: done in {result['seconds']}s; eval loss "
          f"{_fmt_opt(result['eval_loss_before'])} → {_fmt_opt(result['eval_loss'])}; adapter: {adapter_dir}; "
