@@ -107,12 +107,20 @@ def _cell(text: str, limit: int = 300) -> str:
     return t.replace("|", "\\|") or "(empty)"
 
 
-def side_by_side(gens: list[dict], width: int = 100) -> str:
-    """Plain-text before/after block for the terminal."""
+def side_by_side(gens: list[dict], width: int = 100, max_lines: int = 6) -> str:
+    """Plain-text before | after columns per held-out example (with its reference), for the terminal."""
+    import textwrap
+
+    col = (width - 3) // 2
     out = []
     for i, g in enumerate(gens, 1):
         out.append(f"--- held-out example {i} " + "-" * max(0, width - 24))
-        out.append("reference: " + _cell(g.get("reference", ""), 200))
-        out.append("before:    " + _cell(g.get("before", ""), 200))
-        out.append("after:     " + _cell(g.get("after", ""), 200))
+        out.append("reference: " + _cell(g.get("reference", ""), width - 11))
+        left = textwrap.wrap(" ".join(str(g.get("before", "")).split()), col)[:max_lines] or ["(empty)"]
+        right = textwrap.wrap(" ".join(str(g.get("after", "")).split()), col)[:max_lines] or ["(empty)"]
+        out.append(f"{'before training':<{col}} | after training")
+        for k in range(max(len(left), len(right))):
+            a = left[k] if k < len(left) else ""
+            b = right[k] if k < len(right) else ""
+            out.append(f"{a:<{col}} | {b}")
     return "\n".join(out)
