@@ -19,6 +19,7 @@ def _run(capsys, argv):
     (["generate", "--greedy", "--generate.greedy", "false"], "clashing options"),
     (["train", "--train.bf16", "true", "--dtype", "float16"], "clashes with model.dtype float16"),
     (["eval", "--resume"], "--resume is not an option of `mixtune eval`"),
+    (["train", "--out", "runs/a", "--output_dir", "runs/a"], "merge.out clashes with train.output_dir"),
     (["train", "--adapter", "x"], "--adapter is not an option of `mixtune train`"),
     (["train", "--lr", "1"], "unknown option --lr"),
     (["train", "missing.yaml"], "config file not found: missing.yaml"),

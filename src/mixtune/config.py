@@ -310,6 +310,9 @@ def validate(cfg: Config) -> Config:
     # clashing options: say which two keys disagree
     if t.bf16 == "true" and cfg.model.dtype == "float16":
         raise ConfigError("train.bf16 true clashes with model.dtype float16: pick one compute precision")
+    if cfg.merge.out and os.path.abspath(cfg.merge.out) == os.path.abspath(t.output_dir):
+        raise ConfigError("merge.out clashes with train.output_dir: the merged checkpoint needs its own directory "
+                          "(default: <train.output_dir>/merged)")
     if t.eval_steps > 0 and d.eval_fraction == 0 and not d.eval_split:
         raise ConfigError("train.eval_steps > 0 needs evaluation data: set data.eval_fraction > 0 or data.eval_split "
                           "(or train.eval_steps 0)")

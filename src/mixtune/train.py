@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from . import checkpoint as ckpt
-from .config import Config
+from .config import Config, ConfigError
 from .evaluate import autocast_context, batch_to, evaluate_loss, generate_texts, generation_metrics
 
 # --------------------------------------------------------------------------------------------------
@@ -225,6 +225,10 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     dtype = resolve_dtype(cfg.model.dtype, device)
     model = load_model(model_path, quant=cfg.model.quant, dtype=dtype, device=device,
                        cache_dir=cfg.model.cache_dir, revision=cfg.model.revision, report=_say)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and cfg.data.max_seq_length > max_pos:
+        raise ConfigError(f"data.max_seq_length {cfg.data.max_seq_length} exceeds the model's "
+                          f"max_position_embeddings {max_pos}")
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     model.set_moe_backend(cfg.model.moe_backend)
     model.attn_implementation = cfg.model.attn_implementation
