@@ -152,6 +152,32 @@ def moe_check_passes(res: dict) -> bool:
     return bool(ok)
 
 
+def check_attention(cfg: MixtralConfig, device, B=2, T=1024, seed=0) -> dict:
+    """FlexAttention (block-sparse document mask) and sdpa (dense mask) vs an fp32 eager evaluation, forward and
+    input gradients, on packed rows at the model's head geometry."""
+    from .kernels.attention import build_attention
+    _, _, pos = packed_batch(B, T, 100, device, seed)
+    nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    g = torch.Generator(device=device).manual_seed(seed)
+    base = [torch.randn(B, n, T, d, generator=g, device=device) for n in (nh, nkv, nkv)]
+    go = torch.randn(B, nh, T, d, generator=g, device=device)
+
+    def run(impl, dt):
+        q, k, v = (t.to(dt).requires_grad_() for t in base)
+        o = build_attention(pos, T, nh // nkv, impl)(q, k, v)
+        (o.float() * go).sum().backward()
+        return [o, q.grad, k.grad, v.grad]
+
+    ref = run("eager", torch.float32)
+    out = {}
+    for impl in ("sdpa", "flex"):
+        try:
+            out[impl] = {n: rel(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), run(impl, torch.bfloat16), ref)}
+        except Exception as e:  # noqa: BLE001 - report, the flex rows then fail on their own
+            out[impl] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+    return out
+
+
 def time_kernels(cfg: MixtralConfig, device, reps: int = 10) -> dict:
     """ms per call on the GPU: NF4 dequantization of one layer's experts (ours vs bitsandbytes), and the
     grouped products of one layer's experts at 8192 tokens, uniform routing."""
@@ -264,10 +290,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_mixtune(model, cfg, row: Row, device, backend, ckpt, steps, warmup, seed=0, opt_fused=True):
+def time_mixtune(model, cfg, row: Row, device, backend, ckpt, steps, warmup, seed=0, opt_fused=True,
+                 attn="sdpa"):
     """Times `steps` optimizer steps (after `warmup`) of row.accum micro-batches each; fills `row`."""
     from .lora import lora_parameters
     model.set_moe_backend(backend)
+    model.attn_implementation = attn
     n_ck = min(int(ckpt), len(model.model.layers))  # checkpoint the first n_ck layers
     model.gradient_checkpointing = n_ck > 0
     for i, layer in enumerate(model.model.layers):
@@ -318,12 +346,12 @@ def parse_settings(spec: str):
     (the first ones; 1 with the stock stack means all), accum = micro-batches per optimizer step."""
     out = []
     for part in filter(None, (s.strip() for s in spec.split(";"))):
-        d = {"mb": 8, "accum": 1, "ckpt": 0, "backend": "grouped"}
+        d = {"mb": 8, "accum": 1, "ckpt": 0, "backend": "grouped", "attn": "sdpa"}
         for kv in part.split(","):
             key, _, val = kv.partition("=")
             if key not in d:
-                raise ValueError(f"--settings: unknown key {key!r} in {part!r} (mb, accum, ckpt, backend)")
-            d[key] = val if key == "backend" else int(val)
+                raise ValueError(f"--settings: unknown key {key!r} in {part!r} (mb, accum, ckpt, backend, attn)")
+            d[key] = val if key in ("backend", "attn") else int(val)
         out.append(d)
     return out
 
@@ -332,9 +360,9 @@ def profile_step(model, cfg, s, seq, device, path, seed=0):
     """One profiled training step at setting s; the top CUDA kernels by total time go to `path`."""
     from torch.profiler import ProfilerActivity, profile
     row = Row("profile", cfg.num_hidden_layers, s["mb"], seq, s["accum"])
-    time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], 1, 1, seed)
+    time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], 1, 1, seed, attn=s.get("attn", "sdpa"))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], 1, 0, seed)
+        time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], 1, 0, seed, attn=s.get("attn", "sdpa"))
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
     with open(path, "w") as f:
         f.write(table)
@@ -350,9 +378,11 @@ def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed
         build_s = getattr(model, "load_seconds", time.perf_counter() - t0)
         for s in settings:
             row = Row(f"mixtune {label}", layers, s["mb"], rows["seq"], s["accum"],
-                      f"{s['backend']}, ckpt={ckpt_label(s['ckpt'], layers)}", build_s=build_s)
+                      f"{s['backend']}, ckpt={ckpt_label(s['ckpt'], layers)}"
+                      + (f", attn={s['attn']}" if s.get("attn", "sdpa") != "sdpa" else ""), build_s=build_s)
             try:
-                time_mixtune(model, c, row, device, s["backend"], s["ckpt"], steps, warmup, seed)
+                time_mixtune(model, c, row, device, s["backend"], s["ckpt"], steps, warmup, seed,
+                             attn=s.get("attn", "sdpa"))
             except torch.OutOfMemoryError as e:
                 row.error = "OOM: " + str(e).split("\n")[0][:80]
             except RuntimeError as e:
@@ -458,6 +488,12 @@ def main(argv=None, stock_runner=None) -> int:
         print(f"[check] 1-layer model, fast vs reference path: loss rel {mdl['loss_rel']:.2e}, LoRA grads rel "
               f"{mdl['grad_rel']:.2e} ({'PASS' if mdl_ok else 'FAIL'})", flush=True)
         result["check"] = {"moe": moe, "moe_pass": moe_ok, "model": mdl, "model_pass": mdl_ok}
+        if device == "cuda" and any(x.get("attn") == "flex" for x in settings + full):
+            att = check_attention(cfg, device)
+            att_ok = all("error" not in e and max(e.values()) < 2e-2 for e in att.values())
+            print(f"[check] attention on packed rows vs fp32 eager ({'PASS' if att_ok else 'FAIL'}): {att}", flush=True)
+            result["check"]["attention"] = att
+            ok = ok and att_ok
         if device == "cuda":
             result["kernels"] = time_kernels(cfg, device)
             ok = ok and result["kernels"]["dequant_ok"]

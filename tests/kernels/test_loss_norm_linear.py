@@ -94,3 +94,20 @@ def test_nf4_linear_backward_redequantizes():
     W = w.dequantize(torch.float32)
     assert torch.allclose(y, x @ W.t(), atol=1e-5)
     assert torch.allclose(x.grad, go @ W, atol=1e-5)
+
+
+def test_flex_attention_document_mask_matches_eager_forward():
+    """FlexAttention's block-sparse document mask = the eager reference (forward; CPU has no flex backward)."""
+    import pytest
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from mixtune.bench import packed_batch
+    from mixtune.kernels.attention import FlexAttentionSpec, build_attention
+    B, T, nh, nkv, d = 2, 160, 4, 2, 16
+    _, _, pos = packed_batch(B, T, 100, "cpu", seed=2, min_doc=16)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(B, nh, T, d, generator=g), torch.randn(B, nkv, T, d, generator=g), \
+        torch.randn(B, nkv, T, d, generator=g)
+    flex = build_attention(pos, T, nh // nkv, "flex")
+    assert isinstance(flex, FlexAttentionSpec)
+    ref = build_attention(pos, T, nh // nkv, "eager")(q, k, v)
+    assert torch.allclose(flex(q, k, v), ref, atol=1e-5)

@@ -4,8 +4,10 @@
     o = attn(q (B, nh, T, d), k (B, nkv, S, d), v (B, nkv, S, d))  # -> (B, nh, T, d)
 
 A new example starts wherever the position id is 0, so no token attends across an example boundary.
-`impl`: "sdpa" (torch scaled_dot_product_attention with a dense boolean mask), "eager" (explicit softmax,
-the reference), "auto" (= sdpa here; faster paths may be chosen on GPU).
+`impl`: "sdpa" (torch scaled_dot_product_attention with a dense boolean mask; on an H200 torch dispatches it
+to cuDNN's fused attention), "eager" (explicit softmax, the reference), "flex" (FlexAttention with a
+block-sparse document mask: blocks that cross an example boundary are skipped; compiled on CUDA, the unfused
+reference implementation elsewhere; GQA without repeating k/v), "auto" (= sdpa).
 """
 
 from __future__ import annotations
@@ -62,10 +64,44 @@ class AttentionSpec:
 
 
 
+_FLEX_COMPILED = {}
+
+
+def _flex_attention(device_type: str):
+    from torch.nn.attention.flex_attention import flex_attention
+    if device_type != "cuda":
+        return flex_attention  # unfused reference path (CPU tests)
+    if "fn" not in _FLEX_COMPILED:
+        _FLEX_COMPILED["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_COMPILED["fn"]
+
+
+class FlexAttentionSpec:
+    """Document-causal attention through FlexAttention's block mask (built once per forward)."""
+
+    def __init__(self, position_ids: torch.Tensor, n_rep: int):
+        from torch.nn.attention.flex_attention import create_block_mask
+        doc = document_ids(position_ids)  # (B, T) example index of each token
+        B, T = doc.shape
+
+        def mask_mod(b, h, q, kv):
+            return (doc[b, q] == doc[b, kv]) & (kv <= q)
+
+        self.block_mask = create_block_mask(mask_mod, B, None, T, T, device=position_ids.device)
+        self.n_rep, self.impl, self.mask, self.is_causal = n_rep, "flex", None, False
+
+    def __call__(self, q, k, v):
+        """q (B, nh, T, d), k/v (B, nkv, T, d) -> (B, nh, T, d)."""
+        fn = _flex_attention(q.device.type)
+        return fn(q, k, v, block_mask=self.block_mask, enable_gqa=self.n_rep > 1)
+
+
 def build_attention(position_ids: torch.Tensor, S: int, n_rep: int, impl: str = "auto",
-                    decoding: bool = False) -> AttentionSpec:
+                    decoding: bool = False):
     """One forward's attention. position_ids (B, T); S = key length (T, or cached + T when decoding)."""
     T = position_ids.shape[1]
+    if impl == "flex" and not decoding and not is_single_document(position_ids):
+        return FlexAttentionSpec(position_ids, n_rep)
     impl = "eager" if impl == "eager" else "sdpa"
     if decoding:
         # one sequence per batch row; the T new tokens follow S - T cached ones
