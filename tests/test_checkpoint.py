@@ -71,6 +71,7 @@ def test_half_written_checkpoint_is_never_loaded(tmp_path):
         ckpt.load_checkpoint(str(half))
     with pytest.raises(ckpt.CheckpointError, match="incomplete"):
         ckpt.resolve_resume(out, str(half))
+    assert [os.path.basename(p) for p in ckpt.remove_stale_temporaries(out)] == [".tmp-step-6-99999"]
 
 
 def test_fresh_run_refuses_dir_with_checkpoints_and_resume_resolution(tmp_path):

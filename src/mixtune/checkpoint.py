@@ -194,6 +194,18 @@ def prune_checkpoints(output_dir: str, total_limit: int) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def remove_stale_temporaries(output_dir: str) -> list[str]:
+    """Delete `.tmp-step-*` directories left by a writer that was killed mid-save (one run owns a directory
+    at a time, so at start-up every temporary is stale). Returns the removed paths."""
+    root = checkpoints_dir(output_dir)
+    removed = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if name.startswith(".tmp-step-"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            removed.append(os.path.join(root, name))
+    return removed
+
+
 def resolve_resume(output_dir: str, resume: str) -> Optional[str]:
     """Map train.resume to a checkpoint path: '' -> None (and refuse a dir that already has checkpoints),
     'auto' -> latest complete checkpoint or None, else the given directory (must be complete)."""

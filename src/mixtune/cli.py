@@ -221,6 +221,7 @@ def run(verb: str, argv: list[str]) -> int:
     command = " ".join(["mixtune", verb] + argv)
     if verb == "train":
         from . import train
+        _sigterm_as_interrupt()
         result = train.main(cfg, command=command)
         if args.json:
             _print_json(result)
@@ -255,6 +256,17 @@ def run(verb: str, argv: list[str]) -> int:
     return 0
 
 
+def _sigterm_as_interrupt() -> None:
+    """A scheduler's SIGTERM stops training like Ctrl-C (one line, exit 130); the checkpoints stay resumable."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip() or type(e).__name__
     if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in msg:
@@ -282,7 +294,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return run(verb, rest)
     except KeyboardInterrupt:
-        print("mixtune: interrupted", file=sys.stderr)
+        hint = "; continue with the same command plus --resume" if verb == "train" else ""
+        print(f"mixtune: interrupted{hint}", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
         if os.environ.get("MIXTUNE_DEBUG"):

@@ -207,6 +207,7 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
 
     # 0. the output dir: refuse to mix a fresh run into an old one; save the resolved config first
     resume_path = ckpt.resolve_resume(out_dir, t.resume)
+    ckpt.remove_stale_temporaries(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     cfg.save(os.path.join(out_dir, "config.yaml"))
     seed_everything(t.seed)
