@@ -221,8 +221,13 @@ def run(verb: str, argv: list[str]) -> int:
     command = " ".join(["mixtune", verb] + argv)
     if verb == "train":
         from . import train
-        _sigterm_as_interrupt()
-        result = train.main(cfg, command=command)
+        previous = _sigterm_as_interrupt()
+        try:
+            result = train.main(cfg, command=command)
+        finally:
+            if previous is not None:
+                import signal
+                signal.signal(signal.SIGTERM, previous)
         if args.json:
             _print_json(result)
     elif verb == "prepare":
@@ -256,15 +261,17 @@ def run(verb: str, argv: list[str]) -> int:
     return 0
 
 
-def _sigterm_as_interrupt() -> None:
-    """A scheduler's SIGTERM stops training like Ctrl-C (one line, exit 130); the checkpoints stay resumable."""
+def _sigterm_as_interrupt():
+    """A scheduler's SIGTERM stops training like Ctrl-C (one line, exit 130); the checkpoints stay resumable.
+    Returns the previous handler (None when not on the main thread)."""
     import signal
     import threading
 
     def handler(signum, frame):
         raise KeyboardInterrupt
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+        return signal.signal(signal.SIGTERM, handler)
+    return None
 
 
 def _one_line(e: BaseException) -> str:
