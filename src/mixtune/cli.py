@@ -242,7 +242,8 @@ def run(verb: str, argv: list[str]) -> int:
         if not os.path.isdir(args.adapter):
             raise FileNotFoundError(f"--adapter: directory not found: {args.adapter}")
         from .merge import merge_main
-        out_dir = cfg.merge.out or os.path.join(cfg.train.output_dir, "merged")
+        # default: next to the adapter (runs/x/adapter -> runs/x/merged)
+        out_dir = cfg.merge.out or os.path.join(os.path.dirname(os.path.abspath(args.adapter)), "merged")
         result = merge_main(cfg, args.adapter, out_dir)
         if args.json:
             _print_json(result if result is not None else {"out": out_dir})

@@ -156,7 +156,8 @@ class MergeConfig:
                    ("original", "dequantized"))
     dtype: str = _f("auto", "Written dtype: auto (the checkpoint's), bfloat16, float16, float32.",
                     ("auto", "bfloat16", "float16", "float32"))
-    out: str = _f("", "Output directory of the merged checkpoint (default: <train.output_dir>/merged).")
+    out: str = _f("", "Output directory of the merged checkpoint (default: <train.output_dir>/merged for train, "
+                          "the adapter's sibling directory 'merged' for mixtune merge).")
     max_shard_size: str = _f("5GB", "Largest safetensors shard.")
 
 
