@@ -163,7 +163,7 @@ def check_attention(cfg: MixtralConfig, device, B=2, T=1024, seed=0) -> dict:
     go = torch.randn(B, nh, T, d, generator=g, device=device)
 
     def run(impl, dt):
-        q, k, v = (t.to(dt).requires_grad_() for t in base)
+        q, k, v = (t.detach().to(dt).clone().requires_grad_() for t in base)
         o = build_attention(pos, T, nh // nkv, impl)(q, k, v)
         (o.float() * go).sum().backward()
         return [o, q.grad, k.grad, v.grad]
