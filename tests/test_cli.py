@@ -88,3 +88,14 @@ def test_ci_runs_exactly_the_readme_test_command():
     m = re.search(r'^TEST_COMMAND="(.+)"$', ci, re.M)
     assert m and m.group(1) in readme and "torch==2.13.0" in ci and "torch==2.13.0" in readme
     assert os.access(os.path.join(root, ".ci", "run"), os.X_OK)
+
+
+def test_adapter_brings_its_run_config_or_base_model(tmp_path):
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "org/base", "r": 4}')
+    assert cli._adapter_defaults(str(run / "adapter"), []) == (None, {"model": {"name_or_path": "org/base"}})
+    assert cli._adapter_defaults(str(run / "adapter"), [("model.name_or_path", "x")]) == (None, None)
+    (run / "config.yaml").write_text("data:\n  max_seq_length: 64\n")
+    path, base = cli._adapter_defaults(str(run / "adapter"), [])
+    assert path == str(run / "config.yaml") and base is None

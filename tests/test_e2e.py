@@ -42,7 +42,7 @@ def test_every_verb_on_the_tiny_default(capsys, run_dir):
     assert info["trainable_params"] > 0 and info["unmatched_targets"] == []
 
     # train: a short run of the default recipe
-    out, err = _run(capsys, ["train", "--output_dir", out_dir, "--train.max_steps", "12",
+    out, err = _run(capsys, ["train", "--output_dir", out_dir, "--train.max_steps", "12", "--data.max_seq_length", "192",
                              "--train.eval_steps", "6", "--train.save_steps", "6", "--train.logging_steps", "3",
                              "--train.generate_after", "1", "--generate.max_new_tokens", "8",
                              "--train.progress", "false", "--train.merge_after", "true", "--merge.dtype", "float32",
@@ -70,7 +70,8 @@ def test_every_verb_on_the_tiny_default(capsys, run_dir):
     assert cli.main(["train", "--output_dir", out_dir, *DATA]) == 2
     assert "--resume" in capsys.readouterr().err
 
-    # eval: the adapter's loss equals the run's final eval loss, and beats the base model
+    # eval: the adapter's loss (with the run's own config.yaml, found next to the adapter: same rows) equals
+    # the run's final eval loss, and beats the base model
     adapter = os.path.join(out_dir, "adapter")
     out, _ = _run(capsys, ["eval", "--adapter", adapter, "--json", *DATA])
     ev = _json_lines(out)[-1]

@@ -201,6 +201,24 @@ def parse_args(verb: str, argv: list[str]) -> _Args:
     return a
 
 
+def _adapter_defaults(adapter: str, overrides: list) -> tuple[Optional[str], Optional[dict]]:
+    """With --adapter and no CONFIG: the run's own resolved config (<adapter>/../config.yaml, written by
+    `mixtune train`) when it exists, so eval/merge/generate use the model and data settings the adapter was
+    trained with; else the base model named in adapter_config.json. Explicit overrides still win."""
+    run_cfg = os.path.join(os.path.dirname(os.path.abspath(adapter)), "config.yaml")
+    if os.path.isfile(run_cfg):
+        print(f"mixtune: using the training run's config {run_cfg}", file=sys.stderr)
+        return run_cfg, None
+    if any(k == "model.name_or_path" for k, _ in overrides):
+        return None, None
+    try:
+        with open(os.path.join(adapter, "adapter_config.json")) as fh:
+            name = json.load(fh).get("base_model_name_or_path") or ""
+    except (OSError, ValueError):
+        return None, None
+    return None, ({"model": {"name_or_path": name}} if name else None)
+
+
 def _print_json(obj) -> None:
     print(json.dumps(obj, default=str), flush=True)
 
@@ -217,7 +235,10 @@ def run(verb: str, argv: list[str]) -> int:
     if args.help:
         print(verb_help(verb))
         return 0
-    cfg = load_config(args.config, args.overrides)
+    base = None
+    if args.adapter and args.config is None:
+        args.config, base = _adapter_defaults(args.adapter, args.overrides)
+    cfg = load_config(args.config, args.overrides, base=base)
     command = " ".join(["mixtune", verb] + argv)
     if verb == "train":
         from . import train
