@@ -61,6 +61,8 @@ def test_aliases_map_to_config_keys():
     assert c.merge.dtype == "float32" and c.merge.out == "o" and c.train.output_dir == "d"
     t = cli.parse_args("train", ["--resume"])
     assert load_config(None, t.overrides).train.resume == "auto"
+    t = cli.parse_args("train", ["--resume", "configs/tiny.yaml"])
+    assert t.config == "configs/tiny.yaml" and load_config(None, t.overrides).train.resume == "auto"
     t = cli.parse_args("train", ["--resume", "runs/x/checkpoints/step-2", "--json"])
     assert load_config(None, t.overrides).train.resume == "runs/x/checkpoints/step-2"
 

@@ -148,9 +148,9 @@ def parse_args(verb: str, argv: list[str]) -> _Args:
                 value, i = None, i + 1
             elif inline is not None:
                 value, i = inline, i + 1
-            elif has_value(i):
+            elif has_value(i) and not (takes is None and argv[i + 1].endswith((".yaml", ".yml"))):
                 value, i = argv[i + 1], i + 2
-            elif takes is None:
+            elif takes is None:  # bare --resume (also before a CONFIG.yaml)
                 value, i = "auto", i + 1
             else:
                 raise ConfigError(f"{name} needs a value")
