@@ -7,7 +7,6 @@ run them on CPU tensors through Triton's interpreter (passing triton=True). With
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -20,10 +19,6 @@ def triton_available() -> bool:
     except Exception:
         return False
     return True
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 FORCE: bool | None = None  # tests set True (with TRITON_INTERPRET=1) to run every kernel through Triton on CPU

@@ -115,7 +115,13 @@ def _up(xs, offs, w1, w3, lc, s, I, dt):
     u13 = grouped_mm(xs, A13.transpose(1, 2), offs)  # (M, 2r)
     xa = torch.cat([xs, u13 * s], dim=1)  # (M, H + 2r)
     Wa = dequantize_nf4_stack([w1, w3], dt, cols=H + 2 * r)  # (E, 2I, H + 2r), LoRA columns next
-    Wa[:, :, H:] = _bblk(lc, E, I, r, dt, xs.device)
+    Wa[:, :I, H + r:].zero_()
+    Wa[:, I:, H:H + r].zero_()
+    for n, rows, cols in (("w1", slice(0, I), slice(H, H + r)), ("w3", slice(I, 2 * I), slice(H + r, H + 2 * r))):
+        if n in lc:
+            Wa[:, rows, cols] = lc[n][1]  # B (E, I, r)
+        else:
+            Wa[:, rows, cols].zero_()
     h13 = grouped_mm(xa, Wa.transpose(1, 2), offs)  # (M, 2I)
     return h13, u13
 
@@ -159,20 +165,23 @@ class _GroupedMoE(torch.autograd.Function):
         inv[order] = torch.arange(M, device=order.device)  # sorted position of each assignment
         out = (y[inv].view(N, k, H) * topk_weight.to(dt)[:, :, None]).sum(1)  # (N, H), fp32 accumulation
 
-        ctx.meta = (w1, w3, w2, s, save_h, I, k, list(lora), {n: (A.dtype, B.dtype) for n, (A, B) in lora.items()})
+        ctx.meta = (w1, w3, w2, s, save_h, I, k, list(lora))
+        # the LoRA parameters themselves (already resident), not their compute-dtype copies
         ctx.save_for_backward(x, topk_weight, order, inv, offs, h13 if save_h else None, y, u13, u2,
-                              *[t for n in lora for t in lc[n]])
+                              *[t for n in lora for t in lora[n]])
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        w1, w3, w2, s, save_h, I, k, names, pdt = ctx.meta
+        w1, w3, w2, s, save_h, I, k, names = ctx.meta
         x, topk_weight, order, inv, offs, h13, y, u13, u2, *rest = ctx.saved_tensors
-        lc = {n: (rest[2 * i], rest[2 * i + 1]) for i, n in enumerate(names)}
         N, H = x.shape
         E = w1.shape[0]
         M = order.numel()
         dt = x.dtype
+        params = {n: (rest[2 * i], rest[2 * i + 1]) for i, n in enumerate(names)}
+        pdt = {n: (A.dtype, B.dtype) for n, (A, B) in params.items()}
+        lc = {n: (A.to(dt), B.to(dt)) for n, (A, B) in params.items()}
         tok = order // k
         dout = dout.contiguous()
         xs = x[tok]  # (M, H)
