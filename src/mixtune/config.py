@@ -61,8 +61,9 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False, "Recompute each decoder layer in the backward pass (saves memory).")
     tokenizer: str = _f("", "Tokenizer: empty = the model directory's own, else the Mixtral v1 tokenizer shipped "
                            "in mistral-common; or a Hub id / local directory / 'mistral-common:v1'.")
-    cache_dir: str = _f("", "Where downloaded models and the tiny default are cached. Empty: $MIXTUNE_CACHE or "
-                           "~/.cache/mixtune.")
+    cache_dir: str = _f("", "Cache for the tiny default and prepared data (empty: $MIXTUNE_CACHE or "
+                           "~/.cache/mixtune); when set, Hub downloads go under it too, else to the standard "
+                           "Hugging Face cache (HF_HOME), where other tools' downloads are reused.")
 
 
 @dataclass
@@ -126,7 +127,8 @@ class TrainConfig:
     eval_steps: int = _f(20, "Evaluate every N optimizer steps (0 = only at the start and the end).")
     save_steps: int = _f(50, "Checkpoint every N optimizer steps (0 = only at the end).")
     save_total_limit: int = _f(2, "Keep the last K checkpoints.")
-    bf16: str = _f("auto", "bf16 autocast: auto (on where the device supports it), true, false.",
+    bf16: str = _f("auto", "bf16 autocast over a float32 model: auto (on where the device supports it), true, "
+                           "false. A bfloat16 model (model.dtype auto on CUDA) already computes in bf16: no autocast.",
                    ("auto", "true", "false"))
     seed: int = _f(42, "Seed for LoRA initialisation (unless lora.init_seed) and dropout; the data order follows data.seed.")
     router_aux_loss_coef: float = _f(0.0, "Weight of Mixtral's router load-balancing loss (Mixtral used 0.02; "

@@ -134,9 +134,10 @@ def eval_main(cfg, adapter: Optional[str] = None, json_out: bool = False) -> dic
     if not data.eval_rows:
         raise ValueError("no evaluation rows: set data.eval_fraction > 0 or data.eval_split")
     device = resolve_device(cfg.model.device)
-    bf16 = use_bf16(cfg, device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    bf16 = use_bf16(cfg, device, dtype)
     report = (lambda msg: print(msg, file=sys.stderr)) if json_out else print
-    model = load_model(model_path, quant=cfg.model.quant, dtype=resolve_dtype(cfg.model.dtype, device),
+    model = load_model(model_path, quant=cfg.model.quant, dtype=dtype,
                        device=device, cache_dir=cfg.model.cache_dir, revision=cfg.model.revision, report=report)
     model.set_moe_backend(cfg.model.moe_backend)
     model.attn_implementation = cfg.model.attn_implementation
