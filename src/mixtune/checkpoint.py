@@ -28,6 +28,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ._fs import publish_mode
+
 MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -141,6 +143,7 @@ def save_checkpoint(output_dir: str, step: int, *, model: torch.nn.Module, optim
     _fsync_dir(tmp)
     if os.path.exists(final):  # a stale checkpoint of the same step (e.g. re-saved after resume)
         shutil.rmtree(final)
+    publish_mode(tmp)
     os.rename(tmp, final)
     _fsync_dir(root)
     prune_checkpoints(output_dir, total_limit)

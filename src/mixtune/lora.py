@@ -33,6 +33,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from ._fs import publish_mode
 from .config import ConfigError, LoraConfig
 from .model.modeling import MixtralExperts
 from .model.nf4 import NF4Linear, NF4Weight
@@ -453,6 +454,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, lora_cfg: LoraCon
             json.dump(cfg, fh, indent=2)
         with open(os.path.join(tmp, SIDECAR), "w") as fh:
             json.dump(side, fh, indent=2)
+        publish_mode(tmp)
         if not os.path.exists(out_dir):
             os.rename(tmp, out_dir)
         else:  # existing dir (other files may live there): replace ours one by one, config last

@@ -26,6 +26,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from ._fs import publish_mode
 from .config import Config, ConfigError
 from .lora import adapter_deltas, adapter_scaling, merge_into_state_dict, read_adapter
 
@@ -208,6 +209,7 @@ def _copy_tokenizer(cfg: Config, model_dir: str, out_dir: str) -> list[str]:
 
 
 def _swap_into_place(tmp: str, out_dir: str) -> None:
+    publish_mode(tmp)
     if not os.path.exists(out_dir):
         os.rename(tmp, out_dir)
         return

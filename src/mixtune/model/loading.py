@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from .._fs import publish_mode
 from ..config import ConfigError
 from .config import MixtralConfig
 from .modeling import MixtralForCausalLM
@@ -98,6 +99,7 @@ def _build_tiny_atomically(path: str) -> None:
     tmp = tempfile.mkdtemp(prefix=TINY_NAME + ".tmp-", dir=os.path.dirname(path))
     try:
         make_tiny_checkpoint(tmp)
+        publish_mode(tmp)
         try:
             os.rename(tmp, path)
         except OSError:  # another process won the race: use theirs
@@ -115,8 +117,10 @@ def _download(repo_id: str, cache_dir: str, revision: Optional[str], need_weight
         raise CheckpointError(f"{repo_id!r} is not a local directory and huggingface_hub is missing: {e}")
     patterns = ["*.json", "model*.safetensors", "tokenizer.model"] if need_weights else ["*.json", "tokenizer.model"]
     try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                 cache_dir=os.path.join(default_cache_dir(cache_dir), "hub"))
+        # model.cache_dir set: download under it; else the standard Hugging Face cache (HF_HOME), so a
+        # Mixtral already downloaded by other tools is reused instead of fetched again (93 GB)
+        hub_cache = os.path.join(default_cache_dir(cache_dir), "hub") if cache_dir else None
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, cache_dir=hub_cache)
     except Exception as e:  # network, auth, missing repo: one line for the user
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"model {repo_id!r}: not a local directory, and the Hugging Face Hub download "
@@ -506,6 +510,7 @@ def save_hf_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]] | dict, out_d
         finals = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for tmp, final in zip(tmp_names, finals):
         os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, final))
+        publish_mode(os.path.join(out_dir, final))
     if n > 1:
         index = {"metadata": {"total_size": total},
                  "weight_map": {k: final for ks, final in zip(keys_of, finals) for k in ks}}
