@@ -177,6 +177,10 @@ def test_hub_ids_go_through_snapshot_download(monkeypatch, tiny_ckpt):
     assert repo == "someone/tiny-mixtral" and kw["revision"] == "abc"
     # HF weights only: never a repo's duplicate consolidated.safetensors (Mistral format)
     assert set(kw["allow_patterns"]) == {"*.json", "model*.safetensors", "tokenizer.model"}
+    assert kw["cache_dir"] == os.path.join("/tmp/c", "hub")  # model.cache_dir set: downloads go under it
+    calls.clear()
+    resolve_model_path("someone/tiny-mixtral")
+    assert calls[0][1]["cache_dir"] is None  # else the standard Hugging Face cache, shared with other tools
 
     def offline(repo_id, **kw):
         raise OSError("Cannot reach https://huggingface.co\nsecond line")
