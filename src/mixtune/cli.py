@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from typing import Optional
 
@@ -239,7 +240,7 @@ def run(verb: str, argv: list[str]) -> int:
     if args.adapter and args.config is None:
         args.config, base = _adapter_defaults(args.adapter, args.overrides)
     cfg = load_config(args.config, args.overrides, base=base)
-    command = " ".join(["mixtune", verb] + argv)
+    command = shlex.join(["mixtune", verb] + list(argv))
     if verb == "train":
         from . import train
         previous = _sigterm_as_interrupt()
