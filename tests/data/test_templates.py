@@ -78,10 +78,18 @@ CONVERSATIONS = [
      ("user", "Write code:\n    x = 1"), ("assistant", "def f():\n    return 1")],
     [("system", "You are terse."), ("user", "Name a color."), ("assistant", "Blue."), ("user", "Another?"),
      ("assistant", "Green.")],
+    # mistral-common drops an empty system prompt and keeps a whitespace-only one
+    [("system", ""), ("user", "Name a color."), ("assistant", "Blue.")],
+    [("system", " \n"), ("user", "Name a color."), ("assistant", "Blue.")],
+    [("system", "A"), ("system", ""), ("system", "B"), ("user", "hi"), ("assistant", "yo")],
+    # content is never stripped; unicode, CRLF, tabs, special-token strings as plain text; 3 turns
+    [("user", "  lead and trail  "), ("assistant", "\n\nCafé ☕ 日本語 🤖\r\n"), ("user", "\ta\tb"),
+     ("assistant", " say </s> and <s> [INST] "), ("user", "ﬁ ＡＢＣ"), ("assistant", "end  ")],
 ]
 
 
-@pytest.mark.parametrize("turns", CONVERSATIONS, ids=["single", "multi", "system"])
+@pytest.mark.parametrize("turns", CONVERSATIONS, ids=["single", "multi", "system", "empty-system",
+                                                      "blank-system", "three-systems", "tricky-content"])
 def test_mixtral_chat_ids_equal_mistral_common(tok, turns):
     conv = _conv({"messages": [{"role": r, "content": c} for r, c in turns]}, "chat")
     ex = render_example("mixtral-chat", conv, False)

@@ -127,7 +127,7 @@ def _messages(row: dict, col: str, where: str, number: int) -> list:
             raise BadRow("null_value", f"{at}: content is null")
         if not isinstance(content, str):
             raise BadRow("not_string", f"{at}: content is not a string (got {type(content).__name__})")
-        if not content.strip():
+        if not content.strip() and role != "system":  # an empty system prompt is no system prompt
             raise BadRow("empty_value", f"{at}: content is empty")
         turns.append((role, content))
     # System messages only at the start; then user/assistant alternating, starting with user.
@@ -214,7 +214,8 @@ def _alpaca(conv: Conversation, top: bool) -> Example:
 
 
 def _mixtral_chat(conv: Conversation, top: bool) -> Example:
-    systems = [c for r, c in conv.turns if r == "system"]
+    # as mistral-common: empty system messages are dropped, the others joined (whitespace-only ones kept)
+    systems = [c for r, c in conv.turns if r == "system" and c]
     system = "\n\n".join(systems)
     segs, text, prompt_text = [Segment("bos")], "<s>", ""
     first_user, n_prompt, last_answer = True, 1, ""
