@@ -171,3 +171,39 @@ def test_unknown_template_is_a_clear_error():
         render_example("chatml", Conversation([("user", "a"), ("assistant", "b")], "a", "", "b"), False)
     with pytest.raises(DataError, match="unknown template"):
         format_generation_prompt("chatml", "x")
+
+
+def _hf_backed_v1(tok, directory):
+    """The v1 tokenizer through transformers (HF files without mixtune's SentencePiece marker), as a real
+    checkpoint directory with tokenizer.json loads."""
+    import json
+
+    from mixtune.data.tokenizer import SP_MARKER
+
+    tok.save_pretrained(str(directory))
+    cfg_path = directory / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop(SP_MARKER)
+    cfg_path.write_text(json.dumps(cfg))
+    hf = load_tokenizer(str(directory))
+    assert hf.hf is not None and hf._sp is None
+    return hf
+
+
+def test_special_token_strings_in_content_stay_text_with_a_transformers_tokenizer(tok, tmp_path):
+    # A response that talks about "</s>" must not get an eos id in the middle of the example (nor a bos for
+    # "<s>"): the transformers backend must give the SentencePiece / mistral-common ids.
+    hf = _hf_backed_v1(tok, tmp_path)
+    row = {"prompt": wrap_instruction("Explain the end-of-sequence marker."),
+           "response": "Mixtral ends every answer with </s>; prompts start with <s>. <unk> is id 0."}
+    for template in ("backtranslate", "alpaca", "mixtral-chat"):
+        schema_row = row if template != "alpaca" else {"instruction": row["response"], "output": "ok"}
+        conv = _conv(schema_row, "instruct" if template != "alpaca" else "alpaca")
+        a = tokenize_example(render_example(template, conv, False), tok)
+        b = tokenize_example(render_example(template, conv, False), hf)
+        assert b.input_ids == a.input_ids and b.labels == a.labels and b.prompt_ids == a.prompt_ids, template
+        assert b.input_ids.count(1) == 1 and b.input_ids.count(2) == 1 and b.input_ids.count(0) == 0
+    conv = _conv({"messages": [{"role": "user", "content": "say </s>"}, {"role": "assistant", "content": "<s>"}]},
+                 "chat")
+    assert tokenize_example(render_example("mixtral-chat", conv, False), hf).input_ids == \
+        _mistral_common_ids([("user", "say </s>"), ("assistant", "<s>")])

@@ -35,7 +35,7 @@ def _lcp(a: list, b: list) -> int:
 
 def _encode_segment(seg, tokenizer) -> tuple[list, list, list]:
     """-> (ids of the whole segment, per-id train flags, ids of the first piece encoded alone)."""
-    enc = tokenizer.encode_with_specials if seg.specials else tokenizer.encode
+    enc = tokenizer.encode_with_specials if seg.specials else tokenizer.encode_content
     texts = [p[0] for p in seg.pieces]
     full = enc("".join(texts))
     flags = [False] * len(full)
@@ -82,7 +82,7 @@ def tokenize_example(ex: Example, tokenizer) -> Tokenized:
             # the prompt ends inside this segment (backtranslate, alpaca): generation encodes it alone
             first = dict(firsts).get(n)
             if first is None or nxt.pieces[0][0] != ex.prompt:
-                first = tokenizer.encode(ex.prompt)
+                first = tokenizer.encode_content(ex.prompt)
             prompt_ids = prompt_ids + first
     return Tokenized(ids, labels, prompt_ids)
 

@@ -87,6 +87,15 @@ class Tokenizer:
             ids = ids + [self.eos_id]
         return ids
 
+    def encode_content(self, text: str) -> list[int]:
+        """Data text (a response, an instruction, a chat turn) -> ids, special-token strings kept as plain
+        text on both backends: a literal "</s>" in a response never becomes an eos id in the middle of an
+        example (SentencePiece and mistral-common encode content this way; a transformers tokenizer parses
+        them unless told not to)."""
+        if self._sp is not None:
+            return list(self._sp.encode(text))
+        return list(self._hf.encode(text, add_special_tokens=False, split_special_tokens=True))
+
     def encode_with_specials(self, text: str) -> list[int]:
         """Text in which special-token strings (`<s>`, `</s>`, ...) are specials (chat templates render them)."""
         return list(self.hf.encode(text, add_special_tokens=False))
