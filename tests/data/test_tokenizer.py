@@ -77,3 +77,28 @@ def test_bad_tokenizer_specs(tmp_path):
     bad.write_bytes(b"not a sentencepiece model")
     with pytest.raises(ConfigError, match="cannot read SentencePiece model"):
         load_tokenizer(str(bad))
+
+
+def test_identity_of_a_transformers_tokenizer_covers_its_pipeline_not_just_the_vocabulary(tok, tmp_path):
+    # Same vocabulary, different pre-tokenizer (transformers' own converter vs mixtune's exact files): the ids
+    # differ, so the identity (the prepared-data cache key) must differ too, or a stale cache is reused.
+    from mixtune.data.tokenizer import SP_MARKER
+
+    dirs = []
+    for name, stock in (("exact", False), ("stock", True)):
+        d = tmp_path / name
+        tok.save_pretrained(str(d))
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        cfg.pop(SP_MARKER)
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        if stock:
+            tj = json.loads((d / "tokenizer.json").read_text())
+            tj["normalizer"] = None
+            tj["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first",
+                                   "split": False}
+            (d / "tokenizer.json").write_text(json.dumps(tj))
+        dirs.append(str(d))
+    a, b = load_tokenizer(dirs[0]), load_tokenizer(dirs[1])
+    assert a.encode("  indented") != b.encode("  indented")
+    assert a.identity() != b.identity()
+    assert load_tokenizer(dirs[0]).identity() == a.identity()  # and stays stable for the same files

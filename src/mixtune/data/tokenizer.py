@@ -164,6 +164,9 @@ class Tokenizer:
                 h.update(f"hf:{type(self._hf).__name__}:{getattr(self._hf, 'legacy', None)}".encode())
                 h.update(json.dumps(sorted(self._hf.get_vocab().items())).encode())
                 h.update(json.dumps([self.bos_id, self.eos_id, self.unk_id]).encode())
+                backend = getattr(self._hf, "backend_tokenizer", None)
+                if backend is not None:  # normalizer, pre-tokenizer, merges, added tokens: all decide ids
+                    h.update(backend.to_str().encode())
             h.update((self.chat_template or "").encode())
             self._identity = h.hexdigest()[:16]
         return self._identity
