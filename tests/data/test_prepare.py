@@ -1,6 +1,7 @@
 """prepare_data / prepare_main: sources, bad input messages, skip counts, cache, dumps, held-out split."""
 
 import json
+import re
 
 import pytest
 
@@ -239,3 +240,22 @@ def test_hub_code_path_with_a_local_dataset_dir(tmp_path, tok):
     assert d.stats["train_examples"] == 8 and d.stats["eval_examples"] == 4
     with pytest.raises(DataError, match="cannot load Hub dataset"):
         prepare_data(_cfg(tmp_path, "--data.source", str(ds_dir), "--data.train_split", "nosuch"), tok)
+
+
+def _cli(capsys, monkeypatch, tmp_path, *argv):
+    """`mixtune prepare ...` in process: (exit code, stderr)."""
+    from mixtune.cli import main
+
+    monkeypatch.setenv("MIXTUNE_CACHE", str(tmp_path / "mc"))
+    capsys.readouterr()
+    rc = main(["prepare", *argv])
+    return rc, capsys.readouterr().err.strip()
+
+
+def test_cli_names_a_mapped_column_the_file_lacks(tmp_path, capsys, monkeypatch):
+    path = _write_jsonl(tmp_path / "rows.jsonl", [_row(i) for i in range(3)])
+    rc, err = _cli(capsys, monkeypatch, tmp_path, "--data.path", path, "--data.columns", "{prompt: q}")
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert re.search(r"rows.jsonl: row 1: missing column 'q' \(data.columns maps prompt to it; the rows have: "
+                     r"prompt, response, source\)", err), err
+

@@ -75,7 +75,7 @@ def column_map(mapping: dict) -> dict:
     return {k: str(mapping.get(k, k)) for k in LOGICAL_COLUMNS}
 
 
-def detect_schema(columns: set, cmap: dict, where: str) -> str:
+def detect_schema(columns: set, cmap: dict, where: str, first_row: int = 1) -> str:
     if cmap["messages"] in columns:
         return "chat"
     if cmap["instruction"] in columns:
@@ -83,6 +83,11 @@ def detect_schema(columns: set, cmap: dict, where: str) -> str:
     if cmap["prompt"] in columns:
         return "instruct"
     have = ", ".join(sorted(columns)) or "none"
+    absent = [(k, v) for k, v in cmap.items() if v != k and v not in columns]
+    if absent:  # the user's mapping names a column the data does not have: say which
+        k, v = absent[0]
+        raise DataError(f"{where}: row {first_row}: missing column {v!r} (data.columns maps {k} to it; the "
+                        f"rows have: {have})")
     raise DataError(f"{where}: no known columns (have: {have}); expected prompt/response (instruct-v3), "
                     f"instruction/input/output (Alpaca) or messages (chat); map yours with "
                     f"--data.columns '{{prompt: my_col, response: my_col2}}'")
