@@ -259,3 +259,16 @@ def test_cli_names_a_mapped_column_the_file_lacks(tmp_path, capsys, monkeypatch)
     assert re.search(r"rows.jsonl: row 1: missing column 'q' \(data.columns maps prompt to it; the rows have: "
                      r"prompt, response, source\)", err), err
 
+
+def test_cli_file_whose_every_row_is_bad_reports_the_row_error(tmp_path, capsys, monkeypatch):
+    csv = tmp_path / "rows.csv"
+    csv.write_text("prompt,response\nhello,world,extra\nagain,x,y\n")
+    rc, err = _cli(capsys, monkeypatch, tmp_path, "--data.path", str(csv))
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "rows.csv: row 1: has 3 fields, the header has 2" in err and "no known columns" not in err
+    rc, err = _cli(capsys, monkeypatch, tmp_path, "--data.path", str(csv), "--data.skip_bad_rows", "true")
+    assert rc == 2 and "all 2 rows are bad {'bad_line': 2}" in err
+    p = tmp_path / "rows.jsonl"
+    p.write_text("not json\n")
+    rc, err = _cli(capsys, monkeypatch, tmp_path, "--data.path", str(p))
+    assert rc == 2 and "rows.jsonl: row 1: not valid JSON" in err

@@ -138,7 +138,18 @@ def _read_records(src, data_cfg, tokenizer, counts: dict, bad_msgs: list, limit:
     cmap = column_map(data_cfg.columns)
     if not raw:
         raise DataError(f"{src.name}: no rows")
-    schema = detect_schema(columns, cmap, src.name)
+    if not columns:  # not one row decoded: its own error says why (not "no known columns")
+        bad = [r.value for r in raw if isinstance(r.value, BadRow)]
+        if bad and not data_cfg.skip_bad_rows:
+            raise DataError(f"{bad[0]} (set --data.skip_bad_rows true to skip and count bad rows)")
+        if bad:
+            reasons = {}
+            for b in bad:
+                reasons[b.reason] = reasons.get(b.reason, 0) + 1
+            raise DataError(f"{src.name}: all {len(bad)} rows are bad {dict(sorted(reasons.items()))}; the "
+                            f"first: {bad[0]}")
+    first_row = next((r.number for r in raw if isinstance(r.value, dict)), 1)
+    schema = detect_schema(columns, cmap, src.name, first_row)
     out = []
     for r in raw:
         try:
