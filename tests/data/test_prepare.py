@@ -272,3 +272,18 @@ def test_cli_file_whose_every_row_is_bad_reports_the_row_error(tmp_path, capsys,
     p.write_text("not json\n")
     rc, err = _cli(capsys, monkeypatch, tmp_path, "--data.path", str(p))
     assert rc == 2 and "rows.jsonl: row 1: not valid JSON" in err
+
+
+def test_files_with_a_utf8_byte_order_mark(tmp_path, tok):
+    # Windows editors write a BOM; it is not part of row 1 (the CSV reader already skipped it).
+    rows = [_row(i) for i in range(4)]
+    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + body)
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    (tmp_path / "plain.jsonl").write_bytes(body)
+    ids = []
+    for name in ("bom.jsonl", "bom.json", "plain.jsonl"):
+        d = prepare_data(_cfg(tmp_path, "--data.path", str(tmp_path / name), "--data.eval_fraction", "0"), tok)
+        assert d.stats["rows_bad"] == 0 and d.stats["train_examples"] == 4
+        ids.append([r["input_ids"].tolist() for r in d.train_rows])
+    assert ids[0] == ids[1] == ids[2]

@@ -169,6 +169,8 @@ def _decode_json_line(path: str, number: int, raw: bytes) -> Any:
 def _read_jsonl(path: str) -> Iterator[RawRow]:
     with open(path, "rb") as fh:
         for number, raw in enumerate(fh, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark (Windows editors write one) is not part of row 1
             if not raw.strip():
                 continue  # blank lines (e.g. a trailing newline) are not rows
             yield RawRow(path, number, _decode_json_line(path, number, raw.rstrip(b"\r\n")))
@@ -178,7 +180,7 @@ def _read_json(path: str) -> Iterator[RawRow]:
     with open(path, "rb") as fh:
         raw = fh.read()
     try:
-        value = json.loads(raw.decode("utf-8"))
+        value = json.loads(raw.decode("utf-8-sig"))  # -sig: a leading byte-order mark is not content
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
