@@ -107,3 +107,20 @@ def test_iterate_batches_order_seed_epoch_and_exact_resume():
     assert any(not torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(full, other))
     ordered = list(iterate_batches(rows, bs, shuffle=False, seed=7))
     assert torch.equal(ordered[0]["input_ids"][0], rows[0]["input_ids"])
+
+
+def test_adversarial_lengths_and_inputs_that_cannot_be_packed():
+    T = 16
+    exact = ([1] + [9] * 14 + [2], [IGNORE] + [9] * 14 + [2])
+    tiny = [([1], [IGNORE])] * 40 + [([1, 2], [IGNORE, 2])] * 7
+    rows, stats = pack_examples([exact] + tiny, T, pad_id=0)
+    assert all(len(r["input_ids"]) == T for r in rows)
+    assert stats["real_tokens"] == 16 + 40 + 14 and stats["slots"] == len(rows) * T
+    assert stats["rows"] == 1 + 4  # the exact one alone; 54 tiny tokens in ceil(54 / 16) rows
+    segs = [s for r in rows for s in _split_row(r)]
+    assert segs.count(exact) == 1 and segs.count(([1], [IGNORE])) == 40 and segs.count(([1, 2], [IGNORE, 2])) == 7
+    # an example longer than the row (or with mismatched labels) is a caller error, never an over-long row
+    with pytest.raises(ValueError, match="example 1 has 17 ids"):
+        pack_examples([exact, ([1] * 17, [IGNORE] * 17)], T, pad_id=0)
+    with pytest.raises(ValueError, match="example 0 has 3 ids and 2 labels"):
+        pack_examples([([1, 2, 3], [IGNORE, 2])], T, pad_id=0)

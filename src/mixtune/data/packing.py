@@ -31,6 +31,10 @@ def pack_examples(examples: list, max_len: int, pad_id: int) -> tuple[list, dict
 
     Rows list examples in the order they were placed; the row order follows the first (longest) example.
     """
+    for i, (ids, labels) in enumerate(examples):
+        if len(ids) > max_len or len(labels) != len(ids):  # would silently make a row longer than max_len
+            raise ValueError(f"pack_examples: example {i} has {len(ids)} ids and {len(labels)} labels; each "
+                             f"needs equal counts <= max_len={max_len} (truncate or drop it first: fit_length)")
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i][0]), i))
     bins: list[list[int]] = []          # example indices per row
     free: list[tuple[int, int]] = []    # sorted (room left, row index) of rows that still have room
