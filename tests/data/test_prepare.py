@@ -6,7 +6,7 @@ import re
 import pytest
 
 from mixtune.config import ConfigError, load_config
-from mixtune.data import IGNORE, load_tokenizer, prepare_data, prepare_main, wrap_instruction
+from mixtune.data import IGNORE, format_stats, load_tokenizer, prepare_data, prepare_main, wrap_instruction
 from mixtune.data.sources import DataError
 
 
@@ -213,7 +213,8 @@ def test_overlong_truncate_or_drop(tmp_path, tok):
     long_resp = " ".join(f"word{i}" for i in range(200))
     rows = [_row(i) for i in range(6)] + [_row(6, response=long_resp)]
     path = _write_jsonl(tmp_path / "rows.jsonl", rows)
-    common = ["--data.path", path, "--data.max_seq_length", "96", "--data.eval_fraction", "0"]
+    common = ["--data.path", path, "--data.max_seq_length", "96", "--data.eval_fraction", "0",
+              "--data.train_on_prompt", "true"]  # (answer-only: see the no-answer-token test below)
     t = prepare_data(_cfg(tmp_path, *common), tok)
     assert t.stats["truncated"] == 1 and t.stats["dropped_overlong"] == 0 and t.stats["train_examples"] == 7
     d = prepare_data(_cfg(tmp_path, *common, "--data.overlong", "drop"), tok)
@@ -287,3 +288,19 @@ def test_files_with_a_utf8_byte_order_mark(tmp_path, tok):
         assert d.stats["rows_bad"] == 0 and d.stats["train_examples"] == 4
         ids.append([r["input_ids"].tolist() for r in d.train_rows])
     assert ids[0] == ids[1] == ids[2]
+
+
+def test_truncation_that_leaves_no_answer_token_drops_and_counts_the_example(tmp_path, tok, capsys):
+    # backtranslate puts the answer (the instruction) last: a long response truncated to max_seq_length keeps
+    # only prompt tokens, i.e. a whole row of compute with zero loss. Such examples are dropped and counted.
+    long_resp = " ".join(f"word{i}" for i in range(200))
+    rows = [_row(i) for i in range(6)] + [_row(6, response=long_resp)]
+    path = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    common = ["--data.path", path, "--data.max_seq_length", "96", "--data.eval_fraction", "0"]
+    d = prepare_data(_cfg(tmp_path, *common), tok)
+    assert d.stats["dropped_no_labels"] == 1 and d.stats["truncated"] == 0 and d.stats["train_examples"] == 6
+    assert all((r["labels"] != IGNORE).any() for r in d.train_rows)
+    assert "1 dropped (truncation left no answer token)" in format_stats(d.stats)
+    # with the loss on the whole text the truncated example still has labels: kept, counted as truncated
+    w = prepare_data(_cfg(tmp_path, *common, "--data.train_on_prompt", "true"), tok)
+    assert w.stats["dropped_no_labels"] == 0 and w.stats["truncated"] == 1 and w.stats["train_examples"] == 7

@@ -207,21 +207,25 @@ def _build(cfg, tokenizer, train_src, eval_src) -> PreparedData:
     tok_of = {id(ex): t for ex, t in zip(all_ex, toks)}
 
     def fit(exs):
-        kept, dropped, truncated = [], 0, 0
+        kept, dropped, truncated, no_label = [], 0, 0, 0
         for ex in exs:
             t = fit_length(tok_of[id(ex)], d.max_seq_length, d.overlong)
             if t is None:
                 dropped += 1
                 continue
+            if t.truncated and all(x == IGNORE for x in t.labels):
+                no_label += 1  # truncation cut the whole answer: a full row of compute with nothing to learn
+                continue
             truncated += t.truncated
             kept.append((t.input_ids, t.labels))
-        return kept, dropped, truncated
+        return kept, dropped, truncated, no_label
 
-    train_kept, train_dropped, train_trunc = fit([train_ex[i] for i in order])
-    eval_kept, eval_dropped, eval_trunc = fit(eval_ex)
+    train_kept, train_dropped, train_trunc, train_nolab = fit([train_ex[i] for i in order])
+    eval_kept, eval_dropped, eval_trunc, eval_nolab = fit(eval_ex)
     if not train_kept:
         raise DataError(f"{train_src.name}: no training examples left ({sum(counts.values())} bad rows, "
-                        f"{train_dropped} longer than data.max_seq_length={d.max_seq_length} dropped)")
+                        f"{train_dropped} longer than data.max_seq_length={d.max_seq_length} dropped, "
+                        f"{train_nolab} truncated to no answer token)")
     pack = (lambda exs: pack_examples(exs, d.max_seq_length, tokenizer.pad_id)) if d.packing else single_rows
     train_rows, pstats = pack(train_kept)
     eval_rows, estats = pack(eval_kept) if eval_kept else ([], {"rows": 0, "real_tokens": 0})
@@ -237,6 +241,7 @@ def _build(cfg, tokenizer, train_src, eval_src) -> PreparedData:
         "train_examples": len(train_kept), "eval_examples": len(eval_kept), "eval_from": eval_how,
         "eval_seed": d.seed if eval_src is None else None,
         "dropped_overlong": train_dropped + eval_dropped, "truncated": train_trunc + eval_trunc,
+        "dropped_no_labels": train_nolab + eval_nolab,
         "overlong": d.overlong, "max_seq_length": d.max_seq_length,
         "tokens": pstats["real_tokens"], "label_tokens": sum(sum(1 for x in lab if x != IGNORE)
                                                             for _, lab in train_kept),
@@ -315,7 +320,9 @@ def format_stats(s: dict) -> str:
         f"  bad rows          {s['rows_bad']:,}" + (f"  {s['rows_bad_by_reason']}" if s["rows_bad"] else ""),
         f"  train / eval      {s['train_examples']:,} / {s['eval_examples']:,} examples (eval: {s['eval_from']}"
         + (f", seed {s['eval_seed']}" if s.get("eval_seed") is not None else "") + ")",
-        f"  overlong (>{s['max_seq_length']})  {s['truncated']:,} truncated, {s['dropped_overlong']:,} dropped",
+        f"  overlong (>{s['max_seq_length']})  {s['truncated']:,} truncated, {s['dropped_overlong']:,} dropped"
+        + (f", {s['dropped_no_labels']:,} dropped (truncation left no answer token)"
+           if s.get("dropped_no_labels") else ""),
         f"  train tokens      {s['tokens']:,} ({s['label_tokens']:,} with loss"
         + (", whole text)" if s["train_on_prompt"] else ", answers + eos)"),
         f"  example length    p50 {L['p50']}  p90 {L['p90']}  p99 {L['p99']}  max {L['max']}  mean {L['mean']}",
