@@ -198,3 +198,22 @@ def test_no_autocast_over_a_bf16_model():
     assert use_bf16(forced, cpu, torch.float32) is True
     assert use_bf16(forced, cpu, torch.bfloat16) is False
     assert use_bf16(load_config(None, []), cpu, torch.float32) is False  # auto: off on CPU
+
+
+def test_resume_with_a_changed_config_is_refused_and_keeps_the_runs_config(tmp_path):
+    out = tmp_path / "run"
+    first = _cfg(out)
+    (out / "checkpoints" / "step-2").mkdir(parents=True)
+    (out / "checkpoints" / "step-2" / ckpt.MARKER).write_text("step 2\n")
+    first.save(str(out / "config.yaml"))
+    saved = (out / "config.yaml").read_text()
+    from mixtune.config import ConfigError
+    with pytest.raises(ConfigError, match=r"train.learning_rate 0.002 -> 0.1"):
+        train.main(_cfg(out, "--train.resume", "auto", "--train.learning_rate", "0.1"))
+    with pytest.raises(ConfigError, match=r"lora.r 4 -> 8"):
+        train.main(_cfg(out, "--train.resume", "auto", "--lora.r", "8"))
+    assert (out / "config.yaml").read_text() == saved  # the run's record is not overwritten by a refused resume
+    # bookkeeping keys may change on resume
+    train.check_resume_config(_cfg(out, "--train.resume", "auto", "--train.progress", "true",
+                                   "--train.save_total_limit", "5", "--generate.max_new_tokens", "8"),
+                              str(out / "config.yaml"))
