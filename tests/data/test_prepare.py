@@ -128,9 +128,12 @@ def test_eval_split_file_and_other_formats(tmp_path, tok):
         d = prepare_data(_cfg(tmp_path, "--data.path", str(p), "--data.template", "alpaca",
                               "--data.eval_split", str(tmp_path / "a.jsonl")), tok)
         assert d.stats["schema"] == "alpaca" and d.stats["eval_from"].endswith("a.jsonl")
-        assert d.stats["train_examples"] == 12 and d.stats["eval_examples"] == 12
+        assert d.stats["train_examples"] == 12 and d.stats["eval_examples"] == 12 and d.stats["rows_read"] == 24
         results.append([r["input_ids"].tolist() for r in d.train_rows])
     assert all(r == results[0] for r in results)
+    capped = prepare_data(_cfg(tmp_path, "--data.path", jl, "--data.template", "alpaca", "--data.eval_split", jl,
+                               "--data.eval_max_rows", "5"), tok)
+    assert capped.stats["eval_examples"] == 5 and capped.stats["rows_read"] == 24  # 12 eval rows were read
     with pytest.raises(DataError, match="data.eval_split: 'test' is neither a file nor a split"):
         prepare_data(_cfg(tmp_path, "--data.path", jl, "--data.eval_split", "test"), tok)
 

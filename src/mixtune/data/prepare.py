@@ -188,6 +188,7 @@ def _build(cfg, tokenizer, train_src, eval_src) -> PreparedData:
     order = list(range(len(train_ex)))
     if eval_src is not None:
         eval_ex, _ = _read_records(eval_src, d, tokenizer, counts, bad_msgs)
+        n_read_valid += len(eval_ex)  # read, whether or not eval_max_rows keeps them all
         eval_how = eval_src.name
         eval_idx: list = []
     else:
@@ -235,7 +236,7 @@ def _build(cfg, tokenizer, train_src, eval_src) -> PreparedData:
     stats = {
         "source": train_src.name, "schema": schema, "template": d.template, "tokenizer": tokenizer.name,
         "train_on_prompt": d.train_on_prompt,
-        "rows_read": n_read_valid + sum(counts.values()) + (len(eval_ex) if eval_src is not None else 0),
+        "rows_read": n_read_valid + sum(counts.values()),
         "rows_bad": sum(counts.values()), "rows_bad_by_reason": dict(sorted(counts.items())),
         "bad_row_examples": bad_msgs,
         "train_examples": len(train_kept), "eval_examples": len(eval_kept), "eval_from": eval_how,
