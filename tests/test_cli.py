@@ -1,6 +1,9 @@
 """The CLI contract: verbs, help, aliases, and user errors as one line with exit code 2."""
 
+import json
+
 import pytest
+import torch
 
 from mixtune import cli
 from mixtune.config import load_config
@@ -101,3 +104,22 @@ def test_adapter_brings_its_run_config_or_base_model(tmp_path):
     (run / "config.yaml").write_text("data:\n  max_seq_length: 64\n")
     path, base = cli._adapter_defaults(str(run / "adapter"), [])
     assert path == str(run / "config.yaml") and base is None
+
+
+@pytest.mark.parametrize("damage", ["weights", "config-list", "sidecar"])
+def test_damaged_adapter_is_one_line_exit_2(capsys, tmp_path, damage):
+    ad = tmp_path / "adapter"
+    ad.mkdir()
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    (ad / "adapter_config.json").write_text("[1, 2]" if damage == "config-list" else json.dumps(cfg))
+    (ad / "adapter_model.safetensors").write_bytes(b"not a safetensors file" if damage == "weights" else b"")
+    if damage == "sidecar":
+        from safetensors.torch import save_file
+        save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 8)},
+                  str(ad / "adapter_model.safetensors"))
+        (ad / "mixtune_adapter.json").write_text("{truncated")
+    rc, out, err = _run(capsys, ["merge", "--adapter", str(ad), "--out", str(tmp_path / "merged")])
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("mixtune: error: adapter: ") and str(ad) in err, err
+    assert not (tmp_path / "merged").exists()

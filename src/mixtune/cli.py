@@ -214,9 +214,10 @@ def _adapter_defaults(adapter: str, overrides: list) -> tuple[Optional[str], Opt
         return None, None
     try:
         with open(os.path.join(adapter, "adapter_config.json")) as fh:
-            name = json.load(fh).get("base_model_name_or_path") or ""
+            adapter_cfg = json.load(fh)
     except (OSError, ValueError):
         return None, None
+    name = adapter_cfg.get("base_model_name_or_path") or "" if isinstance(adapter_cfg, dict) else ""
     return None, ({"model": {"name_or_path": name}} if name else None)
 
 

@@ -479,19 +479,34 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict, dict]:
     try:
         with open(cfg_path) as fh:
             cfg = json.load(fh)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"adapter: {cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"adapter: {cfg_path} is not a JSON object (not a PEFT adapter config)")
     wpath = os.path.join(d, ADAPTER_WEIGHTS)
-    if os.path.isfile(wpath):
-        tensors = load_file(wpath)
-    elif os.path.isfile(os.path.join(d, "adapter_model.bin")):
-        tensors = torch.load(os.path.join(d, "adapter_model.bin"), map_location="cpu", weights_only=True)
-    else:
-        raise ConfigError(f"adapter: {wpath} not found")
+    bin_path = os.path.join(d, "adapter_model.bin")
+    try:
+        if os.path.isfile(wpath):
+            tensors = load_file(wpath)
+        elif os.path.isfile(bin_path):
+            wpath = bin_path
+            tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
+        else:
+            raise ConfigError(f"adapter: {wpath} not found")
+    except ConfigError:
+        raise
+    except Exception as e:  # safetensors' SafetensorError, unpickling errors: a damaged or foreign file
+        raise ConfigError(f"adapter: {wpath} cannot be read ({type(e).__name__}: {e})") from None
     side = {}
-    if os.path.isfile(os.path.join(d, SIDECAR)):
-        with open(os.path.join(d, SIDECAR)) as fh:
-            side = json.load(fh)
+    side_path = os.path.join(d, SIDECAR)
+    if os.path.isfile(side_path):
+        try:
+            with open(side_path) as fh:
+                side = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"adapter: {side_path} is not valid JSON ({e})") from None
+        if not isinstance(side, dict):
+            raise ConfigError(f"adapter: {side_path} is not a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"adapter: {cfg_path} has peft_type {cfg.get('peft_type')!r}; only LORA is supported")
     for key in ("use_dora", "use_rslora", "lora_bias"):
