@@ -119,3 +119,13 @@ def test_schedule_shapes():
     g = lr_lambda("linear", 0, 10)
     assert g(0) == 1.0 and g(5) == pytest.approx(0.5)
     assert lr_lambda("constant", 3, 10)(9) == 1.0
+
+
+@pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.pt", "state.json"])
+def test_damaged_file_in_a_complete_checkpoint_is_a_clear_error(tmp_path, name):
+    model, opt, sched = _setup()
+    path = ckpt.save_checkpoint(str(tmp_path), 2, model=model, optimizer=opt, scheduler=sched, state={})
+    with open(os.path.join(path, name), "wb") as fh:
+        fh.write(b"\x00damaged")
+    with pytest.raises(ckpt.CheckpointError, match=f"{name} cannot be read.*--resume DIR"):
+        ckpt.load_checkpoint(path)

@@ -234,13 +234,20 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 
     if not is_complete(path):
         raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER} marker); refusing to load it")
-    with open(os.path.join(path, "state.json")) as fh:
-        state = json.load(fh)
-    return {
-        "path": path,
-        "state": state,
-        "trainable": load_file(os.path.join(path, "trainable.safetensors")),
-        "optimizer": torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False),
-        "scheduler": torch.load(os.path.join(path, "scheduler.pt"), map_location="cpu", weights_only=False),
-        "rng": torch.load(os.path.join(path, "rng.pt"), map_location="cpu", weights_only=False),
-    }
+    out: dict[str, Any] = {"path": path}
+    def read_json(f):
+        with open(f) as fh:
+            return json.load(fh)
+    readers = [("state", "state.json", read_json),
+               ("trainable", "trainable.safetensors", load_file)]
+    readers += [(k, f"{k}.pt", lambda f: torch.load(f, map_location="cpu", weights_only=False))
+                for k in ("optimizer", "scheduler", "rng")]
+    for key, name, read in readers:
+        f = os.path.join(path, name)
+        try:
+            out[key] = read(f)
+        except Exception as e:  # missing or damaged file despite the marker (disk trouble, manual edits)
+            raise CheckpointError(f"checkpoint file {f} cannot be read ({type(e).__name__}: "
+                                  f"{str(e).strip()[:200]}); resume from an earlier checkpoint with "
+                                  f"--resume DIR") from None
+    return out
