@@ -307,3 +307,19 @@ def test_truncation_that_leaves_no_answer_token_drops_and_counts_the_example(tmp
     # with the loss on the whole text the truncated example still has labels: kept, counted as truncated
     w = prepare_data(_cfg(tmp_path, *common, "--data.train_on_prompt", "true"), tok)
     assert w.stats["dropped_no_labels"] == 0 and w.stats["truncated"] == 1 and w.stats["train_examples"] == 7
+
+
+def test_eval_max_rows_samples_the_eval_split_instead_of_taking_its_head(tmp_path, tok):
+    # an eval split sorted by source: the capped eval set must not be the first source only
+    ev = [_row(i, f"Math question {i}?", f"Math answer {i}.") for i in range(20)] + \
+         [_row(i, f"Code question {i}?", f"Code answer {i}.") for i in range(20)]
+    ev_path = _write_jsonl(tmp_path / "test.jsonl", ev)
+    path = _write_jsonl(tmp_path / "train.jsonl", [_row(i) for i in range(10)])
+    cfg = _cfg(tmp_path, "--data.path", path, "--data.eval_split", ev_path, "--data.eval_max_rows", "10")
+    d = prepare_data(cfg, tok, use_cache=False)
+    refs = [e["reference"] for e in d.eval_examples]
+    assert len(refs) == 10 and any(r.startswith("Math") for r in refs) and any(r.startswith("Code") for r in refs)
+    assert refs == [e["reference"] for e in prepare_data(cfg, tok, use_cache=False).eval_examples]  # seeded
+    instructions = [f"Math question {i}?" for i in range(20)] + [f"Code question {i}?" for i in range(20)]
+    idx = [instructions.index(r) for r in refs]
+    assert idx == sorted(idx)  # kept in source order

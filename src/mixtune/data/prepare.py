@@ -201,8 +201,12 @@ def _build(cfg, tokenizer, train_src, eval_src) -> PreparedData:
         held = set(eval_idx)
         eval_ex = [train_ex[i] for i in eval_idx]
         order = [i for i in range(len(train_ex)) if i not in held]
-    if d.eval_max_rows > 0:
-        eval_ex = eval_ex[: d.eval_max_rows]
+    if 0 < d.eval_max_rows < len(eval_ex):
+        # a seeded sample kept in source order, not the first rows: a split sorted by source (instruct-v3 mixes
+        # several) would otherwise be evaluated on whichever source comes first
+        g = torch.Generator().manual_seed(int(d.seed) + 1)
+        keep = sorted(torch.randperm(len(eval_ex), generator=g)[: d.eval_max_rows].tolist())
+        eval_ex = [eval_ex[i] for i in keep]
     all_ex = train_ex + (eval_ex if eval_src is not None else [])
     toks = [tokenize_example(ex, tokenizer) for ex in all_ex]  # source order (train file, then eval file)
     tok_of = {id(ex): t for ex, t in zip(all_ex, toks)}
