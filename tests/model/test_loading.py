@@ -257,3 +257,21 @@ def test_tied_embeddings(tmp_path, tiny_config):
     ids = torch.randint(3, 512, (1, 6))
     with torch.no_grad():
         assert model(ids).logits.shape == (1, 6, 512)
+
+
+def test_damaged_weights_and_config_are_named(tmp_path, tiny_ckpt):
+    d = tmp_path / "damaged"
+    shutil.copytree(tiny_ckpt, d)
+    shard = d / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:50])  # a truncated download
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: not a readable safetensors file"):
+        _load(str(d))
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(os.path.join(tiny_ckpt, "config.json"), single)
+    (single / "model.safetensors").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        _load(str(single))
+    (single / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        load_config_only(str(single))

@@ -62,7 +62,13 @@ class MixtralConfig:
     def from_pretrained(cls, path: str | os.PathLike) -> "MixtralConfig":
         p = os.path.join(path, "config.json") if os.path.isdir(path) else path
         with open(p) as fh:
-            return cls.from_dict(json.load(fh))
+            try:
+                d = json.load(fh)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{p}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{p}: not a JSON object (an HF config.json)")
+        return cls.from_dict(d)
 
     def to_hf_dict(self) -> dict:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}

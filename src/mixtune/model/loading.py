@@ -215,10 +215,18 @@ def _natural(key: str):
 # --------------------------------------------------------------------------------------------------
 
 
+def safe_open(fp: str, framework: str = "pt", device: str = "cpu"):
+    """safetensors' safe_open, with a damaged or truncated file reported as a CheckpointError naming it."""
+    from safetensors import safe_open as _open
+
+    try:
+        return _open(fp, framework=framework, device=device)
+    except Exception as e:  # SafetensorError (header too small, incomplete buffer...), OSError
+        raise CheckpointError(f"{fp}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
 def checkpoint_files(path: str, check: bool = True) -> dict[str, list[str]]:
     """{shard file name: [keys]} of a model directory (sharded with an index, or one model.safetensors)."""
-    from safetensors import safe_open
-
     index = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
         try:
@@ -259,8 +267,6 @@ def _some(keys: list[str], n: int = 6) -> str:
 def iter_checkpoint(path: str, device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) of a model directory, shard by shard, keys in layer order within a shard; tensors are
     read one at a time in their stored dtype (only the current tensor is materialised)."""
-    from safetensors import safe_open
-
     files = checkpoint_files(path)
     if not files:
         raise CheckpointError(f"model directory {path!r} has no safetensors weights")
