@@ -113,7 +113,8 @@ def resolve_sources(data_cfg) -> tuple[Source, Optional[Source]]:
         hub_id = None
     elif data_cfg.source:
         src = data_cfg.source
-        if os.path.isfile(src):
+        if os.path.isfile(src) or os.path.splitext(src)[1].lower() in LOCAL_TYPES:
+            # a data file name (even a missing one) is never a Hub id: no network round trips for a typo
             train, hub_id = _local_source(src, "data.source"), None
         else:
             train, hub_id = _hub_source(src, data_cfg.train_split, "data.source"), src
