@@ -207,3 +207,17 @@ def test_special_token_strings_in_content_stay_text_with_a_transformers_tokenize
                  "chat")
     assert tokenize_example(render_example("mixtral-chat", conv, False), hf).input_ids == \
         _mistral_common_ids([("user", "say </s>"), ("assistant", "<s>")])
+
+
+def test_a_tokenizer_without_bos_gives_examples_without_a_bos_id():
+    class NoBos:  # like Hub tokenizers whose bos_token is null: ids must stay ints (no None in the ids)
+        bos_id, eos_id = None, 2
+
+        def encode_content(self, text):
+            return [3 + (ord(c) % 50) for c in text]
+
+    conv = _conv({"prompt": WRAPPED, "response": RESPONSE}, "instruct")
+    for template in ("backtranslate", "mixtral-chat", "alpaca"):
+        t = tokenize_example(render_example(template, conv, False), NoBos())
+        assert None not in t.input_ids and None not in t.prompt_ids
+        assert t.input_ids[-1] == 2 and t.labels[-1] == 2 and t.labels[0] == IGNORE

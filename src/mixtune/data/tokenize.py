@@ -58,8 +58,9 @@ def tokenize_example(ex: Example, tokenizer) -> Tokenized:
     ids, flags, seg_ends, firsts = [], [], [], []
     for seg in ex.segments:
         if seg.kind == "bos":
-            ids.append(tokenizer.bos_id)
-            flags.append(False)
+            if tokenizer.bos_id is not None:  # some Hub tokenizers have none (bos_token null)
+                ids.append(tokenizer.bos_id)
+                flags.append(False)
         elif seg.kind == "eos":
             ids.append(tokenizer.eos_id)
             flags.append(seg.train)
