@@ -68,6 +68,10 @@ def test_overrides_coerce_types_and_beat_the_file(tmp_path):
     (["--train.bf16", "maybe"], "train.bf16: 'maybe' is not one of auto, true, false"),
     (["--train.bf16", "true", "--model.dtype", "float16"], "clashes with model.dtype float16"),
     (["--train.eval_steps", "5", "--data.eval_fraction", "0"], "train.eval_steps > 0 needs evaluation data"),
+    (["--train.learning_rate", "nan"], "train.learning_rate: expected a finite number, got 'nan'"),
+    (["--lora.alpha", "inf"], "lora.alpha: expected a finite number, got 'inf'"),
+    (["--generate.top_p", "2"], "generate.top_p: must be in (0, 1]"),
+    (["--generate.top_k", "-5"], "generate.top_k: must be >= 0"),
 ])
 def test_errors_name_the_key(args, msg):
     with pytest.raises(ConfigError, match=None) as e:

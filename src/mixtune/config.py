@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -230,13 +231,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and not math.isfinite(number):  # 'nan' / 'inf' parse as floats: never meant
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        if number is not None:
+            return number
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, bool):  # YAML `true` for a str field (e.g. train.bf16)
@@ -298,6 +304,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.max_steps and train.num_train_epochs: one of them must be positive")
     if not 0.0 <= d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
+    if not 0.0 < cfg.generate.top_p <= 1.0:
+        raise ConfigError(f"generate.top_p: must be in (0, 1] (1 = off), got {cfg.generate.top_p}")
+    if cfg.generate.top_k < 0:
+        raise ConfigError(f"generate.top_k: must be >= 0 (0 = off), got {cfg.generate.top_k}")
     if cfg.generate.temperature <= 0 and not cfg.generate.greedy:
         raise ConfigError("generate.temperature: must be positive when sampling (or set generate.greedy true)")
     if t.save_total_limit < 1:
