@@ -198,6 +198,8 @@ def test_undecodable_bytes_and_chat_rows(tmp_path, tok):
 def test_missing_file_unknown_template_and_no_rows(tmp_path, tok):
     with pytest.raises(DataError, match=r"data.path: file not found: .*nope.jsonl"):
         prepare_data(_cfg(tmp_path, "--data.path", str(tmp_path / "nope.jsonl")), tok)
+    with pytest.raises(DataError, match=r"data.max_rows: must be 0 \(no cap\) or positive, got -3"):
+        prepare_data(_cfg(tmp_path, "--data.max_rows", "-3"), tok)
     # a missing file given as data.source is "file not found" at once, not a Hub lookup (network retries)
     with pytest.raises(DataError, match=r"data.source: file not found: nope.csv$"):
         prepare_data(_cfg(tmp_path, "--data.source", "nope.csv"), tok)

@@ -270,6 +270,9 @@ def prepare_data(cfg, tokenizer, *, use_cache: bool = True) -> PreparedData:
     if cfg.data.template not in TEMPLATES:
         raise DataError(f"data.template: unknown template {cfg.data.template!r}; choose one of "
                         f"{', '.join(TEMPLATES)}")
+    for name in ("max_rows", "eval_max_rows"):  # 0 = no cap; a negative cap read one row ("limit" is truthy)
+        if getattr(cfg.data, name) < 0:
+            raise DataError(f"data.{name}: must be 0 (no cap) or positive, got {getattr(cfg.data, name)}")
     train_src, eval_src = resolve_sources(cfg.data)
     path = os.path.join(cache_dir(cfg), cache_key(cfg, train_src, eval_src, tokenizer) + ".pt")
     if use_cache and os.path.isfile(path):
