@@ -217,3 +217,10 @@ def test_resume_with_a_changed_config_is_refused_and_keeps_the_runs_config(tmp_p
     train.check_resume_config(_cfg(out, "--train.resume", "auto", "--train.progress", "true",
                                    "--train.save_total_limit", "5", "--generate.max_new_tokens", "8"),
                               str(out / "config.yaml"))
+
+
+def test_resume_auto_without_checkpoints_says_it_starts_fresh(tmp_path, capsys):
+    result = train.main(_cfg(tmp_path / "new", "--train.resume", "auto", "--train.max_steps", "1",
+                             "--train.save_steps", "0"))
+    assert result["steps"] == 1
+    assert "no complete checkpoint in" in capsys.readouterr().err

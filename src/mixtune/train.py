@@ -243,6 +243,8 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     resume_path = ckpt.resolve_resume(out_dir, t.resume)
     if resume_path:
         check_resume_config(cfg, os.path.join(out_dir, "config.yaml"))
+    elif t.resume == "auto":  # allowed (a requeued job that died before its first save), but never silent
+        _say(f"mixtune: --resume: no complete checkpoint in {ckpt.checkpoints_dir(out_dir)}; starting a fresh run")
     ckpt.remove_stale_temporaries(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     cfg.save(os.path.join(out_dir, "config.yaml"))
