@@ -123,3 +123,15 @@ def test_damaged_adapter_is_one_line_exit_2(capsys, tmp_path, damage):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("mixtune: error: adapter: ") and str(ad) in err, err
     assert not (tmp_path / "merged").exists()
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    """`mixtune train --help | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-m", "mixtune", "train", "--help"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, bufsize=0)
+    assert p.stdout.read(10).startswith(b"usage")
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 0 and "Traceback" not in err, err

@@ -324,6 +324,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         return run(verb, rest)
+    except BrokenPipeError:  # `mixtune train --help | head`: the reader left; no traceback
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        except (OSError, ValueError):
+            pass
+        return 0
     except KeyboardInterrupt:
         hint = "; continue with the same command plus --resume" if verb == "train" else ""
         print(f"mixtune: interrupted{hint}", file=sys.stderr)
