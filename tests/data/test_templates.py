@@ -221,3 +221,16 @@ def test_a_tokenizer_without_bos_gives_examples_without_a_bos_id():
         t = tokenize_example(render_example(template, conv, False), NoBos())
         assert None not in t.input_ids and None not in t.prompt_ids
         assert t.input_ids[-1] == 2 and t.labels[-1] == 2 and t.labels[0] == IGNORE
+
+
+@pytest.mark.parametrize("turns", CONVERSATIONS[:3], ids=["single", "multi", "system"])
+def test_mixtral_chat_text_retokenizes_to_its_ids(tok, turns):
+    # The dumped text (`mixtune prepare --dump-text`) read back by the HF tokenizer (specials parsed, as the
+    # recipe tokenizes "<s>...</s>") gives the training ids: "</s>[INST]", no space, like "<s>[INST]".
+    conv = _conv({"messages": [{"role": r, "content": c} for r, c in turns]}, "chat")
+    ex = render_example("mixtral-chat", conv, False)
+    t = tokenize_example(ex, tok)
+    assert tok.hf.encode(ex.text, add_special_tokens=False) == t.input_ids
+    assert [1] + tok.encode_with_specials(ex.prompt) == t.prompt_ids
+    if len([r for r, _ in turns if r == "assistant"]) > 1:
+        assert "</s>[INST] " in ex.text and "</s> [INST]" not in ex.text

@@ -230,7 +230,7 @@ def _mixtral_chat(conv: Conversation, top: bool) -> Example:
             first_user = False
             inst = f"[INST] {c} [/INST]"
             segs.append(Segment("text", [(inst, top)]))
-            text += ("" if text == "<s>" else " ") + inst
+            text += inst  # "</s>[INST]" like "<s>[INST]": the sentencepiece dummy prefix is not a text space
         elif role == "assistant":
             prompt_text, n_prompt, last_answer = text[3:], len(segs), content
             segs.append(Segment("text", [(content, True)]))
