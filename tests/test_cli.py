@@ -135,3 +135,15 @@ def test_help_into_a_closed_pipe_is_quiet():
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("verb", [["generate", "--prompt", "hi"], ["eval"], ["train"]])
+def test_bad_device_is_one_line_exit_2(capsys, tmp_path, verb):
+    extra = ["--output_dir", str(tmp_path / "run")] if verb == ["train"] else []
+    rc, out, err = _run(capsys, verb + extra + ["--model.device", "gpu"])
+    assert rc == 2 and err.startswith("mixtune: error: model.device: unknown device 'gpu'"), err
+    assert len(err.strip().splitlines()) == 1
+    if not torch.cuda.is_available():
+        rc, out, err = _run(capsys, verb + extra + ["--model.device", "cuda"])
+        assert rc == 2 and "model.device: 'cuda' requested but no CUDA device is available" in err, err
+        assert len(err.strip().splitlines()) == 1

@@ -36,13 +36,10 @@ from .evaluate import autocast_context, batch_to, evaluate_loss, generate_texts,
 
 
 def resolve_device(name: str) -> torch.device:
-    """auto → cuda if available else cpu; otherwise the named device (must exist)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"model.device: {name!r} requested but no CUDA device is available")
-    return dev
+    """auto → cuda if available else cpu; otherwise the named device (must exist: ConfigError if not)."""
+    from .model.loading import resolve_device as _resolve
+
+    return _resolve(name)
 
 
 def use_bf16(cfg: Config, device: torch.device, model_dtype: Optional[torch.dtype] = None) -> bool:

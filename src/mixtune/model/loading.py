@@ -150,9 +150,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name in ("", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"model.device: unknown device {name!r}") from None
+        raise ConfigError(f"model.device: unknown device {name!r} (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.device: {name!r} requested but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"model.device: {name!r} requested but only {torch.cuda.device_count()} CUDA "
+                              f"device(s) are visible")
+    return dev
 
 
 # --------------------------------------------------------------------------------------------------
