@@ -104,6 +104,12 @@ def test_adapter_brings_its_run_config_or_base_model(tmp_path):
     (run / "config.yaml").write_text("data:\n  max_seq_length: 64\n")
     path, base = cli._adapter_defaults(str(run / "adapter"), [])
     assert path == str(run / "config.yaml") and base is None
+    # a checkpoint's adapter also evaluates/merges with its run's config (same model, data and template)
+    ck = run / "checkpoints" / "step-2" / "adapter"
+    ck.mkdir(parents=True)
+    (ck / "adapter_config.json").write_text('{"base_model_name_or_path": "org/base", "r": 4}')
+    path, base = cli._adapter_defaults(str(ck), [])
+    assert path == str(run / "config.yaml") and base is None
 
 
 @pytest.mark.parametrize("damage", ["weights", "config-list", "sidecar"])

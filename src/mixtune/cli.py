@@ -204,9 +204,14 @@ def parse_args(verb: str, argv: list[str]) -> _Args:
 
 def _adapter_defaults(adapter: str, overrides: list) -> tuple[Optional[str], Optional[dict]]:
     """With --adapter and no CONFIG: the run's own resolved config (<adapter>/../config.yaml, written by
-    `mixtune train`) when it exists, so eval/merge/generate use the model and data settings the adapter was
-    trained with; else the base model named in adapter_config.json. Explicit overrides still win."""
-    run_cfg = os.path.join(os.path.dirname(os.path.abspath(adapter)), "config.yaml")
+    `mixtune train`; for a checkpoint's adapter <run>/checkpoints/step-N/adapter, <run>/config.yaml) when it
+    exists, so eval/merge/generate use the model and data settings the adapter was trained with; else the base
+    model named in adapter_config.json. Explicit overrides still win."""
+    parent = os.path.dirname(os.path.abspath(adapter))
+    run_cfg = os.path.join(parent, "config.yaml")
+    if not os.path.isfile(run_cfg) and os.path.basename(os.path.dirname(parent)) == "checkpoints":
+        # a checkpoint's adapter: <run>/checkpoints/step-N/adapter -> <run>/config.yaml
+        run_cfg = os.path.join(os.path.dirname(os.path.dirname(parent)), "config.yaml")
     if os.path.isfile(run_cfg):
         print(f"mixtune: using the training run's config {run_cfg}", file=sys.stderr)
         return run_cfg, None
