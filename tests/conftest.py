@@ -15,6 +15,11 @@ import os
 import pytest
 import torch
 
+# No GPU in CI: Triton kernels run under Triton's CPU interpreter (tests/kernels/test_dequant_triton.py). The
+# switch must be set before anything imports triton, so set it here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_mixtune_cache(tmp_path_factory):
