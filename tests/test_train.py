@@ -224,3 +224,18 @@ def test_resume_auto_without_checkpoints_says_it_starts_fresh(tmp_path, capsys):
                              "--train.save_steps", "0"))
     assert result["steps"] == 1
     assert "no complete checkpoint in" in capsys.readouterr().err
+
+
+def test_lora_target_errors_come_before_loading_the_weights(tmp_path, tiny_ckpt):
+    """strict_targets (or no target matching) fails on the meta device, before the weights are read: a model
+    whose shard is damaged reports the target, not the shard."""
+    import shutil
+    from mixtune.config import ConfigError
+    cfg_only = tmp_path / "damaged"
+    shutil.copytree(tiny_ckpt, cfg_only)
+    (cfg_only / "model-00002-of-00002.safetensors").write_bytes(b"damaged")
+    with pytest.raises(ConfigError, match="'foo' matches no module.*strict_targets"):
+        train.main(_cfg(tmp_path / "a", "--model.name_or_path", str(cfg_only), "--lora.targets", "q_proj,foo",
+                        "--lora.strict_targets", "true"))
+    with pytest.raises(ConfigError, match="none of foo,bar matches"):
+        train.main(_cfg(tmp_path / "b", "--model.name_or_path", str(cfg_only), "--lora.targets", "foo,bar"))

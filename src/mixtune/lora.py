@@ -287,6 +287,18 @@ def build_report(model: nn.Module, matched=None, unmatched=None, messages=None, 
                       scaling=alpha / r if r else 0.0)
 
 
+def check_targets(model: nn.Module, lora_cfg: LoraConfig) -> None:
+    """Raise the ConfigError `apply_lora` would raise for these targets (an unmatched one under strict_targets,
+    or none matching), without changing `model` or logging. On a meta-device model: a check before loading."""
+    targets = [t.strip() for t in lora_cfg.targets if t.strip()]
+    _, _, lin_sel, exp_sel, _, unmatched = _resolve_targets(model, targets)
+    if unmatched and lora_cfg.strict_targets:
+        raise ConfigError("; ".join(unmatched_message(t) for t in unmatched) + " (lora.strict_targets is on)")
+    if not lin_sel and not exp_sel:
+        raise ConfigError(f"lora.targets: none of {','.join(targets)} matches a module of this model; "
+                          f"names: {' '.join(KNOWN_NAMES)}")
+
+
 def apply_lora(model: nn.Module, lora_cfg: LoraConfig, seed: int = 0) -> LoraReport:
     """Wrap the targets of `lora_cfg.targets` with LoRA, freeze every other parameter, return the report.
 

@@ -230,8 +230,9 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     """Run one training job described by `cfg`; returns the final metrics. `on_step(step)` is called after
     every optimizer step (and its checkpoint), e.g. by tests that simulate a kill."""
     from .data import load_tokenizer, prepare_data
-    from .lora import apply_lora, save_adapter
-    from .model.loading import load_model, resolve_dtype, resolve_model_path
+    from .lora import apply_lora, check_targets, save_adapter
+    from .model.config import MixtralConfig
+    from .model.loading import build_model_on_meta, load_model, resolve_dtype, resolve_model_path
 
     t_start = time.time()
     t, out_dir = cfg.train, cfg.train.output_dir
@@ -251,6 +252,8 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     # 1. model files, tokenizer, data
     model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision)
     base_name = cfg.model.name_or_path or model_path
+    # LoRA target errors now, on the meta device, not after data preparation and loading the base (minutes)
+    check_targets(build_model_on_meta(MixtralConfig.from_pretrained(model_path), cfg.model.quant), cfg.lora)
     tokenizer = load_tokenizer(cfg.model.tokenizer, model_path)
     data = prepare_data(cfg, tokenizer)
     if not data.train_rows:
