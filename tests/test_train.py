@@ -239,3 +239,13 @@ def test_lora_target_errors_come_before_loading_the_weights(tmp_path, tiny_ckpt)
                         "--lora.strict_targets", "true"))
     with pytest.raises(ConfigError, match="none of foo,bar matches"):
         train.main(_cfg(tmp_path / "b", "--model.name_or_path", str(cfg_only), "--lora.targets", "foo,bar"))
+
+
+def test_merge_after_into_a_foreign_dir_is_refused_before_training(tmp_path):
+    from mixtune.config import ConfigError
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="is not an earlier mixtune merge"):
+        train.main(_cfg(tmp_path / "run", "--train.merge_after", "true", "--merge.out", str(foreign)))
+    assert not (tmp_path / "run" / "checkpoints").exists() and (foreign / "keep.txt").read_text() == "keep me"

@@ -241,7 +241,10 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     resume_path = ckpt.resolve_resume(out_dir, t.resume)
     if resume_path:
         check_resume_config(cfg, os.path.join(out_dir, "config.yaml"))
-    elif t.resume == "auto":  # allowed (a requeued job that died before its first save), but never silent
+    if t.merge_after:  # a merge.out that the final merge would refuse: say so now, not after training
+        from .merge import _check_out_dir
+        _check_out_dir(os.path.abspath(cfg.merge.out or os.path.join(out_dir, "merged")))
+    if not resume_path and t.resume == "auto":  # allowed (a requeued job died before its first save); said
         _say(f"mixtune: --resume: no complete checkpoint in {ckpt.checkpoints_dir(out_dir)}; starting a fresh run")
     ckpt.remove_stale_temporaries(out_dir)
     os.makedirs(out_dir, exist_ok=True)
