@@ -328,3 +328,13 @@ def test_eval_max_rows_samples_the_eval_split_instead_of_taking_its_head(tmp_pat
     instructions = [f"Math question {i}?" for i in range(20)] + [f"Code question {i}?" for i in range(20)]
     idx = [instructions.index(r) for r in refs]
     assert idx == sorted(idx)  # kept in source order
+
+
+def test_csv_with_a_field_over_the_csv_module_default_limit(tmp_path, tok):
+    # Python's csv module refuses fields over 128 KiB by default (a traceback); long responses are real data
+    big = "word " * 30000  # 150 KB
+    p = tmp_path / "rows.csv"
+    p.write_text("instruction,output\n" + f'"Say it.","{big}"\n' + '"Say hi.","Hi"\n')
+    d = prepare_data(_cfg(tmp_path, "--data.path", str(p), "--data.template", "alpaca", "--data.eval_fraction",
+                          "0", "--data.train_on_prompt", "true"), tok)
+    assert d.stats["rows_read"] == 2 and d.stats["rows_bad"] == 0 and d.stats["truncated"] == 1

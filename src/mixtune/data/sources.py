@@ -212,19 +212,25 @@ def _read_csv(path: str) -> Iterator[RawRow]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    # the default limit (128 KiB per field) rejected long responses (whole documents, code files) with a traceback
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     reader = csv.reader(io.StringIO(text, newline=""))
+    number, header = 0, None
     try:
-        header = next(reader)
-    except StopIteration:
-        return
-    for number, fields in enumerate(reader, start=1):
-        if not fields:
-            continue
-        if len(fields) != len(header):
-            yield RawRow(path, number, BadRow(
-                "bad_line", f"{path}: row {number}: has {len(fields)} fields, the header has {len(header)}"))
-            continue
-        yield RawRow(path, number, dict(zip(header, fields)))
+        header = next(reader, None)
+        if header is None:
+            return
+        for number, fields in enumerate(reader, start=1):
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                yield RawRow(path, number, BadRow(
+                    "bad_line", f"{path}: row {number}: has {len(fields)} fields, the header has {len(header)}"))
+                continue
+            yield RawRow(path, number, dict(zip(header, fields)))
+    except csv.Error as e:  # the file cannot be parsed past this record
+        where = "the header" if header is None else f"row {number + 1}"
+        raise DataError(f"{path}: {where}: cannot parse CSV ({e})") from None
 
 
 def _read_parquet(path: str) -> Iterator[RawRow]:
