@@ -153,3 +153,16 @@ def test_bad_device_is_one_line_exit_2(capsys, tmp_path, verb):
         rc, out, err = _run(capsys, verb + extra + ["--model.device", "cuda"])
         assert rc == 2 and "model.device: 'cuda' requested but no CUDA device is available" in err, err
         assert len(err.strip().splitlines()) == 1
+
+
+def test_merge_default_out_dir(capsys, tmp_path, monkeypatch):
+    import mixtune.merge
+    seen = []
+    monkeypatch.setattr(mixtune.merge, "merge_main", lambda cfg, adapter, out: seen.append(out) or {"out": out})
+    run = tmp_path / "run"
+    for ad in (run / "adapter", run / "checkpoints" / "step-4" / "adapter"):
+        ad.mkdir(parents=True)
+        (ad / "adapter_config.json").write_text('{"r": 4}')
+        assert cli.main(["merge", "--adapter", str(ad), "--json"]) == 0
+    # beside the adapter; for a checkpoint's adapter beside the checkpoints (pruning must not delete it)
+    assert seen == [str(run / "merged"), str(run / "merged-step-4")]

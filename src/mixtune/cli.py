@@ -270,8 +270,13 @@ def run(verb: str, argv: list[str]) -> int:
         if not os.path.isdir(args.adapter):
             raise FileNotFoundError(f"--adapter: directory not found: {args.adapter}")
         from .merge import merge_main
-        # default: next to the adapter (runs/x/adapter -> runs/x/merged)
-        out_dir = cfg.merge.out or os.path.join(os.path.dirname(os.path.abspath(args.adapter)), "merged")
+        # default: next to the adapter (runs/x/adapter -> runs/x/merged); a checkpoint's adapter merges beside
+        # the checkpoints, never inside one that save_total_limit may prune (.../step-N/adapter -> runs/x/merged-step-N)
+        parent = os.path.dirname(os.path.abspath(args.adapter))
+        default = os.path.join(parent, "merged")
+        if os.path.basename(os.path.dirname(parent)) == "checkpoints":
+            default = os.path.join(os.path.dirname(os.path.dirname(parent)), f"merged-{os.path.basename(parent)}")
+        out_dir = cfg.merge.out or default
         result = merge_main(cfg, args.adapter, out_dir)
         if args.json:
             _print_json(result if result is not None else {"out": out_dir})

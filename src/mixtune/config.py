@@ -160,7 +160,8 @@ class MergeConfig:
     dtype: str = _f("auto", "Written dtype: auto (the checkpoint's), bfloat16, float16, float32.",
                     ("auto", "bfloat16", "float16", "float32"))
     out: str = _f("", "Output directory of the merged checkpoint (default: <train.output_dir>/merged for train, "
-                          "the adapter's sibling directory 'merged' for mixtune merge).")
+                          "the adapter's sibling directory 'merged' for mixtune merge, <run>/merged-step-N for a "
+                          "checkpoint's adapter).")
     max_shard_size: str = _f("5GB", "Largest safetensors shard.")
 
 
