@@ -99,3 +99,10 @@ def test_help_documents_every_key():
     for section, body in Config().to_dict().items():
         for key in body:
             assert f"--{section}.{key} " in text
+
+
+def test_readme_config_reference_is_the_current_help():
+    """README's "Config reference" says it is generated from `mixtune train --help`: keep it so."""
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        readme = fh.read()
+    assert config_help() in readme, "README.md's config reference is stale: paste config_help() again"
