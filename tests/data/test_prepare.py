@@ -338,3 +338,10 @@ def test_csv_with_a_field_over_the_csv_module_default_limit(tmp_path, tok):
     d = prepare_data(_cfg(tmp_path, "--data.path", str(p), "--data.template", "alpaca", "--data.eval_fraction",
                           "0", "--data.train_on_prompt", "true"), tok)
     assert d.stats["rows_read"] == 2 and d.stats["rows_bad"] == 0 and d.stats["truncated"] == 1
+
+
+def test_dump_to_a_directory_is_refused_before_preparing(tmp_path, capsys, monkeypatch):
+    rc, err = _cli(capsys, monkeypatch, tmp_path, "--dump-tokens", str(tmp_path))
+    assert rc == 2 and err == f"mixtune: error: --dump-tokens: {tmp_path} is a directory; give a file name " \
+                              f"(e.g. {tmp_path}/out.jsonl)"
+    assert not (tmp_path / "mc").exists()  # nothing was prepared

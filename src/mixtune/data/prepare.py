@@ -352,6 +352,9 @@ def prepare_main(cfg, *, json_out: bool = False, dump_text: Optional[str] = None
     """`mixtune prepare`: prepare (or load from cache), print stats (one JSON line with json_out), write the
     dumps (one JSON line per example in source order: {"text"} / {"input_ids", "labels"}, unpacked,
     untruncated). Returns the stats."""
+    for option, path in (("--dump-text", dump_text), ("--dump-tokens", dump_tokens)):
+        if path and os.path.isdir(path):  # checked before preparing, which can take minutes on real data
+            raise DataError(f"{option}: {path} is a directory; give a file name (e.g. {path.rstrip('/')}/out.jsonl)")
     tok = tokenizer if tokenizer is not None else _tokenizer_for(cfg)
     dumps = bool(dump_text or dump_tokens)
     prepared = prepare_data(cfg, tok, use_cache=not dumps)
