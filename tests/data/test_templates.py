@@ -2,7 +2,8 @@
 
 import pytest
 
-from mixtune.data import format_generation_prompt, load_tokenizer, recover_instruction, wrap_instruction
+from mixtune.data import (BACKTRANSLATE_TASK, format_generation_prompt, load_tokenizer, recover_instruction,
+                          wrap_instruction)
 from mixtune.data.sources import DataError
 from mixtune.data.templates import Conversation, render_example, to_conversation
 from mixtune.data.tokenize import IGNORE, tokenize_example
@@ -234,3 +235,25 @@ def test_mixtral_chat_text_retokenizes_to_its_ids(tok, turns):
     assert [1] + tok.encode_with_specials(ex.prompt) == t.prompt_ids
     if len([r for r, _ in turns if r == "assistant"]) > 1:
         assert "</s>[INST] " in ex.text and "</s> [INST]" not in ex.text
+
+
+SYS = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+       "request.")
+
+
+@pytest.mark.parametrize("prompt,expected", [
+    # the recipe's chain, applied to every row whatever its source: no special-casing of unwrapped rows
+    (SYS + "\n\n### Instruction\n  padded  \n\n### Response\n", "padded"),
+    ("What is 2 + 2?", "What is 2 + 2?"),                              # not wrapped (e.g. competition_math)
+    ("Human: hi\n\nAssistant: hello\n\nHuman: bye", "Human: hi\n\nAssistant: hello\n\nHuman: bye"),
+    (SYS + "\n\n### Instruction:\nColon variant\n\n### Response:\n",     # not the chain's markers: left in
+     "### Instruction:\nColon variant\n\n### Response:"),
+    (SYS + "\r\n\r\n### Instruction\r\nCRLF\r\n\r\n### Response\r\n",   # CRLF: only the sentence goes
+     "### Instruction\r\nCRLF\r\n\r\n### Response"),
+    ("\n\n### Instruction\nNo system sentence\n\n### Response\n", "No system sentence"),
+    (SYS + "\n\n### Instruction\nQuote: \"" + SYS + "\"\n\n### Response\n", "Quote: \"\""),  # every occurrence
+])
+def test_recover_instruction_on_instruct_v3_variants(prompt, expected):
+    assert recover_instruction(prompt) == expected
+    text = render_example("backtranslate", _conv({"prompt": prompt, "response": " r "}, "instruct"), False).text
+    assert text == "<s>[INST]" + BACKTRANSLATE_TASK + "\n r [/INST]" + expected + "</s>"  # response unstripped
