@@ -84,6 +84,9 @@ def test_fresh_run_refuses_dir_with_checkpoints_and_resume_resolution(tmp_path):
         ckpt.resolve_resume(out, "")
     with pytest.raises(FileNotFoundError):
         ckpt.resolve_resume(out, str(tmp_path / "nope"))
+    # --resume RUN_DIR (not a checkpoint): say so and name the way to resume it, not "interrupted while written"
+    with pytest.raises(ckpt.CheckpointError, match="is a run directory, not a checkpoint.*step-1"):
+        ckpt.resolve_resume(out, out)
 
 
 def test_keeps_last_k(tmp_path):

@@ -222,6 +222,10 @@ def resolve_resume(output_dir: str, resume: str) -> Optional[str]:
     path = resume
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--resume: checkpoint directory not found: {path}")
+    if not is_complete(path) and os.path.isdir(checkpoints_dir(path)):
+        latest = find_latest_checkpoint(path)
+        raise CheckpointError(f"--resume: {path} is a run directory, not a checkpoint; pass --resume auto "
+                              f"--output_dir {path}" + (f", or --resume {latest}" if latest else ""))
     if not is_complete(path):
         raise CheckpointError(f"--resume: {path} is incomplete (no {MARKER} marker: it was interrupted while "
                               f"being written); use an earlier checkpoint or --resume auto")
