@@ -345,3 +345,30 @@ def test_dump_to_a_directory_is_refused_before_preparing(tmp_path, capsys, monke
     assert rc == 2 and err == f"mixtune: error: --dump-tokens: {tmp_path} is a directory; give a file name " \
                               f"(e.g. {tmp_path}/out.jsonl)"
     assert not (tmp_path / "mc").exists()  # nothing was prepared
+
+
+def test_cache_misses_on_train_on_prompt_and_tokenizer_and_hits_on_a_touched_file(tmp_path, tok):
+    import os
+
+    path = _write_jsonl(tmp_path / "rows.jsonl", [_row(i) for i in range(12)])
+    cfg = _cfg(tmp_path, "--data.path", path)
+    assert prepare_data(cfg, tok).stats["cached"] is False
+    os.utime(path, (1, 1))  # same content, new mtime: still a hit
+    assert prepare_data(cfg, tok).stats["cached"] is True
+    assert prepare_data(_cfg(tmp_path, "--data.path", path, "--data.train_on_prompt", "true"),
+                        tok).stats["cached"] is False
+    import shutil
+
+    from mixtune.data import v1_model_path
+    from mixtune.data.tokenizer import SP_MARKER
+
+    other = tmp_path / "other.model"
+    shutil.copyfile(v1_model_path(), other)
+    assert load_tokenizer(str(other)).identity() == tok.identity()  # same model file: same identity, a hit
+    assert prepare_data(cfg, load_tokenizer(str(other))).stats["cached"] is True
+    hf_dir = tmp_path / "hf_tok"  # the same vocabulary through transformers: another tokenizer, a miss
+    tok.save_pretrained(str(hf_dir))
+    tc = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    tc.pop(SP_MARKER)
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(tc))
+    assert prepare_data(cfg, load_tokenizer(str(hf_dir))).stats["cached"] is False
