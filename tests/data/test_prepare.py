@@ -159,6 +159,9 @@ BAD = [  # (raw line or row, reason, message pattern) — the good rows are line
     ({"prompt": wrap_instruction(" "), "response": "ok"}, "empty_value", r"row 4: column 'prompt' holds no instr"),
     ('{"prompt": "unterminated', "bad_line", r"rows.jsonl: row 4: not valid JSON"),
     ("[1, 2]", "not_object", r"row 4: expected a JSON object, got list"),
+    # valid JSON, but a lone surrogate (a cut emoji) that no tokenizer accepts: was a sentencepiece traceback
+    ('{"prompt": "Say it.", "response": "cut emoji \\ud83d here"}', "bad_text",
+     r"row 4: column 'response' holds an invalid character \(lone surrogate '\\ud83d' at position 10\)"),
 ]
 
 

@@ -93,6 +93,15 @@ def detect_schema(columns: set, cmap: dict, where: str, first_row: int = 1) -> s
                     f"--data.columns '{{prompt: my_col, response: my_col2}}'")
 
 
+def _check_text(v: str, at: str) -> None:
+    """JSON can carry a lone surrogate (\\ud83d from a cut emoji): valid JSON, but no tokenizer takes it."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRow("bad_text", f"{at} holds an invalid character (lone surrogate {v[e.start]!r} at "
+                                 f"position {e.start})") from None
+
+
 def _field(row: dict, col: str, where: str, number: int, optional: bool = False) -> str:
     if col not in row:
         if optional:
@@ -108,6 +117,7 @@ def _field(row: dict, col: str, where: str, number: int, optional: bool = False)
                                    f"(got {type(v).__name__} {str(v)[:40]!r})")
     if not v.strip() and not optional:
         raise BadRow("empty_value", f"{where}: row {number}: column {col!r} is empty")
+    _check_text(v, f"{where}: row {number}: column {col!r}")
     return v
 
 
@@ -134,6 +144,7 @@ def _messages(row: dict, col: str, where: str, number: int) -> list:
             raise BadRow("not_string", f"{at}: content is not a string (got {type(content).__name__})")
         if not content.strip() and role != "system":  # an empty system prompt is no system prompt
             raise BadRow("empty_value", f"{at}: content is empty")
+        _check_text(content, f"{at}: content")
         turns.append((role, content))
     # System messages only at the start; then user/assistant alternating, starting with user.
     k = 0
