@@ -94,3 +94,34 @@ def test_generate_main_json(tiny_ckpt, capsys):
         ids = [tok.bos_id] + tok.encode(data.format_generation_prompt(cfg.data.template, text))
         assert r["token_ids"] == generate(model, [ids], max_new_tokens=5, greedy=True, eos_id=tok.eos_id)[0]
         assert r["text"] == tok.decode(r["token_ids"])
+
+
+def test_generate_main_chat_template_and_literal_specials(tiny_ckpt, tmp_path, capsys):
+    """chat-template prompts go through the tokenizer's own template; in the other templates a literal '</s>'
+    in the user's text stays text (as in training), never an eos id inside the prompt."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from mixtune.config import load_config
+    from mixtune.data import load_tokenizer
+    from mixtune.generate import generate_main
+
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(tiny_ckpt, ckpt)
+    hf = AutoTokenizer.from_pretrained(ckpt)
+    hf.chat_template = ("{{ bos_token }}{% for m in messages %}<|user|>\n{{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    hf.save_pretrained(ckpt)
+    tok = load_tokenizer("", ckpt)
+    assert tok.chat_template
+    base = ["--model.name_or_path", ckpt, "--model.quant", "none", "--model.dtype", "float32", "--model.device",
+            "cpu", "--generate.greedy", "true", "--generate.max_new_tokens", "2"]
+    res = generate_main(load_config(None, base + ["--data.template", "chat-template"]), ["Hi"], None, True)
+    assert res[0]["formatted_prompt"] == "<|user|>\nHi\n<|assistant|>\n"
+    text = "keep </s> as text"
+    res = generate_main(load_config(None, base + ["--data.template", "mixtral-chat"]), [text], None, True)
+    ids = [tok.bos_id] + tok.encode_content(f"[INST] {text} [/INST]")
+    assert tok.eos_id not in ids[1:]
+    assert res[0]["prompt_tokens"] == len(ids)
+    capsys.readouterr()

@@ -122,8 +122,11 @@ def generate_main(cfg, prompts: list[str], adapter: Optional[str] = None, json_o
     tok = load_tokenizer(mc.tokenizer, path)
     results = []
     for text in prompts:
-        formatted = format_generation_prompt(cfg.data.template, text)
-        ids = [tok.bos_id] + tok.encode(formatted)
+        formatted = format_generation_prompt(cfg.data.template, text, tok)
+        if cfg.data.template == "chat-template":  # the template's own markers are special tokens
+            ids = [tok.bos_id] + tok.encode_with_specials(formatted)
+        else:  # as in training: a literal "</s>" in the user's text stays text, never an eos id
+            ids = [tok.bos_id] + tok.encode_content(formatted)
         new = generate(model, [ids], max_new_tokens=gc.max_new_tokens, greedy=gc.greedy,
                        temperature=gc.temperature, top_p=gc.top_p, top_k=gc.top_k, seed=gc.seed,
                        eos_id=tok.eos_id)[0]
