@@ -478,6 +478,18 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, lora_cfg: LoraCon
     return out_dir
 
 
+def _read_json_object(path: str, what: str) -> dict:
+    """A JSON object from `path`, or a ConfigError naming the file."""
+    try:
+        with open(path) as fh:
+            obj = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"adapter: {path} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"adapter: {path} is not a JSON object ({what})")
+    return obj
+
+
 def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict, dict]:
     """(adapter_config dict, tensors under PEFT keys, sidecar dict or {}) with clear errors."""
     from safetensors.torch import load_file
@@ -488,13 +500,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict, dict]:
     cfg_path = os.path.join(d, ADAPTER_CONFIG)
     if not os.path.isfile(cfg_path):
         raise ConfigError(f"adapter: {cfg_path} not found (not a PEFT adapter directory)")
-    try:
-        with open(cfg_path) as fh:
-            cfg = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"adapter: {cfg_path} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"adapter: {cfg_path} is not a JSON object (not a PEFT adapter config)")
+    cfg = _read_json_object(cfg_path, "not a PEFT adapter config")
     wpath = os.path.join(d, ADAPTER_WEIGHTS)
     bin_path = os.path.join(d, "adapter_model.bin")
     try:
@@ -509,16 +515,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict, dict]:
         raise
     except Exception as e:  # safetensors' SafetensorError, unpickling errors: a damaged or foreign file
         raise ConfigError(f"adapter: {wpath} cannot be read ({type(e).__name__}: {e})") from None
-    side = {}
     side_path = os.path.join(d, SIDECAR)
-    if os.path.isfile(side_path):
-        try:
-            with open(side_path) as fh:
-                side = json.load(fh)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"adapter: {side_path} is not valid JSON ({e})") from None
-        if not isinstance(side, dict):
-            raise ConfigError(f"adapter: {side_path} is not a JSON object")
+    side = _read_json_object(side_path, "mixtune's adapter sidecar") if os.path.isfile(side_path) else {}
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"adapter: {cfg_path} has peft_type {cfg.get('peft_type')!r}; only LORA is supported")
     for key in ("use_dora", "use_rslora", "lora_bias"):
