@@ -1,6 +1,7 @@
 """The training recipe: kill-and-resume reaches the same adapter as one uninterrupted run; a fresh run
 refuses a directory with checkpoints; accumulation normalises by the step's tokens."""
 
+import functools
 import os
 
 import pytest
@@ -30,9 +31,20 @@ def _cfg(out_dir, *extra):
     return load_config(None, FAST + ["--train.output_dir", str(out_dir), *extra])
 
 
-def test_kill_and_resume_gives_the_same_adapter(tmp_path):
+def _cfg_opt(out_dir, *extra, optim="adamw"):
+    return _cfg(out_dir, "--train.optim", optim, *extra)
+
+
+@pytest.mark.parametrize("optim", ["adamw", "adamw_8bit"])
+def test_kill_and_resume_gives_the_same_adapter(tmp_path, optim):
+    _cfg = functools.partial(_cfg_opt, optim=optim)
     full = tmp_path / "full"
     train.main(_cfg(full))
+    if optim == "adamw_8bit":  # the checkpoint really holds 8-bit moments (lm_head's LoRA B is large enough)
+        saved = torch.load(full / "checkpoints" / "step-6" / "optimizer.pt", weights_only=False)
+        flat = [v for st in saved["state"].values() for v in
+                (list(st.values()) + list(st.get("__bnb_optimizer_quant_state__", {}).values()))]
+        assert any(torch.is_tensor(v) and v.dtype == torch.uint8 for v in flat)
 
     part = tmp_path / "part"
 
@@ -144,14 +156,19 @@ def test_accumulation_is_exact_and_checkpointing_changes_nothing(tiny_ckpt):
     model.zero_grad(set_to_none=True)
     assert any(not torch.allclose(g_means[n], g_whole[n], rtol=1e-3, atol=1e-6) for n in g_whole)
 
-    # activation checkpointing recomputes the same values
-    model.gradient_checkpointing = True
-    train.forward_backward(model, [b1, b2], dev, False, 0.0)
-    g_ckpt = _grads(model)
-    model.zero_grad(set_to_none=True)
-    model.gradient_checkpointing = False
-    for n in g_whole:
-        torch.testing.assert_close(g_ckpt[n], g_accum[n], rtol=1e-5, atol=1e-7)
+    # activation checkpointing recomputes the same values: every layer, the first one only, attention blocks
+    # only (with the low-memory grouped MoE), and the first layer in full + the other's attention
+    for layers, attention, backend in ((-1, False, "auto"), (1, False, "auto"), (0, True, "grouped_lowmem"),
+                                       (1, True, "grouped")):
+        model.set_checkpointing(layers, attention)
+        model.set_moe_backend(backend)
+        train.forward_backward(model, [b1, b2], dev, False, 0.0)
+        g_ckpt = _grads(model)
+        model.zero_grad(set_to_none=True)
+        for n in g_whole:
+            torch.testing.assert_close(g_ckpt[n], g_accum[n], rtol=1e-5, atol=1e-6)
+    model.set_checkpointing(0, False)
+    model.set_moe_backend("auto")
 
     # the router aux loss adds a gradient when its coefficient is on
     train.forward_backward(model, [b1, b2], dev, False, 0.5)

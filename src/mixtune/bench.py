@@ -291,18 +291,19 @@ def _sync(device):
 
 
 def time_mixtune(model, cfg, row: Row, device, backend, ckpt, steps, warmup, seed=0, opt_fused=True,
-                 attn="sdpa"):
+                 attn="sdpa", optim="adamw", actk=0):
     """Times `steps` optimizer steps (after `warmup`) of row.accum micro-batches each; fills `row`."""
     from .lora import lora_parameters
     model.set_moe_backend(backend)
     model.attn_implementation = attn
-    n_ck = min(int(ckpt), len(model.model.layers))  # checkpoint the first n_ck layers
-    model.gradient_checkpointing = n_ck > 0
-    for i, layer in enumerate(model.model.layers):
-        layer.checkpoint = i < n_ck
+    model.set_checkpointing(max(0, int(ckpt)), attention=bool(actk))  # the first `ckpt` layers in full
     params = lora_parameters(model)
     cuda = torch.device(device).type == "cuda"
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda and opt_fused)
+    if optim == "adamw" and not opt_fused:
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=False)
+    else:
+        from .optim import make_optimizer
+        opt = make_optimizer(params, optim, lr=1e-5)
     batches = [packed_batch(row.micro_batch, row.seq, cfg.vocab_size, device, seed + i) for i in range(row.accum)]
     n_lab = sum(int((lab[:, 1:] != -100).sum()) for _, lab, _ in batches)
     if cuda:
@@ -343,15 +344,18 @@ def ckpt_label(n: int, layers: int) -> str:
 
 def parse_settings(spec: str):
     """'mb=8,ckpt=0,backend=grouped;mb=16,...' -> list of dicts. ckpt = number of layers checkpointed
-    (the first ones; 1 with the stock stack means all), accum = micro-batches per optimizer step."""
+    (the first ones; 1 with the stock stack means all), accum = micro-batches per optimizer step, backend = MoE
+    backend, attn = attention implementation, opt = adamw | adamw_8bit, actk=1: the layers not fully
+    checkpointed recompute their attention block."""
     out = []
     for part in filter(None, (s.strip() for s in spec.split(";"))):
-        d = {"mb": 8, "accum": 1, "ckpt": 0, "backend": "grouped", "attn": "sdpa"}
+        d = {"mb": 8, "accum": 1, "ckpt": 0, "backend": "grouped", "attn": "sdpa", "opt": "adamw", "actk": 0}
         for kv in part.split(","):
             key, _, val = kv.partition("=")
             if key not in d:
-                raise ValueError(f"--settings: unknown key {key!r} in {part!r} (mb, accum, ckpt, backend, attn)")
-            d[key] = val if key in ("backend", "attn") else int(val)
+                raise ValueError(f"--settings: unknown key {key!r} in {part!r} (mb, accum, ckpt, backend, attn, opt, "
+                                 "actk)")
+            d[key] = val if key in ("backend", "attn", "opt") else int(val)
         out.append(d)
     return out
 
@@ -360,9 +364,10 @@ def profile_step(model, cfg, s, seq, device, path, seed=0):
     """One profiled training step at setting s; the top CUDA kernels by total time go to `path`."""
     from torch.profiler import ProfilerActivity, profile
     row = Row("profile", cfg.num_hidden_layers, s["mb"], seq, s["accum"])
-    time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], 1, 1, seed, attn=s.get("attn", "sdpa"))
+    kw = dict(attn=s.get("attn", "sdpa"), optim=s.get("opt", "adamw"), actk=s.get("actk", 0))
+    time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], 1, 1, seed, **kw)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], 1, 0, seed, attn=s.get("attn", "sdpa"))
+        time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], 1, 0, seed, **kw)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
     with open(path, "w") as f:
         f.write(table)
@@ -379,10 +384,12 @@ def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed
         for s in settings:
             row = Row(f"mixtune {label}", layers, s["mb"], rows["seq"], s["accum"],
                       f"{s['backend']}, ckpt={ckpt_label(s['ckpt'], layers)}"
-                      + (f", attn={s['attn']}" if s.get("attn", "sdpa") != "sdpa" else ""), build_s=build_s)
+                      + (f", attn={s['attn']}" if s.get("attn", "sdpa") != "sdpa" else "")
+                      + (f", {s['opt']}" if s.get("opt", "adamw") != "adamw" else "")
+                      + (", attn-ckpt" if s.get("actk") else ""), build_s=build_s)
             try:
                 time_mixtune(model, c, row, device, s["backend"], s["ckpt"], steps, warmup, seed,
-                             attn=s.get("attn", "sdpa"))
+                             attn=s.get("attn", "sdpa"), optim=s.get("opt", "adamw"), actk=s.get("actk", 0))
             except torch.OutOfMemoryError as e:
                 row.error = "OOM: " + str(e).split("\n")[0][:80]
             except RuntimeError as e:

@@ -57,9 +57,17 @@ class ModelConfig:
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
     attn_implementation: str = _f("auto", "Attention: auto, sdpa (dense document mask), flex (FlexAttention "
                                           "block mask, GPU), eager.", ("auto", "sdpa", "flex", "eager"))
-    moe_backend: str = _f("auto", "Expert computation: auto, reference (pure PyTorch loop), grouped "
-                                  "(sorted tokens + grouped matmuls).", ("auto", "reference", "grouped", "triton"))
-    gradient_checkpointing: bool = _f(False, "Recompute each decoder layer in the backward pass (saves memory).")
+    moe_backend: str = _f("auto", "Expert computation: auto (grouped on CUDA, reference elsewhere), reference "
+                                  "(pure PyTorch loop), grouped (sorted tokens + grouped matmuls over 4-bit "
+                                  "weights; keeps the (tokens x 2 x intermediate) pre-activations for backward), "
+                                  "grouped_lowmem (recomputes them in backward: less memory, one more expert "
+                                  "matmul).", ("auto", "reference", "grouped", "grouped_lowmem"))
+    gradient_checkpointing: bool = _f(False, "Recompute decoder layers in the backward pass (saves memory); "
+                                             "how many: checkpoint_layers.")
+    checkpoint_layers: int = _f(-1, "With gradient_checkpointing: recompute the first N decoder layers "
+                                    "(-1 = all); the others keep their activations (selective checkpointing).")
+    checkpoint_attention: bool = _f(False, "Layers that are not fully recomputed recompute their attention "
+                                           "block (keeping only its input); pairs well with grouped_lowmem.")
     tokenizer: str = _f("", "Tokenizer: empty = the model directory's own, else the Mixtral v1 tokenizer shipped "
                            "in mistral-common; or a Hub id / local directory / 'mistral-common:v1'.")
     cache_dir: str = _f("", "Cache for the tiny default and prepared data (empty: $MIXTUNE_CACHE or "
@@ -117,6 +125,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     learning_rate: float = _f(2e-3, "Peak learning rate (AdamW).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
+    optim: str = _f("adamw", "Optimizer: adamw (fp32 moments, fused on CUDA) or adamw_8bit (bitsandbytes' "
+                             "blockwise 8-bit moments: a quarter of the state memory).", ("adamw", "adamw_8bit"))
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")

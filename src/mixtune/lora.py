@@ -104,7 +104,10 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         a = self.lora_A.to(x.dtype)  # (r, in)
         b = self.lora_B.to(x.dtype)  # (out, r)
-        return y + (self.dropout(x) @ a.t()) @ b.t() * self.scaling
+        u = self.dropout(x) @ a.t()  # (..., r)
+        # y + s·u·Bᵀ in one GEMM whose epilogue adds y (one pass over the (..., out) output, not three)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t(), alpha=self.scaling)
+        return out.view(y.shape)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}"

@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from . import checkpoint as ckpt
+from .optim import make_optimizer
 from .config import Config, ConfigError
 from .evaluate import autocast_context, batch_to, evaluate_loss, generate_texts, generation_metrics
 
@@ -199,7 +200,8 @@ RESUME_MAY_CHANGE = {
     "train.resume", "train.output_dir", "train.progress", "train.tensorboard", "train.logging_steps",
     "train.eval_steps", "train.save_steps", "train.save_total_limit", "train.generate_after", "train.merge_after",
     "train.per_device_eval_batch_size", "model.device", "model.cache_dir", "model.attn_implementation",
-    "model.moe_backend", "model.gradient_checkpointing", "data.cache_dir", "data.eval_max_rows",
+    "model.moe_backend", "model.gradient_checkpointing", "model.checkpoint_layers", "model.checkpoint_attention",
+    "data.cache_dir", "data.eval_max_rows",
 }
 
 
@@ -271,7 +273,8 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     if max_pos and cfg.data.max_seq_length > max_pos:
         raise ConfigError(f"data.max_seq_length {cfg.data.max_seq_length} exceeds the model's "
                           f"max_position_embeddings {max_pos}")
-    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    model.set_checkpointing(cfg.model.checkpoint_layers if cfg.model.gradient_checkpointing else 0,
+                            cfg.model.checkpoint_attention)
     model.set_moe_backend(cfg.model.moe_backend)
     model.attn_implementation = cfg.model.attn_implementation
     lora_report = apply_lora(model, cfg.lora, cfg.lora.init_seed if cfg.lora.init_seed is not None else t.seed)
@@ -291,8 +294,8 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     micro_bs, accum = t.per_device_train_batch_size, t.gradient_accumulation_steps
     per_epoch = batches_per_epoch(data.train_rows, micro_bs)
     total = total_optimizer_steps(cfg, len(data.train_rows), per_epoch)
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                  eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(params, t.optim, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                               eps=t.adam_epsilon, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t.lr_scheduler_type, warmup_steps(cfg, total), total))
 

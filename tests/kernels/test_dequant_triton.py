@@ -41,6 +41,12 @@ def test_swiglu_kernels_match_torch():
     swiglu_backward(h, dg, True, out=wide[:, :200])
     assert torch.allclose(wide[:, :200], swiglu_backward(h, dg, False), atol=1e-6)
     assert torch.isnan(wide[:, 200:]).all()  # nothing written past the view
+    for tri in (True, False):  # g from the backward pass, written over dg
+        d = dg.clone()
+        dh, g = swiglu_backward(h, d, tri, want_g=True)
+        assert torch.allclose(dh, swiglu_backward(h, dg, False), atol=1e-6)
+        assert torch.allclose(g, swiglu_forward(h, False), atol=1e-6)
+        assert g.data_ptr() == d.data_ptr()
 
 
 def test_rms_norm_kernel_matches_module_math():
@@ -90,3 +96,63 @@ def test_grouped_moe_through_triton_kernels(monkeypatch):
         res[backend] = [y, xx.grad, ww.grad] + [L.A[n].grad for n in L.A] + [L.B[n].grad for n in L.B]
     for a, b in zip(res["grouped"], res["reference"]):
         assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+def test_route_kernels_match_torch():
+    """gather_rows into a wider buffer, the weighted combine (and its unweighted form for dx), and the combine's
+    backward: Triton (interpreter) vs the PyTorch path, with a repeated token and an uneven H."""
+    from mixtune.kernels.route import combine, combine_backward, gather_rows
+    g = torch.Generator().manual_seed(5)
+    N, k, H = 7, 2, 1100  # H > the kernels' block: the column loop / second program runs
+    x = torch.randn(N, H, generator=g)
+    order = torch.randperm(N * k, generator=g)
+    tok = order // k
+    wide = torch.full((N * k, H + 9), float("nan"))
+    gather_rows(x, tok, out=wide[:, :H], triton=True)
+    assert torch.equal(wide[:, :H], x[tok]) and torch.isnan(wide[:, H:]).all()
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(N * k)
+    y = torch.randn(N * k, H, generator=g)
+    w = torch.rand(N, k, generator=g)
+    for ww in (w, None):
+        assert torch.allclose(combine(y, inv, ww, N, k, triton=True), combine(y, inv, ww, N, k, triton=False),
+                              atol=1e-5)
+    ref = (y[inv].view(N, k, H) * w[:, :, None]).sum(1)
+    assert torch.allclose(combine(y, inv, w, N, k, triton=True), ref, atol=1e-5)
+    dout = torch.randn(N, H, generator=g)
+    wsort = w.reshape(-1)[order]
+    dy_t = torch.full((N * k, H + 3), float("nan"))
+    dws_t = combine_backward(dout, tok, y, wsort, dy_t[:, :H], triton=True)
+    dy_p = torch.empty(N * k, H)
+    dws_p = combine_backward(dout, tok, y, wsort, dy_p, triton=False)
+    assert torch.allclose(dy_t[:, :H], dy_p, atol=1e-6) and torch.isnan(dy_t[:, H:]).all()
+    assert torch.allclose(dws_t, dws_p, atol=1e-4)
+    # against autograd of the combine itself
+    yy, wr = y.clone().requires_grad_(), w.clone().requires_grad_()
+    (((yy[inv].view(N, k, H) * wr[:, :, None]).sum(1)) * dout).sum().backward()
+    assert torch.allclose(dy_p, yy.grad, atol=1e-5)
+    assert torch.allclose(dws_p[inv].view(N, k), wr.grad, atol=1e-4)
+
+
+def test_rope_kernel_matches_model_rope_forward_and_backward():
+    """The fused rotary kernel (interpreter) vs modeling.apply_rope's PyTorch formula: values and gradients,
+    on q/k laid out as the projections produce them ((B, T, n, d) storage seen as (B, n, T, d)), packed
+    position ids, and a head count that is not a power of two."""
+    from mixtune.kernels.rope import apply_rope as fused
+    from mixtune.model import modeling
+    g = torch.Generator().manual_seed(6)
+    B, T, nh, nkv, d = 2, 5, 6, 2, 16
+    pos = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]])
+    cos, sin = modeling.rope_cos_sin(pos, d, 10000.0, torch.float32)
+    q0 = torch.randn(B, T, nh, d, generator=g).transpose(1, 2)
+    k0 = torch.randn(B, T, nkv, d, generator=g).transpose(1, 2)
+    gq, gk = torch.randn(B, nh, T, d, generator=g), torch.randn(B, nkv, T, d, generator=g)
+    outs = []
+    for fn in (lambda q, k: fused(q, k, cos, sin, triton=True), lambda q, k: modeling.apply_rope(q, k, cos, sin)):
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        qr, kr = fn(q, k)
+        ((qr * gq).sum() + (kr * gk).sum()).backward()
+        outs.append((qr, kr, q.grad, k.grad))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert outs[0][0].transpose(1, 2).is_contiguous()  # the projections' layout is kept

@@ -3,7 +3,7 @@
     moe_experts(x, topk_idx, topk_weight, w1, w3, w2, lora=None, backend="auto") -> (N, H)
     linear_cross_entropy(h, head, labels) -> (loss_sum fp32, n_tokens)
     build_attention(position_ids, S, n_rep, impl, decoding) -> callable(q, k, v)
-    rms_norm(x, weight, eps) -> like x;  nf4_linear(x, w4) -> x @ W^T
+    rms_norm(x, weight, eps) -> like x;  nf4_linear(x, w4) -> x @ W^T;  apply_rope(q, k, cos, sin) -> (q, k)
 
 MoE backends: "reference" (the per-expert loop), "grouped" (sorted tokens, grouped matrix products, fused
 NF4 dequantization; saves the (M, 2I) expert pre-activations), "grouped_lowmem" (the same, recomputing those
@@ -36,6 +36,18 @@ def linear_cross_entropy(h, head, labels, chunk_size: int = 4096, impl: str = "a
         return linear_cross_entropy_reference(h, head, labels)
     from .loss import linear_cross_entropy_chunked
     return linear_cross_entropy_chunked(h, head, labels, chunk_size)
+
+
+def use_rope_kernel(q) -> bool:
+    """Whether `apply_rope` runs the fused kernel on q (CUDA with Triton, or forced in tests)."""
+    from ._triton import use_triton
+    return use_triton(q)
+
+
+def apply_rope(q, k, cos, sin):
+    """Rotary embedding of q (B, nh, T, d) and k (B, nkv, T, d), fused; see kernels.rope."""
+    from .rope import apply_rope as _rope
+    return _rope(q, k, cos, sin)
 
 
 def rms_norm(x, weight, eps: float):

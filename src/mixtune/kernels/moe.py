@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .dequant import dequantize_nf4, dequantize_nf4_stack
+from .route import combine, combine_backward, gather_rows
 from .swiglu import swiglu_backward, swiglu_forward
 
 _GMM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -104,16 +105,21 @@ def _bblk(lc, E, I, r, dt, dev):
     return out
 
 
-def _up(xs, offs, w1, w3, lc, s, I, dt):
-    """h13 = xs @ [w1; w3]^T + LoRA, (M, 2I); also u13 = xs @ [A1; A3]^T (M, 2r) or None."""
+def _up(x, tok, offs, w1, w3, lc, s, I, dt):
+    """h13 = x[tok] @ [w1; w3]^T + LoRA, (M, 2I); also u13 = xs @ [A1; A3]^T (M, 2r) or None, and xs = x[tok]
+    (M, H) — with LoRA a view into the widened [xs | s·u13] buffer, gathered straight into it."""
     E, H = w1.shape[0], w1.shape[-1]
+    M = tok.numel()
     if "w1" not in lc and "w3" not in lc:
+        xs = gather_rows(x, tok)
         W13 = dequantize_nf4_stack([w1, w3], dt)  # (E, 2I, H)
-        return grouped_mm(xs, W13.transpose(1, 2), offs), None
+        return grouped_mm(xs, W13.transpose(1, 2), offs), None, xs
     A13 = _cat_lora(lc, "w1", "w3", 1)  # (E, 2r, H)
     r = A13.shape[1] // 2
+    xa = torch.empty(M, H + 2 * r, dtype=dt, device=x.device)  # [xs | s·u13]
+    xs = gather_rows(x, tok, out=xa[:, :H])
     u13 = grouped_mm(xs, A13.transpose(1, 2), offs)  # (M, 2r)
-    xa = torch.cat([xs, u13 * s], dim=1)  # (M, H + 2r)
+    torch.mul(u13, s, out=xa[:, H:])
     Wa = dequantize_nf4_stack([w1, w3], dt, cols=H + 2 * r)  # (E, 2I, H + 2r), LoRA columns next
     Wa[:, :I, H + r:].zero_()
     Wa[:, I:, H:H + r].zero_()
@@ -123,7 +129,7 @@ def _up(xs, offs, w1, w3, lc, s, I, dt):
         else:
             Wa[:, rows, cols].zero_()
     h13 = grouped_mm(xa, Wa.transpose(1, 2), offs)  # (M, 2I)
-    return h13, u13
+    return h13, u13, xs
 
 
 class _GroupedMoE(torch.autograd.Function):
@@ -141,9 +147,7 @@ class _GroupedMoE(torch.autograd.Function):
         lora = {n: (ab[2 * i], ab[2 * i + 1]) for i, n in enumerate(_NAMES) if ab[2 * i] is not None}
         lc = {n: (A.to(dt), B.to(dt)) for n, (A, B) in lora.items()}  # compute-dtype copies (small)
 
-        xs = x[tok]  # (M, H)
-        h13, u13 = _up(xs, offs, w1, w3, lc, s, I, dt)
-        del xs
+        h13, u13, _ = _up(x, tok, offs, w1, w3, lc, s, I, dt)
         if "w2" in lc:
             A2, B2 = lc["w2"]
             r2 = A2.shape[1]
@@ -163,7 +167,7 @@ class _GroupedMoE(torch.autograd.Function):
             del g, W2
         inv = torch.empty_like(order)
         inv[order] = torch.arange(M, device=order.device)  # sorted position of each assignment
-        out = (y[inv].view(N, k, H) * topk_weight.to(dt)[:, :, None]).sum(1)  # (N, H), fp32 accumulation
+        out = combine(y, inv, topk_weight, N, k)  # (N, H), fp32 accumulation
 
         ctx.meta = (w1, w3, w2, s, save_h, I, k, list(lora))
         # the LoRA parameters themselves (already resident), not their compute-dtype copies
@@ -184,63 +188,64 @@ class _GroupedMoE(torch.autograd.Function):
         lc = {n: (A.to(dt), B.to(dt)) for n, (A, B) in params.items()}
         tok = order // k
         dout = dout.contiguous()
-        xs = x[tok]  # (M, H)
+        xs = None
         if h13 is None:
-            h13, _ = _up(xs, offs, w1, w3, lc, s, I, dt)
-        ds = dout[tok]  # (M, H) output gradient of each sorted assignment
-        # d topk_weight[n, j] = <dout[n], y[assignment]>, accumulated in fp32
-        dws = (ds * y).sum(-1, dtype=torch.float32)  # (M,)
-        dtw = dws[inv].view(N, k).to(topk_weight.dtype)
-        wsort = topk_weight.reshape(-1)[order].to(dt)[:, None]  # (M, 1)
+            h13, _, xs = _up(x, tok, offs, w1, w3, lc, s, I, dt)
+        wsort = topk_weight.reshape(-1)[order]  # (M,)
         grads = {}
+        r2 = lc["w2"][0].shape[1] if "w2" in lc else 0
+        ya = torch.empty(M, H + r2, dtype=dt, device=x.device)  # [dy | du2]
+        dy = ya[:, :H]
+        # dy[m] = wsort[m] * dout[tok[m]];  d topk_weight[n, j] = <dout[n], y[assignment]>, in fp32
+        dws = combine_backward(dout, tok, y, wsort, dy)  # (M,)
+        dtw = dws[inv].view(N, k).to(topk_weight.dtype)
         # ---- w2:  dg = [dy | du2] @ [W2; A2]
         if "w2" in lc:
             A2, B2 = lc["w2"]
-            r2 = A2.shape[1]
-            ya = torch.empty(M, H + r2, dtype=dt, device=x.device)
-            dy = torch.mul(ds, wsort, out=ya[:, :H])  # (M, H) view
             du2 = grouped_mm(dy, B2, offs).mul_(s)  # (M, r)
             ya[:, H:] = du2
             W2b = dequantize_nf4_stack([w2], dt, rows=H + r2)  # (E, H + r, I)
             W2b[:, H:] = A2
             dg = grouped_mm(ya, W2b, offs)  # (M, I)
             del W2b
-            g = swiglu_forward(h13)  # (M, I)
-            grads["w2"] = (grouped_mm_k(du2.t(), g, offs),  # dA2 (E, r, I)
-                           grouped_mm_k(u2.t(), dy, offs).mul_(s).transpose(1, 2))  # dB2 (E, H, r)
-            del g, ya, dy
+            dB2 = grouped_mm_k(u2.t(), dy, offs).mul_(s).transpose(1, 2)  # (E, H, r)
         else:
-            dy = ds.mul_(wsort)
             W2 = dequantize_nf4(w2, dt)  # (E, H, I)
             dg = grouped_mm(dy, W2, offs)  # (M, I)
-            del W2, dy
-        del ds
+            del W2
+        del dy, ya
+        # ---- SwiGLU backward; g (for dA2) comes out of the same pass, written over dg
+        r = u13.shape[1] // 2 if u13 is not None else 0
+        dha = torch.empty(M, 2 * I + 2 * r, dtype=dt, device=x.device)  # [dh13 | du13]
+        if "w2" in lc:
+            dh13, g = swiglu_backward(h13, dg, out=dha[:, :2 * I], want_g=True)  # (M, 2I) view, (M, I)
+            grads["w2"] = (grouped_mm_k(du2.t(), g, offs), dB2)  # dA2 (E, r, I)
+            del g
+        else:
+            dh13 = swiglu_backward(h13, dg, out=dha[:, :2 * I])
+        del dg, h13
         # ---- w1/w3:  dxs = [dh13 | du13] @ [W13; A13]
         if u13 is None:
-            dh13 = swiglu_backward(h13, dg)  # (M, 2I)
-            del dg, h13
             W13 = dequantize_nf4_stack([w1, w3], dt)  # (E, 2I, H)
             dxs = grouped_mm(dh13, W13, offs)  # (M, H)
             del W13
         else:
-            r = u13.shape[1] // 2
-            dha = torch.empty(M, 2 * I + 2 * r, dtype=dt, device=x.device)
-            dh13 = swiglu_backward(h13, dg, out=dha[:, :2 * I])  # (M, 2I) view
-            del dg, h13
             du13 = grouped_mm(dh13, _bblk(lc, E, I, r, dt, x.device), offs).mul_(s)  # (M, 2r)
             dha[:, 2 * I:] = du13
             Wb = dequantize_nf4_stack([w1, w3], dt, rows=2 * I + 2 * r)  # (E, 2I + 2r, H)
             Wb[:, 2 * I:] = _cat_lora(lc, "w1", "w3", 1)
             dxs = grouped_mm(dha, Wb, offs)  # (M, H)
             del Wb
+            if xs is None:
+                xs = gather_rows(x, tok)  # (M, H)
             dA13 = grouped_mm_k(du13.t(), xs, offs)  # (E, 2r, H)
             dBt = grouped_mm_k(u13.t(), dh13, offs).mul_(s)  # (E, 2r, 2I): [u1|u3]^T [dh1|dh3]
             if "w1" in lc:
                 grads["w1"] = (dA13[:, :r], dBt[:, :r, :I].transpose(1, 2))
             if "w3" in lc:
                 grads["w3"] = (dA13[:, r:], dBt[:, r:, I:].transpose(1, 2))
-            del dha, dh13
-        dx = dxs[inv].view(N, k, H).sum(1)  # (N, H)
+        del dha, dh13
+        dx = combine(dxs, inv, None, N, k)  # (N, H)
         ab_grads = []
         for n in _NAMES:
             if n in grads:

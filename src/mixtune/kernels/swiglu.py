@@ -34,7 +34,7 @@ def _kernels():
         tl.store(g_ptr + row * g_ld + col, g.to(g_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def bwd(h_ptr, dg_ptr, dh_ptr, I, dh_ld, BLOCK: tl.constexpr):
+    def bwd(h_ptr, dg_ptr, dh_ptr, g_ptr, I, dh_ld, WRITE_G: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = col < I
@@ -46,6 +46,8 @@ def _kernels():
         dh1 = dg * h3 * s * (1.0 + h1 * (1.0 - s))
         tl.store(dh_ptr + row * dh_ld + col, dh1.to(dh_ptr.dtype.element_ty), mask=m)
         tl.store(dh_ptr + row * dh_ld + I + col, dh3.to(dh_ptr.dtype.element_ty), mask=m)
+        if WRITE_G:  # the forward's g = silu(h1)·h3, recomputed for free from the loads above
+            tl.store(g_ptr + row * I + col, (h1 * s * h3).to(g_ptr.dtype.element_ty), mask=m)
 
     return fwd, bwd
 
@@ -71,8 +73,10 @@ def swiglu_forward(h13: torch.Tensor, triton: bool | None = None, out: torch.Ten
 
 
 def swiglu_backward(h13: torch.Tensor, dg: torch.Tensor, triton: bool | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """-> dh13 (M, 2I) = [dL/dh1 | dL/dh3]; `out` may be a row-strided (M, 2I) view."""
+                    out: torch.Tensor | None = None, want_g: bool = False):
+    """-> dh13 (M, 2I) = [dL/dh1 | dL/dh3]; `out` may be a row-strided (M, 2I) view. With want_g, returns
+    (dh13, g) where g = swiglu_forward(h13), computed in the same pass and written over dg's buffer (each
+    element of dg is read before its g is stored there), so dg must not be used afterwards."""
     M, I2 = h13.shape
     I = I2 // 2
     if not use_triton(h13, triton) or M == 0 or (out is not None and not _rowmajor(out)):
@@ -81,11 +85,15 @@ def swiglu_backward(h13: torch.Tensor, dg: torch.Tensor, triton: bool | None = N
         dh3 = d * h1 * s
         dh1 = d * h3 * s * (1 + h1 * (1 - s))
         dh = torch.cat([dh1, dh3], dim=1).to(h13.dtype)  # (M, 2I)
-        if out is None:
+        if out is not None:
+            out.copy_(dh)
+            dh = out
+        if not want_g:
             return dh
-        out.copy_(dh)
-        return out
+        return dh, dg.copy_(h1 * s * h3) if dg.dtype == h13.dtype else (h1 * s * h3).to(h13.dtype)
     h13, dg = h13.contiguous(), dg.contiguous()
     dh = torch.empty_like(h13) if out is None else out
-    _kernels()[1][(M, (I + BLOCK - 1) // BLOCK)](h13, dg, dh, I, dh.stride(0), BLOCK=BLOCK, num_warps=4)
-    return dh
+    g = dg
+    _kernels()[1][(M, (I + BLOCK - 1) // BLOCK)](h13, dg, dh, g, I, dh.stride(0), WRITE_G=want_g, BLOCK=BLOCK,
+                                                 num_warps=4)
+    return (dh, g) if want_g else dh

@@ -63,7 +63,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(q, k, cos, sin):
-    """q (B, nh, T, d), k (B, nkv, T, d), cos/sin (B, T, d)."""
+    """q (B, nh, T, d), k (B, nkv, T, d), cos/sin (B, T, d). (`kernels.apply_rope` fuses it on CUDA.)"""
+    if kernels.use_rope_kernel(q):
+        return kernels.apply_rope(q, k, cos, sin)
     cos, sin = cos[:, None], sin[:, None]
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
@@ -163,8 +165,17 @@ class MixtralDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    def _attn_block(self, x, cos, sin, attn, kv_cache=None):
+        return self.self_attn(self.input_layernorm(x), cos, sin, attn, kv_cache)
+
     def forward(self, x, cos, sin, attn, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, kv_cache)
+        # [kernels hook] `checkpoint_attn`: recompute only the attention block in backward (keeps its input);
+        # the MoE block keeps what its backend saves (grouped_lowmem: little more than its input and output)
+        if (getattr(self, "checkpoint_attn", False) and kv_cache is None and self.training
+                and torch.is_grad_enabled()):
+            x = x + torch.utils.checkpoint.checkpoint(self._attn_block, x, cos, sin, attn, use_reentrant=False)
+        else:
+            x = x + self._attn_block(x, cos, sin, attn, kv_cache)
         y, router = self.block_sparse_moe(self.post_attention_layernorm(x))
         return x + y, router
 
@@ -196,6 +207,16 @@ class MixtralForCausalLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
+
+    def set_checkpointing(self, layers: int = -1, attention: bool = False) -> None:
+        """Recompute the first `layers` decoder layers in backward (-1 or >= depth: all, 0: none); with
+        `attention`, the other layers recompute their attention block only."""
+        n = len(self.model.layers)
+        n_full = n if layers < 0 else min(layers, n)
+        self.gradient_checkpointing = n_full > 0
+        for i, layer in enumerate(self.model.layers):
+            layer.checkpoint = i < n_full
+            layer.checkpoint_attn = bool(attention) and i >= n_full
 
     def set_moe_backend(self, backend: str) -> None:
         for layer in self.model.layers:
