@@ -238,7 +238,8 @@ def time_kernels(cfg: MixtralConfig, device, reps: int = 10) -> dict:
 
 
 def check_model(cfg: MixtralConfig, device, B, T, seed=0):
-    """Loss and LoRA gradients of a random NF4 model: fast path (grouped MoE, chunked CE) vs reference path."""
+    """Loss and LoRA gradients of a random NF4 model: fast path (grouped MoE, chunked CE, every Triton kernel:
+    dequantization, RMSNorm, RoPE, routing, SwiGLU) vs the pure-PyTorch reference path."""
     from . import kernels
     model = build_model(cfg, device, seed)
     ids, labels, pos = packed_batch(B, T, cfg.vocab_size, device, seed)
@@ -247,16 +248,22 @@ def check_model(cfg: MixtralConfig, device, B, T, seed=0):
         for p in params:
             if p.abs().sum() == 0:
                 p.normal_(0, 0.02)
+    from .kernels import _triton
     res = {}
     for path in ("reference", "fast"):
         model.set_moe_backend("reference" if path == "reference" else "grouped")
-        for p in params:
-            p.grad = None
-        h = model_hidden(model, ids, pos)
-        ce = kernels.linear_cross_entropy(h, model.lm_head, labels,
-                                          impl="reference" if path == "reference" else "auto")
-        loss = ce[0] / ce[1]
-        loss.backward()
+        saved = _triton.FORCE
+        _triton.FORCE = False if path == "reference" else saved  # reference: no Triton kernel anywhere
+        try:
+            for p in params:
+                p.grad = None
+            h = model_hidden(model, ids, pos)
+            ce = kernels.linear_cross_entropy(h, model.lm_head, labels,
+                                              impl="reference" if path == "reference" else "auto")
+            loss = ce[0] / ce[1]
+            loss.backward()
+        finally:
+            _triton.FORCE = saved
         res[path] = (loss.detach(), [p.grad.detach().clone() for p in params])
     loss_err = rel(res["fast"][0], res["reference"][0])
     gr = torch.cat([g.flatten().double() for g in res["reference"][1]])
