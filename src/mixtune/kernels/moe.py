@@ -13,6 +13,8 @@ Same function as `reference.moe_experts_reference` (the ground truth). Steps, wi
   out[n] = sum_j topk_weight[n, j] * y[assignment (n, j)]
 Saved for backward: x, h13 (or nothing, with save_h=False: then h13 is recomputed, trading one w1|w3 grouped
 product for (M, 2I) of memory), y (for d topk_weight), the LoRA inner products (M, r). Never the weights.
+With save_h=False the backward does the w2 part first, then recomputes h13 and reuses that dequantized
+[W1; W3] buffer for dxs (one w1|w3 dequantization in backward, not two).
 
 LoRA rides inside the big products by widening the contraction (no (M, I) adds, no B·A):
   h13 = [xs | s·u1 | s·u3] @ [[W1 | B1 | 0], [W3 | 0 | B3]]^T        with u = xs @ A^T          (K = H + 2r)
@@ -106,14 +108,15 @@ def _bblk(lc, E, I, r, dt, dev):
 
 
 def _up(x, tok, offs, w1, w3, lc, s, I, dt):
-    """h13 = x[tok] @ [w1; w3]^T + LoRA, (M, 2I); also u13 = xs @ [A1; A3]^T (M, 2r) or None, and xs = x[tok]
-    (M, H) — with LoRA a view into the widened [xs | s·u13] buffer, gathered straight into it."""
+    """h13 = x[tok] @ [w1; w3]^T + LoRA, (M, 2I); also u13 = xs @ [A1; A3]^T (M, 2r) or None, xs = x[tok]
+    (M, H) — with LoRA a view into the widened [xs | s·u13] buffer, gathered straight into it — and the
+    dequantized weight buffer Wa (E, 2I, H [+ 2r]) whose [:, :, :H] is [W1; W3] (the backward reuses it)."""
     E, H = w1.shape[0], w1.shape[-1]
     M = tok.numel()
     if "w1" not in lc and "w3" not in lc:
         xs = gather_rows(x, tok)
         W13 = dequantize_nf4_stack([w1, w3], dt)  # (E, 2I, H)
-        return grouped_mm(xs, W13.transpose(1, 2), offs), None, xs
+        return grouped_mm(xs, W13.transpose(1, 2), offs), None, xs, W13
     A13 = _cat_lora(lc, "w1", "w3", 1)  # (E, 2r, H)
     r = A13.shape[1] // 2
     xa = torch.empty(M, H + 2 * r, dtype=dt, device=x.device)  # [xs | s·u13]
@@ -129,7 +132,7 @@ def _up(x, tok, offs, w1, w3, lc, s, I, dt):
         else:
             Wa[:, rows, cols].zero_()
     h13 = grouped_mm(xa, Wa.transpose(1, 2), offs)  # (M, 2I)
-    return h13, u13, xs
+    return h13, u13, xs, Wa
 
 
 class _GroupedMoE(torch.autograd.Function):
@@ -147,7 +150,7 @@ class _GroupedMoE(torch.autograd.Function):
         lora = {n: (ab[2 * i], ab[2 * i + 1]) for i, n in enumerate(_NAMES) if ab[2 * i] is not None}
         lc = {n: (A.to(dt), B.to(dt)) for n, (A, B) in lora.items()}  # compute-dtype copies (small)
 
-        h13, u13, _ = _up(x, tok, offs, w1, w3, lc, s, I, dt)
+        h13, u13 = _up(x, tok, offs, w1, w3, lc, s, I, dt)[:2]  # the weight buffer is freed here
         if "w2" in lc:
             A2, B2 = lc["w2"]
             r2 = A2.shape[1]
@@ -188,9 +191,7 @@ class _GroupedMoE(torch.autograd.Function):
         lc = {n: (A.to(dt), B.to(dt)) for n, (A, B) in params.items()}
         tok = order // k
         dout = dout.contiguous()
-        xs = None
-        if h13 is None:
-            h13, _, xs = _up(x, tok, offs, w1, w3, lc, s, I, dt)
+        xs = Wa = None
         wsort = topk_weight.reshape(-1)[order]  # (M,)
         grads = {}
         r2 = lc["w2"][0].shape[1] if "w2" in lc else 0
@@ -214,9 +215,12 @@ class _GroupedMoE(torch.autograd.Function):
             dg = grouped_mm(dy, W2, offs)  # (M, I)
             del W2
         del dy, ya
+        if h13 is None:  # grouped_lowmem: recompute h13 now, keeping the dequantized [W1; W3] for dxs below
+            h13, _, xs, Wa = _up(x, tok, offs, w1, w3, lc, s, I, dt)
         # ---- SwiGLU backward; g (for dA2) comes out of the same pass, written over dg
         r = u13.shape[1] // 2 if u13 is not None else 0
-        dha = torch.empty(M, 2 * I + 2 * r, dtype=dt, device=x.device)  # [dh13 | du13]
+        rw = 2 * r if Wa is None else 0  # with Wa reused, du13 @ A13 is a separate product
+        dha = torch.empty(M, 2 * I + rw, dtype=dt, device=x.device)  # [dh13 | du13]
         if "w2" in lc:
             dh13, g = swiglu_backward(h13, dg, out=dha[:, :2 * I], want_g=True)  # (M, 2I) view, (M, I)
             grads["w2"] = (grouped_mm_k(du2.t(), g, offs), dB2)  # dA2 (E, r, I)
@@ -226,16 +230,21 @@ class _GroupedMoE(torch.autograd.Function):
         del dg, h13
         # ---- w1/w3:  dxs = [dh13 | du13] @ [W13; A13]
         if u13 is None:
-            W13 = dequantize_nf4_stack([w1, w3], dt)  # (E, 2I, H)
+            W13 = Wa if Wa is not None else dequantize_nf4_stack([w1, w3], dt)  # (E, 2I, H)
             dxs = grouped_mm(dh13, W13, offs)  # (M, H)
-            del W13
+            del W13, Wa
         else:
             du13 = grouped_mm(dh13, _bblk(lc, E, I, r, dt, x.device), offs).mul_(s)  # (M, 2r)
-            dha[:, 2 * I:] = du13
-            Wb = dequantize_nf4_stack([w1, w3], dt, rows=2 * I + 2 * r)  # (E, 2I + 2r, H)
-            Wb[:, 2 * I:] = _cat_lora(lc, "w1", "w3", 1)
-            dxs = grouped_mm(dha, Wb, offs)  # (M, H)
-            del Wb
+            if Wa is not None:  # dxs = dh13 @ [W1; W3] (the forward's buffer, LoRA columns skipped) + du13 @ A13
+                dxs = grouped_mm(dh13, Wa[:, :, :H], offs)  # (M, H)
+                del Wa
+                dxs += grouped_mm(du13, _cat_lora(lc, "w1", "w3", 1), offs)
+            else:
+                dha[:, 2 * I:] = du13
+                Wb = dequantize_nf4_stack([w1, w3], dt, rows=2 * I + 2 * r)  # (E, 2I + 2r, H)
+                Wb[:, 2 * I:] = _cat_lora(lc, "w1", "w3", 1)
+                dxs = grouped_mm(dha, Wb, offs)  # (M, H)
+                del Wb
             if xs is None:
                 xs = gather_rows(x, tok)  # (M, H)
             dA13 = grouped_mm_k(du13.t(), xs, offs)  # (E, 2r, H)
