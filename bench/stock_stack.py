@@ -6,8 +6,8 @@ Random weights of the same geometry, built in bf16 on the GPU; the attention pro
 `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))` installs, without the
 11 GB save/load round trip. As in that path, the fused experts, router and lm_head stay bf16 (bitsandbytes
 quantizes only nn.Linear), and we do not call `prepare_model_for_kbit_training` (it would upcast the experts
-to fp32). Packed rows are passed as position_ids (transformers' sdpa path then attends causally across the
-whole row: slightly less masking work than mixtune's per-example mask).
+to fp32). Packed rows are passed as position_ids with no attention mask and use_cache=False, so transformers
+(masking_utils.find_packed_sequence_indices) builds the same per-example causal mask that mixtune uses.
 """
 
 from __future__ import annotations
