@@ -69,3 +69,27 @@ def test_random_nf4_model_builds_every_tensor():
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     out = m(ids, labels=ids)
     assert torch.isfinite(out.loss)
+
+
+def test_unsloth_bench_dry_run_on_cpu(tmp_path):
+    """bench/unsloth_bench.py --dry-cpu: everything but Unsloth itself (checkpoint in the real layout, the same
+    LoRA through plain peft with the adapter-count check, the timing loop, and the document-masking check, which
+    must find transformers' packed rows masked per example)."""
+    import os
+    import subprocess
+    import sys
+
+    from mixtune.data import load_tokenizer
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tok = tmp_path / "tok"
+    load_tokenizer("").save_pretrained(str(tok))
+    env = {**os.environ, "PYTHONPATH": os.path.join(root, "src")}
+    p = subprocess.run([sys.executable, os.path.join(root, "bench", "unsloth_bench.py"), "--dry-cpu",
+                        "--tokenizer-dir", str(tok), "--workdir", str(tmp_path / "w")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["ok"] is True and len(res["rows"]) == 3
+    for r in res["rows"]:
+        assert r["masking"]["verdict"] == "document-masked" and r["masking"]["packed"] < 1e-3
+        assert r["masking"]["causal_reference"] > 1e-2  # the check can tell a leak
