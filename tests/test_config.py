@@ -72,6 +72,9 @@ def test_overrides_coerce_types_and_beat_the_file(tmp_path):
     (["--lora.alpha", "inf"], "lora.alpha: expected a finite number, got 'inf'"),
     (["--generate.top_p", "2"], "generate.top_p: must be in (0, 1]"),
     (["--generate.top_k", "-5"], "generate.top_k: must be >= 0"),
+    (["--model.checkpoint_layers", "-2"], "model.checkpoint_layers: must be -1 (all layers) or >= 0"),
+    (["--train.optim", "adam8"], "train.optim: 'adam8' is not one of adamw, adamw_8bit"),
+    (["--model.moe_backend", "triton"], "model.moe_backend: 'triton' is not one of"),
 ])
 def test_errors_name_the_key(args, msg):
     with pytest.raises(ConfigError, match=None) as e:

@@ -321,6 +321,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"generate.top_k: must be >= 0 (0 = off), got {cfg.generate.top_k}")
     if cfg.generate.temperature <= 0 and not cfg.generate.greedy:
         raise ConfigError("generate.temperature: must be positive when sampling (or set generate.greedy true)")
+    if cfg.model.checkpoint_layers < -1:
+        raise ConfigError(f"model.checkpoint_layers: must be -1 (all layers) or >= 0, got {cfg.model.checkpoint_layers}")
     if t.save_total_limit < 1:
         raise ConfigError(f"train.save_total_limit: must be at least 1, got {t.save_total_limit}")
     for name, v in [("train.logging_steps", t.logging_steps)]:
