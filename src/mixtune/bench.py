@@ -168,13 +168,17 @@ def check_attention(cfg: MixtralConfig, device, B=2, T=1024, seed=0) -> dict:
         (o.float() * go).sum().backward()
         return [o, q.grad, k.grad, v.grad]
 
+    from .kernels import attention as _attention
     ref = run("eager", torch.float32)
     out = {}
-    for impl in ("sdpa", "flex"):
+    for name, impl, gqa in (("sdpa", "sdpa", False), ("sdpa-gqa", "sdpa", True), ("flex", "flex", False)):
+        _attention.SDPA_GQA = gqa
         try:
-            out[impl] = {n: rel(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), run(impl, torch.bfloat16), ref)}
+            out[name] = {n: rel(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), run(impl, torch.bfloat16), ref)}
         except Exception as e:  # noqa: BLE001 - report, the flex rows then fail on their own
-            out[impl] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+        finally:
+            _attention.SDPA_GQA = False
     return out
 
 
@@ -201,12 +205,16 @@ def time_kernels(cfg: MixtralConfig, device, reps: int = 10) -> dict:
         return sorted(ts)[len(ts) // 2]
 
     from .kernels import dequant
-    sweep = {}
-    for R, nw in ((32, 4), (64, 4), (64, 8), (128, 8), (128, 4)):  # pick the dequant tile for this GPU
-        dequant.CONFIG.update(R=R, num_warps=nw)
-        sweep[f"R{R}w{nw}"] = t(lambda: dequantize_nf4(w[0], torch.bfloat16))
+    sweep, cfgs = {}, {}
+    for impl, R, nw in (("words", 32, 4), ("words", 64, 4), ("words", 64, 8), ("words", 128, 8),
+                        ("bytes", 16, 4), ("bytes", 32, 4), ("bytes", 64, 4), ("bytes", 64, 8),
+                        ("bytes", 128, 8)):  # pick the dequant kernel and tile for this GPU
+        dequant.CONFIG.update(impl=impl, R=R, num_warps=nw)
+        key = f"{impl}-R{R}w{nw}"
+        sweep[key] = t(lambda: dequantize_nf4(w[0], torch.bfloat16))
+        cfgs[key] = dict(dequant.CONFIG)
     best = min(sweep, key=sweep.get)
-    dequant.CONFIG.update(R=int(best[1:best.index("w")]), num_warps=int(best[best.index("w") + 1:]))
+    dequant.CONFIG.update(cfgs[best])
     out = {"dequant_sweep_ms": sweep, "dequant_config": dict(dequant.CONFIG),
            "dequant_w13_ms": t(lambda: dequantize_nf4_stack(w[:2], torch.bfloat16)),
            "dequant_one_ms": t(lambda: dequantize_nf4(w[0], torch.bfloat16))}
@@ -311,12 +319,14 @@ def _sync(device):
 
 
 def time_mixtune(model, cfg, row: Row, device, backend, ckpt, steps, warmup, seed=0, opt_fused=True,
-                 attn="sdpa", optim="adamw", actk=0):
+                 attn="sdpa", optim="adamw", actk=0, gqa=0):
     """Times `steps` optimizer steps (after `warmup`) of row.accum micro-batches each; fills `row`."""
     from .lora import lora_parameters
     model.set_moe_backend(backend)
     model.attn_implementation = attn
     model.set_checkpointing(max(0, int(ckpt)), attention=bool(actk))  # the first `ckpt` layers in full
+    from .kernels import attention as _attention
+    _attention.SDPA_GQA = bool(gqa)
     params = lora_parameters(model)
     cuda = torch.device(device).type == "cuda"
     if optim == "adamw" and not opt_fused:
@@ -366,15 +376,16 @@ def parse_settings(spec: str):
     """'mb=8,ckpt=0,backend=grouped;mb=16,...' -> list of dicts. ckpt = number of layers checkpointed
     (the first ones; 1 with the stock stack means all), accum = micro-batches per optimizer step, backend = MoE
     backend, attn = attention implementation, opt = adamw | adamw_8bit, actk=1: the layers not fully
-    checkpointed recompute their attention block."""
+    checkpointed recompute their attention block, gqa=1: sdpa reads the shared k/v heads (enable_gqa)."""
     out = []
     for part in filter(None, (s.strip() for s in spec.split(";"))):
-        d = {"mb": 8, "accum": 1, "ckpt": 0, "backend": "grouped", "attn": "sdpa", "opt": "adamw", "actk": 0}
+        d = {"mb": 8, "accum": 1, "ckpt": 0, "backend": "grouped", "attn": "sdpa", "opt": "adamw", "actk": 0,
+             "gqa": 0}
         for kv in part.split(","):
             key, _, val = kv.partition("=")
             if key not in d:
                 raise ValueError(f"--settings: unknown key {key!r} in {part!r} (mb, accum, ckpt, backend, attn, opt, "
-                                 "actk)")
+                                 "actk, gqa)")
             d[key] = val if key in ("backend", "attn", "opt") else int(val)
         out.append(d)
     return out
@@ -384,7 +395,7 @@ def profile_step(model, cfg, s, seq, device, path, seed=0):
     """One profiled training step at setting s; the top CUDA kernels by total time go to `path`."""
     from torch.profiler import ProfilerActivity, profile
     row = Row("profile", cfg.num_hidden_layers, s["mb"], seq, s["accum"])
-    kw = dict(attn=s.get("attn", "sdpa"), optim=s.get("opt", "adamw"), actk=s.get("actk", 0))
+    kw = dict(attn=s.get("attn", "sdpa"), optim=s.get("opt", "adamw"), actk=s.get("actk", 0), gqa=s.get("gqa", 0))
     time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], 1, 1, seed, **kw)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], 1, 0, seed, **kw)
@@ -406,10 +417,12 @@ def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed
                       f"{s['backend']}, ckpt={ckpt_label(s['ckpt'], layers)}"
                       + (f", attn={s['attn']}" if s.get("attn", "sdpa") != "sdpa" else "")
                       + (f", {s['opt']}" if s.get("opt", "adamw") != "adamw" else "")
-                      + (", attn-ckpt" if s.get("actk") else ""), build_s=build_s)
+                      + (", attn-ckpt" if s.get("actk") else "") + (", sdpa-gqa" if s.get("gqa") else ""),
+                      build_s=build_s)
             try:
                 time_mixtune(model, c, row, device, s["backend"], s["ckpt"], steps, warmup, seed,
-                             attn=s.get("attn", "sdpa"), optim=s.get("opt", "adamw"), actk=s.get("actk", 0))
+                             attn=s.get("attn", "sdpa"), optim=s.get("opt", "adamw"), actk=s.get("actk", 0),
+                             gqa=s.get("gqa", 0))
             except torch.OutOfMemoryError as e:
                 row.error = "OOM: " + str(e).split("\n")[0][:80]
             except RuntimeError as e:
@@ -517,7 +530,7 @@ def main(argv=None, stock_runner=None) -> int:
               f"PyTorch bf16 reference: loss rel {mdl['reference_bf16_loss_rel']:.2e}, LoRA grads rel "
               f"{mdl['reference_bf16_grad_rel']:.2e}", flush=True)
         result["check"] = {"moe": moe, "moe_pass": moe_ok, "model": mdl, "model_pass": mdl_ok}
-        if device == "cuda" and any(x.get("attn") == "flex" for x in settings + full):
+        if device == "cuda" and any(x.get("attn") == "flex" or x.get("gqa") for x in settings + full):
             att = check_attention(cfg, device)
             att_ok = all("error" not in e and max(e.values()) < 2e-2 for e in att.values())
             print(f"[check] attention on packed rows vs fp32 eager ({'PASS' if att_ok else 'FAIL'}): {att}", flush=True)

@@ -111,3 +111,28 @@ def test_flex_attention_document_mask_matches_eager_forward():
     assert isinstance(flex, FlexAttentionSpec)
     ref = build_attention(pos, T, nh // nkv, "eager")(q, k, v)
     assert torch.allclose(flex(q, k, v), ref, atol=1e-5)
+
+
+def test_sdpa_with_shared_kv_heads_matches_repeated_heads(monkeypatch):
+    """attention.SDPA_GQA (sdpa reads the 8 shared k/v heads, enable_gqa) = repeating k/v: values and
+    gradients, on packed rows with the document mask, in a plain causal row, and in a decode step."""
+    from mixtune.bench import packed_batch
+    from mixtune.kernels import attention
+    from mixtune.kernels.attention import build_attention
+    B, T, nh, nkv, d = 2, 96, 4, 2, 16
+    _, _, pos = packed_batch(B, T, 100, "cpu", seed=3, min_doc=16)
+    g = torch.Generator().manual_seed(6)
+    base = [torch.randn(B, n, T, d, generator=g) for n in (nh, nkv, nkv)]
+    go = torch.randn(B, nh, T, d, generator=g)
+    causal = torch.arange(T).expand(B, T)
+    for p, S, decoding in ((pos, T, False), (causal, T, False), (torch.full((B, 1), T - 1), T, True)):
+        outs = []
+        for gqa in (False, True):
+            monkeypatch.setattr(attention, "SDPA_GQA", gqa)
+            q, k, v = (t.clone().requires_grad_() for t in base)
+            qq = q[:, :, -1:] if decoding else q
+            o = build_attention(p, S, nh // nkv, "sdpa", decoding=decoding)(qq, k, v)
+            (o * go[:, :, -o.shape[2]:]).sum().backward()
+            outs.append([o, q.grad, k.grad, v.grad])
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -40,6 +40,12 @@ def is_single_document(position_ids: torch.Tensor) -> bool:
     return bool((position_ids == ar).all())
 
 
+# sdpa with enable_gqa=True lets the fused kernel read the shared k/v heads directly instead of materializing
+# n_rep copies (and summing their gradients back). Off until measured faster on the GPU (`mixtune bench`
+# setting gqa=1); CPU and GPU give the same result either way (tests/kernels/test_attention*).
+SDPA_GQA = False
+
+
 class AttentionSpec:
     """How one forward attends: plain causal, a dense boolean document mask, or a decode step."""
 
@@ -47,7 +53,8 @@ class AttentionSpec:
         self.mask, self.is_causal, self.n_rep, self.impl = mask, is_causal, n_rep, impl
 
     def __call__(self, q, k, v):
-        if self.n_rep > 1:
+        gqa = self.n_rep > 1 and SDPA_GQA and self.impl != "eager"
+        if self.n_rep > 1 and not gqa:
             k = k.repeat_interleave(self.n_rep, dim=1)  # (B, nh, S, d)
             v = v.repeat_interleave(self.n_rep, dim=1)
         if self.impl == "eager":
@@ -59,6 +66,9 @@ class AttentionSpec:
                 T, S = s.shape[-2:]
                 s = s.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=s.device).tril(S - T), float("-inf"))
             return (s.softmax(-1).to(v.dtype) @ v)
+        if gqa:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask,
+                                                  is_causal=self.is_causal and self.mask is None, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask,
                                               is_causal=self.is_causal and self.mask is None)
 
