@@ -40,10 +40,11 @@ def is_single_document(position_ids: torch.Tensor) -> bool:
     return bool((position_ids == ar).all())
 
 
-# sdpa with enable_gqa=True lets the fused kernel read the shared k/v heads directly instead of materializing
-# n_rep copies (and summing their gradients back). Off until measured faster on the GPU (`mixtune bench`
-# setting gqa=1); CPU and GPU give the same result either way (tests/kernels/test_attention*).
-SDPA_GQA = False
+# sdpa with enable_gqa=True lets the fused kernel (cuDNN on an H200) read the shared k/v heads directly instead
+# of materializing n_rep copies that autograd keeps for backward. Measured (BENCHMARKS.md, session 2 call 5):
+# +1.4% tok/s at 4 layers, and 5.3 GiB less at 32 layers, micro-batch 14, with identical numerics. False
+# restores the repeat (the benchmark's gqa=0).
+SDPA_GQA = True
 
 
 class AttentionSpec:
