@@ -62,3 +62,19 @@ def test_inspect_nothing_matches(config_only_dir):
     cfg = load_config(overrides=["--model.name_or_path", config_only_dir, "--lora.targets", "gate_proj,up_proj"])
     with pytest.raises(ConfigError, match="none of gate_proj,up_proj"):
         inspect_main(cfg, json_out=True)
+
+
+def test_unmatched_target_warning_is_said_once(config_only_dir, capsys, caplog):
+    """The report carries the warning (text: a WARNING line; JSON: unmatched_messages); it is not logged a
+    second time."""
+    cfg = load_config(overrides=["--model.name_or_path", config_only_dir, "--lora.targets", "q_proj,gate_proj"])
+    with caplog.at_level("WARNING"):
+        inspect_main(cfg, json_out=False)
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("'gate_proj' matches no module") == 1
+    assert not [r for r in caplog.records if "gate_proj" in r.getMessage()]
+    with caplog.at_level("WARNING"):
+        inspect_main(cfg, json_out=True)
+    obj = json.loads(capsys.readouterr().out.strip())
+    assert len(obj["unmatched_messages"]) == 1 and "gate_proj" in obj["unmatched_messages"][0]
+    assert not [r for r in caplog.records if "gate_proj" in r.getMessage()]

@@ -74,7 +74,7 @@ def inspect_main(cfg: Config, json_out: bool = False) -> dict:
     quant = cfg.model.quant
     model = build_model_on_meta(config, quant, torch.bfloat16)
     seed = cfg.lora.init_seed if cfg.lora.init_seed is not None else cfg.train.seed
-    report = apply_lora(model, cfg.lora, seed)
+    report = apply_lora(model, cfg.lora, seed, warn=False)  # the output carries the warnings (text and JSON)
     mem = memory_estimate(model)
     arch = {"layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
             "intermediate_size": config.intermediate_size, "attention_heads": config.num_attention_heads,

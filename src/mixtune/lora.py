@@ -302,16 +302,18 @@ def check_targets(model: nn.Module, lora_cfg: LoraConfig) -> None:
                           f"names: {' '.join(KNOWN_NAMES)}")
 
 
-def apply_lora(model: nn.Module, lora_cfg: LoraConfig, seed: int = 0) -> LoraReport:
+def apply_lora(model: nn.Module, lora_cfg: LoraConfig, seed: int = 0, warn: bool = True) -> LoraReport:
     """Wrap the targets of `lora_cfg.targets` with LoRA, freeze every other parameter, return the report.
 
-    Same model + config + seed -> the same adapter. Works on the meta device (no initialisation there)."""
+    Same model + config + seed -> the same adapter. Works on the meta device (no initialisation there).
+    warn=False: do not log the unmatched-target warnings (for callers that print `report.format()`, which
+    carries them)."""
     if any(isinstance(m, (LoRALinear, ExpertLoRA)) for m in model.modules()):
         raise ValueError("apply_lora: this model already has LoRA adapters")
     targets = [t.strip() for t in lora_cfg.targets if t.strip()]
     linears, experts, lin_sel, exp_sel, matched, unmatched = _resolve_targets(model, targets)
     messages = [unmatched_message(t) for t in unmatched]
-    for m in messages:
+    for m in messages if warn else ():
         log.warning(m)
     if unmatched and lora_cfg.strict_targets:
         raise ConfigError("; ".join(messages) + " (lora.strict_targets is on)")

@@ -277,7 +277,8 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
                             cfg.model.checkpoint_attention)
     model.set_moe_backend(cfg.model.moe_backend)
     model.attn_implementation = cfg.model.attn_implementation
-    lora_report = apply_lora(model, cfg.lora, cfg.lora.init_seed if cfg.lora.init_seed is not None else t.seed)
+    lora_report = apply_lora(model, cfg.lora, cfg.lora.init_seed if cfg.lora.init_seed is not None else t.seed,
+                             warn=False)  # the report printed below carries the warnings
     _say(lora_report.format() if hasattr(lora_report, "format") else str(lora_report))
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
