@@ -91,13 +91,14 @@ def batches_per_epoch(rows: list, batch_size: int) -> int:
     return num_batches(len(rows), batch_size)
 
 
-def total_optimizer_steps(cfg: Config, n_rows: int, per_epoch: Optional[int] = None) -> int:
-    """train.max_steps, or ceil(num_train_epochs × micro-batches per epoch / accumulation)."""
+def total_optimizer_steps(cfg: Config, n_rows: int, per_epoch: Optional[int] = None, world: int = 1) -> int:
+    """train.max_steps, or ceil(num_train_epochs × micro-batches per epoch / (accumulation × ranks))."""
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     if per_epoch is None:
         per_epoch = math.ceil(n_rows / cfg.train.per_device_train_batch_size)
-    return max(1, math.ceil(cfg.train.num_train_epochs * per_epoch / cfg.train.gradient_accumulation_steps))
+    return max(1, math.ceil(cfg.train.num_train_epochs * per_epoch
+                            / (cfg.train.gradient_accumulation_steps * world)))
 
 
 def micro_batch_stream(rows: list, batch_size: int, seed: int, epoch: int, start: int
@@ -123,15 +124,16 @@ def label_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def forward_backward(model, batches: list[dict], device: torch.device, bf16: bool, aux_coef: float
-                     ) -> tuple[float, int, float, int]:
+def forward_backward(model, batches: list[dict], device: torch.device, bf16: bool, aux_coef: float,
+                     n_step: Optional[int] = None) -> tuple[float, int, float, int]:
     """Forward + backward over the micro-batches of ONE optimizer step, accumulating into .grad.
 
     Exact accumulation: the step's loss is (sum of token losses over all micro-batches) / (label tokens of
     the whole step), so every token weighs the same however the rows are split (not a mean of per-batch
     means). The router aux loss of each micro-batch is weighted by its share of the step's label tokens.
+    n_step: the step's label tokens when `batches` are only this rank's share of the step (data parallel).
     Returns (sum of token CE, label tokens, token-weighted aux loss, input tokens)."""
-    n_step = max(1, sum(label_tokens(b) for b in batches))
+    n_step = max(1, n_step if n_step is not None else sum(label_tokens(b) for b in batches))
     loss_sum, aux, n_in = 0.0, 0.0, 0
     for batch in batches:
         b = batch_to(batch, device)  # (B, T) each
@@ -182,12 +184,41 @@ class MetricsLog:
             self.tb.close()
 
 
+class _NoMetrics:
+    """Ranks other than 0 log nothing."""
+    path = ""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _evaluate(model, rows: list, batch_size: int, bf16: bool, dist) -> dict:
+    """evaluate_loss over all `rows`; with several ranks each takes every N-th row and the token sums are added."""
+    if not dist.enabled:
+        return evaluate_loss(model, rows, batch_size, autocast=bf16)
+    part = evaluate_loss(model, rows[dist.rank::dist.world], batch_size, autocast=bf16)
+    n = part["eval_tokens"]
+    loss_sum, n = dist.sum(part["eval_loss"] * n if n else 0.0, n)
+    if n == 0:
+        return {"eval_loss": float("nan"), "eval_perplexity": float("nan"), "eval_tokens": 0}
+    loss = loss_sum / n
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(n)}
+
+
 def _read_jsonl(path: str) -> list[dict]:
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+_QUIET = False  # set on ranks other than 0 of a torchrun job
+
+
 def _say(msg: str, bar=None) -> None:
+    if _QUIET:
+        return
     if bar is not None:
         bar.write(msg, file=sys.stderr)
     else:
@@ -235,7 +266,9 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     from .lora import apply_lora, check_targets, save_adapter
     from .model.config import MixtralConfig
     from .model.loading import build_model_on_meta, load_model, resolve_dtype, resolve_model_path
+    from .distributed import setup, step_generator_seed
 
+    global _QUIET
     t_start = time.time()
     t, out_dir = cfg.train, cfg.train.output_dir
 
@@ -246,21 +279,25 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     if t.merge_after:  # a merge.out that the final merge would refuse: say so now, not after training
         from .merge import _check_out_dir
         _check_out_dir(os.path.abspath(cfg.merge.out or os.path.join(out_dir, "merged")))
+    dist, device = setup(resolve_device(cfg.model.device))  # torchrun: join the job; rank r -> cuda:LOCAL_RANK
+    _QUIET = not dist.is_main
+    dist.barrier()  # every rank has checked the output dir before rank 0 writes into it
     if not resume_path and t.resume == "auto":  # allowed (a requeued job died before its first save); said
         _say(f"mixtune: --resume: no complete checkpoint in {ckpt.checkpoints_dir(out_dir)}; starting a fresh run")
-    ckpt.remove_stale_temporaries(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    cfg.save(os.path.join(out_dir, "config.yaml"))
+    if dist.is_main:
+        ckpt.remove_stale_temporaries(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        cfg.save(os.path.join(out_dir, "config.yaml"))
     seed_everything(t.seed)
-    device = resolve_device(cfg.model.device)
 
-    # 1. model files, tokenizer, data
-    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision)
-    base_name = cfg.model.name_or_path or model_path
-    # LoRA target errors now, on the meta device, not after data preparation and loading the base (minutes)
-    check_targets(build_model_on_meta(MixtralConfig.from_pretrained(model_path), cfg.model.quant), cfg.lora)
-    tokenizer = load_tokenizer(cfg.model.tokenizer, model_path)
-    data = prepare_data(cfg, tokenizer)
+    # 1. model files, tokenizer, data (rank 0 first: it fills the caches the others then read)
+    with dist.main_first():
+        model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision)
+        base_name = cfg.model.name_or_path or model_path
+        # LoRA target errors now, on the meta device, not after data preparation and loading the base (minutes)
+        check_targets(build_model_on_meta(MixtralConfig.from_pretrained(model_path), cfg.model.quant), cfg.lora)
+        tokenizer = load_tokenizer(cfg.model.tokenizer, model_path)
+        data = prepare_data(cfg, tokenizer)
     if not data.train_rows:
         raise ValueError("no training rows after preparation (see `mixtune prepare` for the statistics)")
 
@@ -287,14 +324,14 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
 
     # 3. before training: eval loss and generations of the base model (fresh LoRA B = 0 changes nothing)
     eval_bs = t.per_device_eval_batch_size
-    eval_before = evaluate_loss(model, data.eval_rows, eval_bs, autocast=bf16) if data.eval_rows else None
-    examples = list(data.eval_examples[: t.generate_after])
+    eval_before = _evaluate(model, data.eval_rows, eval_bs, bf16, dist) if data.eval_rows else None
+    examples = list(data.eval_examples[: t.generate_after]) if dist.is_main else []
     before = generate_texts(model, tokenizer, examples, cfg.generate) if examples else []
 
     # 4. optimizer over the adapter only, schedule
     micro_bs, accum = t.per_device_train_batch_size, t.gradient_accumulation_steps
     per_epoch = batches_per_epoch(data.train_rows, micro_bs)
-    total = total_optimizer_steps(cfg, len(data.train_rows), per_epoch)
+    total = total_optimizer_steps(cfg, len(data.train_rows), per_epoch, dist.world)
     optimizer = make_optimizer(params, t.optim, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                eps=t.adam_epsilon, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -317,12 +354,13 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
                                        f"this config plans {total}; resume with the same config")
         _say(f"mixtune: resuming from {resume_path} (step {step}/{total}, epoch {epoch}, "
              f"micro-batch {consumed})")
-    metrics = MetricsLog(out_dir, t.tensorboard, step if resume_path else None)
+    metrics = MetricsLog(out_dir, t.tensorboard, step if resume_path else None) if dist.is_main else _NoMetrics()
     if eval_before is not None and not resume_path:
         metrics.log({"kind": "eval", "step": 0, **eval_before})
     _say(f"mixtune: {len(data.train_rows)} train rows × {cfg.data.max_seq_length} tokens, "
          f"{len(data.eval_rows)} eval rows; {total} steps of {micro_bs}×{accum} rows; "
-         f"{n_trainable:,} trainable parameters; device {device}, "
+         f"{n_trainable:,} trainable parameters; device {device}"
+         f"{f' x {dist.world} ranks' if dist.enabled else ''}, "
          f"{'bf16 autocast' if bf16 else str(dtype).replace('torch.', '')}")
 
     # 6. the loop
@@ -338,9 +376,17 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     last_eval = None
     save_adapter_fn = lambda d: save_adapter(model, d, cfg.lora, base_name)  # noqa: E731
     while step < total:
-        micro = [next(stream) for _ in range(accum)]  # [(epoch, consumed after it, batch (B, T))]
-        step_loss, n_step, step_aux, n_in = forward_backward(model, [b for _, _, b in micro], device, bf16,
-                                                             t.router_aux_loss_coef)
+        # [(epoch, consumed after it, batch (B, T))]: the step's micro-batches; rank r runs r, r + N, ...
+        micro = [next(stream) for _ in range(accum * dist.world)]
+        if dist.enabled:
+            torch.manual_seed(step_generator_seed(t.seed, step, dist.rank))  # this rank's dropout masks
+        step_loss, n_step, step_aux, n_in = forward_backward(
+            model, [b for _, _, b in micro[dist.rank::dist.world]], device, bf16, t.router_aux_loss_coef,
+            n_step=sum(label_tokens(b) for _, _, b in micro))
+        if dist.enabled:
+            dist.sum_grads(params)  # each rank's loss is already over the whole step's tokens: sum, not mean
+            step_loss, step_aux, n_in = dist.sum(step_loss, step_aux, n_in)
+            n_in = int(n_in)
         win_tokens_in += n_in
         tokens_seen += n_in
         if t.max_grad_norm > 0:
@@ -376,7 +422,7 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
             win_loss, win_tok, win_aux, win_t0, win_tokens_in, win_steps = 0.0, 0, 0.0, time.time(), 0, 0
 
         if data.eval_rows and t.eval_steps and step % t.eval_steps == 0 and step != total:
-            last_eval = evaluate_loss(model, data.eval_rows, eval_bs, autocast=bf16)
+            last_eval = _evaluate(model, data.eval_rows, eval_bs, bf16, dist)
             metrics.log({"kind": "eval", "step": step, **last_eval})
             _say(f"step {step}: eval loss {last_eval['eval_loss']:.4f} "
                  f"perplexity {last_eval['eval_perplexity']:.2f}", bar)
@@ -384,8 +430,10 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
         if (t.save_steps and step % t.save_steps == 0) or step == total:
             state = {"epoch": epoch, "batches_in_epoch": consumed, "total_steps": total,
                      "history": {"tokens_seen": tokens_seen}}
-            ckpt.save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 state=state, total_limit=t.save_total_limit, save_adapter_fn=save_adapter_fn)
+            if dist.is_main:  # every rank holds the same adapter and optimizer state
+                ckpt.save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     state=state, total_limit=t.save_total_limit, save_adapter_fn=save_adapter_fn)
+            dist.barrier()
         if on_step is not None:
             on_step(step)
     if bar is not None:
@@ -393,7 +441,11 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     train_seconds = time.time() - t_start
 
     # 7. after training: final eval, adapter, merge, generations, plot, report
-    eval_after = evaluate_loss(model, data.eval_rows, eval_bs, autocast=bf16) if data.eval_rows else None
+    eval_after = _evaluate(model, data.eval_rows, eval_bs, bf16, dist) if data.eval_rows else None
+    if not dist.is_main:  # rank 0 writes the adapter, generations, merge and report
+        metrics.close()
+        dist.close()
+        return {"steps": step, "eval_loss": eval_after["eval_loss"] if eval_after else None, "rank": dist.rank}
     if eval_after is not None:
         metrics.log({"kind": "eval", "step": step, **eval_after})
     metrics.close()
@@ -436,7 +488,8 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targets": ", ".join(cfg.lora.targets),
                  "trainable params": f"{n_trainable:,}", **_report_fields(lora_report)},
         "data": {k: v for k, v in (data.stats or {}).items() if isinstance(v, (int, float, str))},
-        "train": {"steps": step, "micro-batch × accumulation": f"{micro_bs} × {accum}",
+        "train": {"steps": step, "micro-batch × accumulation": f"{micro_bs} × {accum}"
+                  + (f" × {dist.world} ranks" if dist.enabled else ""),
                   "learning rate": t.learning_rate, "schedule": t.lr_scheduler_type,
                   "final train loss": result["train_loss"], "wall time (s)": round(train_seconds, 1)},
         "eval_before": eval_before, "eval_after": eval_after, "loss_png": "loss.png", "generation_scores": gen_scores,
@@ -444,6 +497,7 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     _say(f"mixtune: done in {result['seconds']}s; eval loss "
          f"{_fmt_opt(result['eval_loss_before'])} → {_fmt_opt(result['eval_loss'])}; adapter: {adapter_dir}; "
          f"report: {os.path.join(out_dir, 'report.md')}")
+    dist.close()
     return result
 
 
