@@ -54,6 +54,21 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
             assert r2["eval_tokens"] == r1["eval_tokens"]  # the sharded evaluation saw every row
     assert res["steps"] == 3 and os.path.exists(ddp / "checkpoints" / "step-2" / "COMPLETE")
 
+    # resume under torchrun: drop the last checkpoint and the adapter, continue from step 2 on both ranks
+    import shutil
+    shutil.rmtree(ddp / "checkpoints" / "step-3")
+    shutil.rmtree(ddp / "adapter")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "mixtune", "train", *COMMON, "--train.gradient_accumulation_steps", "1",
+                        "--train.output_dir", str(ddp), "--train.resume", "auto"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resuming from" in p.stderr and "step 2/3" in p.stderr
+    c = load_file(str(ddp / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], rtol=1e-4, atol=1e-6)
+    assert [r["step"] for r in _train_lines(ddp) if r["kind"] == "train"] == [1, 2, 3]
+
 
 def test_single_process_helpers():
     assert world_from_env() == (1, 0, 0) or "WORLD_SIZE" in os.environ
