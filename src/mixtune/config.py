@@ -68,6 +68,11 @@ class ModelConfig:
                                     "(-1 = all); the others keep their activations (selective checkpointing).")
     checkpoint_attention: bool = _f(False, "Layers that are not fully recomputed recompute their attention "
                                            "block (keeping only its input); pairs well with grouped_lowmem.")
+    memory_budget_gib: float = _f(0.0, "> 0: choose the recomputation (layers, attention blocks, grouped or "
+                                       "grouped_lowmem MoE) with the least extra work whose estimated peak GPU "
+                                       "memory fits this many GiB at the configured micro-batch; it replaces "
+                                       "gradient_checkpointing, checkpoint_layers, checkpoint_attention and "
+                                       "moe_backend, and is printed at the start. 0: use those keys.")
     tokenizer: str = _f("", "Tokenizer: empty = the model directory's own, else the Mixtral v1 tokenizer shipped "
                            "in mistral-common; or a Hub id / local directory / 'mistral-common:v1'.")
     cache_dir: str = _f("", "Cache for the tiny default and prepared data (empty: $MIXTUNE_CACHE or "
@@ -321,6 +326,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"generate.top_k: must be >= 0 (0 = off), got {cfg.generate.top_k}")
     if cfg.generate.temperature <= 0 and not cfg.generate.greedy:
         raise ConfigError("generate.temperature: must be positive when sampling (or set generate.greedy true)")
+    if cfg.model.memory_budget_gib < 0:
+        raise ConfigError(f"model.memory_budget_gib: must be 0 (off) or positive, got {cfg.model.memory_budget_gib}")
+    if cfg.model.memory_budget_gib > 0 and cfg.model.moe_backend == "reference":
+        raise ConfigError("model.memory_budget_gib plans the grouped MoE backends; it cannot be combined with "
+                          "model.moe_backend reference")
     if cfg.model.checkpoint_layers < -1:
         raise ConfigError(f"model.checkpoint_layers: must be -1 (all layers) or >= 0, got {cfg.model.checkpoint_layers}")
     if t.save_total_limit < 1:

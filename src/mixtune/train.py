@@ -232,6 +232,7 @@ RESUME_MAY_CHANGE = {
     "train.eval_steps", "train.save_steps", "train.save_total_limit", "train.generate_after", "train.merge_after",
     "train.per_device_eval_batch_size", "model.device", "model.cache_dir", "model.attn_implementation",
     "model.moe_backend", "model.gradient_checkpointing", "model.checkpoint_layers", "model.checkpoint_attention",
+    "model.memory_budget_gib",
     "data.cache_dir", "data.eval_max_rows",
 }
 
@@ -321,6 +322,19 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     n_trainable = sum(p.numel() for p in params)
     if not params:
         raise ValueError("lora.targets: nothing is trainable (no target matched a module)")
+    if cfg.model.memory_budget_gib > 0:  # recomputation chosen by memory
+        from .inspect_model import memory_estimate
+        from .memory_plan import GiB, plan
+        try:
+            policy, est = plan(cfg.model.memory_budget_gib * GiB, model.config, memory_estimate(model)["weights_nf4"],
+                               n_trainable, t.per_device_train_batch_size, cfg.data.max_seq_length, cfg.lora.r,
+                               t.optim)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        model.set_checkpointing(policy.full, policy.attention)
+        model.set_moe_backend(policy.backend)
+        _say(f"mixtune: memory budget {cfg.model.memory_budget_gib:g} GiB -> "
+             f"{policy.describe(model.config.num_hidden_layers)} (estimated peak {est / GiB:.1f} GiB)")
 
     # 3. before training: eval loss and generations of the base model (fresh LoRA B = 0 changes nothing)
     eval_bs = t.per_device_eval_batch_size

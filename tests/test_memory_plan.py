@@ -1,0 +1,68 @@
+"""Recomputation chosen by memory: the estimate against the 32-layer H200 measurements (BENCHMARKS.md), the
+choice of policy for a budget, a clear error when nothing fits, and `mixtune train` applying the plan."""
+
+import pytest
+import torch
+
+from mixtune.config import ConfigError, LoraConfig, load_config
+from mixtune.inspect_model import memory_estimate
+from mixtune.lora import apply_lora
+from mixtune.memory_plan import GiB, Policy, estimate_bytes, plan, relative_work
+from mixtune.model import MIXTRAL_8X7B_CONFIG as C
+from mixtune.model.loading import build_model_on_meta
+
+# (micro-batch, optimizer, full layers, attention recomputed, backend, measured peak GiB, BENCHMARKS call)
+MEASURED = [
+    (14, "adamw_8bit", 0, False, "grouped", 115.8),  # call 5
+    (16, "adamw", 0, False, "grouped", 132.9),  # call 7
+    (14, "adamw", 0, False, "grouped", 121.2),  # call 7
+    (8, "adamw_8bit", 0, True, "grouped_lowmem", 46.3),  # call 5
+    (6, "adamw_8bit", 0, True, "grouped_lowmem", 43.2),  # call 7
+    (16, "adamw", 32, False, "grouped", 47.0),  # call 1 (attention recomputed anyway: k/v layout irrelevant)
+    (16, "adamw_8bit", 32, False, "grouped", 41.6),  # call 1
+    (16, "adamw_8bit", 30, False, "grouped", 45.7),  # call 1
+]
+
+
+@pytest.fixture(scope="module")
+def mixtral_sizes():
+    m = build_model_on_meta(C, "nf4", torch.bfloat16)
+    apply_lora(m, LoraConfig(r=64, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj", "experts"]), 0,
+               warn=False)
+    mem = memory_estimate(m)
+    return mem["weights_nf4"], mem["adapter_fp32"] // 4
+
+
+@pytest.mark.parametrize("mb, optim, full, attention, backend, measured", MEASURED)
+def test_estimate_matches_the_h200_measurements(mixtral_sizes, mb, optim, full, attention, backend, measured):
+    weights, trainable = mixtral_sizes
+    est = estimate_bytes(C, weights, trainable, mb, 1024, 64, optim, Policy(full, attention, backend)) / GiB
+    assert -0.02 <= (est - measured) / measured <= 0.09, est  # never far below (the budget must hold)
+
+
+def test_plan_picks_the_least_recomputation_that_fits(mixtral_sizes):
+    weights, trainable = mixtral_sizes
+    args = (C, weights, trainable)
+    pol, est = plan(130 * GiB, *args, 14, 1024, 64, "adamw")  # the H200 row: nothing recomputed
+    assert pol == Policy(0, False, "grouped") and est <= 130 * GiB
+    pol, est = plan(48 * GiB, *args, 8, 1024, 64, "adamw_8bit")
+    assert est <= 48 * GiB and pol != Policy(0, False, "grouped")
+    assert relative_work(C, pol) < relative_work(C, Policy(32, False, "grouped"))  # cheaper than recomputing all
+    tighter, _ = plan(44 * GiB, *args, 8, 1024, 64, "adamw_8bit")
+    assert relative_work(C, tighter) >= relative_work(C, pol)
+    with pytest.raises(ValueError, match="nothing fits 20.0 GiB.*smallest estimate"):
+        plan(20 * GiB, *args, 8, 1024, 64, "adamw")
+
+
+def test_train_applies_the_plan_and_validates_the_key(tmp_path, capsys):
+    from mixtune import train
+    over = ["--train.max_steps", "1", "--train.eval_steps", "0", "--train.generate_after", "0",
+            "--train.tensorboard", "false", "--train.progress", "false", "--data.max_seq_length", "128",
+            "--train.output_dir", str(tmp_path / "r")]
+    train.main(load_config(None, over + ["--model.memory_budget_gib", "64"]))
+    assert "memory budget 64 GiB -> no recomputation, MoE backend grouped" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="memory_budget_gib: nothing fits"):
+        train.main(load_config(None, over + ["--model.memory_budget_gib", "0.000001", "--train.output_dir",
+                                             str(tmp_path / "s")]))
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        load_config(None, ["--model.memory_budget_gib", "40", "--model.moe_backend", "reference"])
