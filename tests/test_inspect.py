@@ -78,3 +78,18 @@ def test_unmatched_target_warning_is_said_once(config_only_dir, capsys, caplog):
     obj = json.loads(capsys.readouterr().out.strip())
     assert len(obj["unmatched_messages"]) == 1 and "gate_proj" in obj["unmatched_messages"][0]
     assert not [r for r in caplog.records if "gate_proj" in r.getMessage()]
+
+
+def test_inspect_estimates_the_training_peak_and_plans_a_budget(config_only_dir, capsys):
+    over = ["--model.name_or_path", config_only_dir, "--lora.targets", "q_proj,k_proj,v_proj,o_proj,experts",
+            "--lora.r", "64", "--train.per_device_train_batch_size", "8", "--data.max_seq_length", "1024",
+            "--train.optim", "adamw_8bit"]
+    res = inspect_main(load_config(overrides=over + ["--model.memory_budget_gib", "48"]), json_out=True)
+    tp = res["training_peak"]
+    peaks = [p["bytes"] for p in tp["policies"]]
+    assert peaks == sorted(peaks, reverse=True)  # more recomputation, less memory
+    assert [p["relative_work"] for p in tp["policies"]][0] == 1.0
+    assert tp["plan"]["bytes"] <= 48 * 2**30 and tp["plan"]["backend"] == "grouped_lowmem"
+    out = inspect_main(load_config(overrides=over + ["--model.memory_budget_gib", "10"]), json_out=False)
+    assert "nothing fits 10.0 GiB" in out["training_peak"]["plan"]["error"]
+    assert "estimated peak GPU memory of a training step" in capsys.readouterr().out

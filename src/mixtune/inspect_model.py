@@ -88,7 +88,8 @@ def inspect_main(cfg: Config, json_out: bool = False) -> dict:
            "lora": {"r": report.r, "alpha": report.alpha, "scaling": report.scaling, "dropout": cfg.lora.dropout,
                     "targets": list(cfg.lora.targets)},
            "matched_targets": report.matched, "unmatched_targets": report.unmatched,
-           "unmatched_messages": report.messages, "adapted": report.adapted, "memory_bytes": mem}
+           "unmatched_messages": report.messages, "adapted": report.adapted, "memory_bytes": mem,
+           "training_peak": training_peaks(cfg, config, mem)}
     if json_out:
         print(json.dumps(out))
         return out
@@ -98,11 +99,44 @@ def inspect_main(cfg: Config, json_out: bool = False) -> dict:
           f"{a['intermediate_size']} (top-{a['experts_per_token']}), attention {a['attention_heads']} query / "
           f"{a['kv_heads']} KV heads of {a['head_dim']}, vocab {a['vocab_size']}, RoPE theta {a['rope_theta']:g}")
     print(report.format())
-    print(f"memory (weights {quant}; activations not included):")
+    print(f"memory of the weights and the adapter (weights {quant}):")
     print(f"  weights nf4 (q/k/v/o + experts 4-bit, rest bf16): {_human(mem['weights_nf4'])}")
     print(f"  weights bf16:                                      {_human(mem['weights_bf16'])}")
     print(f"  LoRA adapter fp32: {_human(mem['adapter_fp32'])}, gradients fp32: {_human(mem['gradients_fp32'])}, "
           f"AdamW m+v fp32: {_human(mem['optimizer_adamw_fp32'])}")
     print(f"  training total: {_human(mem['training_total_nf4'])} with nf4 weights, "
           f"{_human(mem['training_total_bf16'])} with bf16 weights")
+    tp = out["training_peak"]
+    print(f"estimated peak GPU memory of a training step (nf4, micro-batch {tp['micro_batch']} x {tp['seq']} "
+          f"tokens, train.optim {tp['optim']}; mixtune.memory_plan):")
+    for row in tp["policies"]:
+        print(f"  {row['policy']:<72} {_human(row['bytes'])}  (work x{row['relative_work']:.2f})")
+    if "plan" in tp:
+        pl = tp["plan"]
+        print(f"  model.memory_budget_gib {cfg.model.memory_budget_gib:g}: "
+              + (f"{pl['policy']} ({_human(pl['bytes'])})" if "error" not in pl else pl["error"]))
+    return out
+
+
+def training_peaks(cfg: Config, config, mem: dict) -> dict:
+    """Estimated peak memory of a training step under the main recomputation policies, at the config's
+    micro-batch, row length and optimizer; and the plan for model.memory_budget_gib when it is set."""
+    from .memory_plan import GiB, Policy, estimate_bytes, plan, relative_work
+    L = config.num_hidden_layers
+    mb, seq, r, optim = (cfg.train.per_device_train_batch_size, cfg.data.max_seq_length, cfg.lora.r,
+                         cfg.train.optim)
+    trainable = mem["adapter_fp32"] // 4
+    args = (config, mem["weights_nf4"], trainable)
+    out = {"micro_batch": mb, "seq": seq, "optim": optim, "policies": []}
+    for pol in (Policy(0, False, "grouped"), Policy(0, True, "grouped"), Policy(0, True, "grouped_lowmem"),
+                Policy(L, False, "grouped")):
+        out["policies"].append({"policy": pol.describe(L), "bytes": int(estimate_bytes(*args, mb, seq, r, optim, pol)),
+                                "relative_work": round(relative_work(config, pol), 3)})
+    if cfg.model.memory_budget_gib > 0:
+        try:
+            pol, est = plan(cfg.model.memory_budget_gib * GiB, *args, mb, seq, r, optim)
+            out["plan"] = {"policy": pol.describe(L), "bytes": int(est), "full": pol.full,
+                           "attention": pol.attention, "backend": pol.backend}
+        except ValueError as e:
+            out["plan"] = {"error": str(e)}
     return out
