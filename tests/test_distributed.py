@@ -20,11 +20,25 @@ COMMON = ["--train.max_steps", "3", "--train.save_steps", "2", "--train.eval_ste
           "--lora.dropout", "0.0", "--lora.r", "4", "--train.router_aux_loss_coef", "0.01"]
 
 
+def _can_run_torchrun() -> bool:
+    """gloo is built in and loopback TCP works (torchrun's rendezvous): otherwise the test cannot run here."""
+    import socket
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        return False
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
+            sk.bind(("127.0.0.1", 0))
+    except OSError:
+        return False
+    return True
+
+
 def _train_lines(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
         return [json.loads(l) for l in fh if l.strip()]
 
 
+@pytest.mark.skipif(not _can_run_torchrun(), reason="no gloo backend or no loopback TCP for torchrun here")
 def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
     single = tmp_path / "single"
     res = train.main(load_config(None, COMMON + ["--train.gradient_accumulation_steps", "2",
