@@ -66,3 +66,14 @@ def test_train_applies_the_plan_and_validates_the_key(tmp_path, capsys):
                                              str(tmp_path / "s")]))
     with pytest.raises(ConfigError, match="cannot be combined"):
         load_config(None, ["--model.memory_budget_gib", "40", "--model.moe_backend", "reference"])
+
+
+def test_lora_dropout_counts_only_where_attention_keeps_its_activations(mixtral_sizes):
+    weights, trainable = mixtral_sizes
+    growth = {}
+    for pol in (Policy(0, False, "grouped"), Policy(0, True, "grouped_lowmem")):
+        base = estimate_bytes(C, weights, trainable, 8, 1024, 64, "adamw", pol)
+        growth[pol.attention] = estimate_bytes(C, weights, trainable, 8, 1024, 64, "adamw", pol,
+                                               lora_dropout=0.05) - base
+    # kept by all 32 layers vs rebuilt for one layer at a time in backward
+    assert growth[False] > 20 * growth[True] > 0

@@ -130,11 +130,12 @@ def training_peaks(cfg: Config, config, mem: dict) -> dict:
     out = {"micro_batch": mb, "seq": seq, "optim": optim, "policies": []}
     for pol in (Policy(0, False, "grouped"), Policy(0, True, "grouped"), Policy(0, True, "grouped_lowmem"),
                 Policy(L, False, "grouped")):
-        out["policies"].append({"policy": pol.describe(L), "bytes": int(estimate_bytes(*args, mb, seq, r, optim, pol)),
+        out["policies"].append({"policy": pol.describe(L),
+                                "bytes": int(estimate_bytes(*args, mb, seq, r, optim, pol, cfg.lora.dropout)),
                                 "relative_work": round(relative_work(config, pol), 3)})
     if cfg.model.memory_budget_gib > 0:
         try:
-            pol, est = plan(cfg.model.memory_budget_gib * GiB, *args, mb, seq, r, optim)
+            pol, est = plan(cfg.model.memory_budget_gib * GiB, *args, mb, seq, r, optim, cfg.lora.dropout)
             out["plan"] = {"policy": pol.describe(L), "bytes": int(est), "full": pol.full,
                            "attention": pol.attention, "backend": pol.backend}
         except ValueError as e:

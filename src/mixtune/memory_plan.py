@@ -52,14 +52,16 @@ class Policy:
         return ", ".join(parts)
 
 
-def _per_token_layer(c: MixtralConfig, r: int) -> dict:
+def _per_token_layer(c: MixtralConfig, r: int, lora_dropout: float = 0.0) -> dict:
     """Bytes autograd keeps per token and layer, by part."""
     H, I, k, E = c.hidden_size, c.intermediate_size, c.num_experts_per_tok, c.num_local_experts
     kv = c.num_key_value_heads * c.head_dim
+    # LoRA dropout on q/k/v/o keeps each projection's dropped input (bf16) and its mask (1 byte)
+    dropout = 4 * H * (BF16 + 1) if lora_dropout > 0 else 0
     return {
         # norm input, normed x (q/k/v input), q|k|v after RoPE, attention output (o_proj input), softmax stats,
         # the four LoRA inner products
-        "attention": BF16 * (4 * H + 2 * kv) + 4 * c.num_attention_heads + 4 * r * BF16,
+        "attention": BF16 * (4 * H + 2 * kv) + 4 * c.num_attention_heads + 4 * r * BF16 + dropout,
         "attention_recomputed": H * BF16,  # the block's input only
         # residual (norm input), normed x (router + experts input), router probs/ids, expert outputs y (k x H),
         # LoRA inner products
@@ -70,14 +72,15 @@ def _per_token_layer(c: MixtralConfig, r: int) -> dict:
 
 
 def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro_batch: int, seq: int, r: int,
-                   optim: str, policy: Policy) -> float:
-    """Peak bytes of one training step (see the module doc)."""
+                   optim: str, policy: Policy, lora_dropout: float = 0.0) -> float:
+    """Peak bytes of one training step (see the module doc). lora_dropout > 0 counts the dropped inputs that
+    LoRA on q/k/v/o keeps (an upper bound when fewer of them are targets)."""
     L = c.num_hidden_layers
     H, I, E, k = c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok
     T = micro_batch * seq
     state = trainable * 8 if optim == "adamw" else trainable * 2.02  # fp32 m, v | 8-bit m, v + block scales
     fixed = weights_bytes + trainable * 4 * 2 + state  # + the fp32 adapter and its gradients
-    p = _per_token_layer(c, r)
+    p = _per_token_layer(c, r, lora_dropout)
     lowmem = policy.backend == "grouped_lowmem"
     kept = (p["attention_recomputed"] if policy.attention else p["attention"]) + p["moe"] + (0 if lowmem else p["h13"])
     full = min(policy.full, L)
@@ -109,7 +112,7 @@ def relative_work(c: MixtralConfig, policy: Policy) -> float:
 
 
 def plan(budget_bytes: float, c: MixtralConfig, weights_bytes: float, trainable: int, micro_batch: int, seq: int,
-         r: int, optim: str) -> tuple[Policy, float]:
+         r: int, optim: str, lora_dropout: float = 0.0) -> tuple[Policy, float]:
     """The policy with the least recomputation whose estimate fits `budget_bytes` -> (policy, estimate).
     Raises ValueError naming the smallest estimate when nothing fits."""
     L = c.num_hidden_layers
@@ -119,7 +122,7 @@ def plan(budget_bytes: float, c: MixtralConfig, weights_bytes: float, trainable:
         for attention in (False, True):
             for full in range(L + 1):
                 pol = Policy(full, attention and full < L, backend)
-                est = estimate_bytes(c, weights_bytes, trainable, micro_batch, seq, r, optim, pol)
+                est = estimate_bytes(c, weights_bytes, trainable, micro_batch, seq, r, optim, pol, lora_dropout)
                 if smallest is None or est < smallest[1]:
                     smallest = (pol, est)
                 if est <= budget_bytes:
