@@ -93,6 +93,10 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
     if world <= 1:
         return Dist(), device
     if device.type == "cuda":
+        if device.index not in (None, local_rank):
+            from .config import ConfigError
+            raise ConfigError(f"model.device: {device} under torchrun; leave it auto (or cuda): rank {rank} uses "
+                              f"cuda:LOCAL_RANK = cuda:{local_rank}")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

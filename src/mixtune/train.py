@@ -381,7 +381,7 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     stream = micro_batch_stream(data.train_rows, micro_bs, cfg.data.seed, epoch, consumed)
     model.train()
     bar = None
-    if t.progress:
+    if t.progress and dist.is_main:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
                    mininterval=0.5)
