@@ -57,6 +57,7 @@ class Row:
     build_s: float = float("nan")
     step_s: float = float("nan")
     loss: float = float("nan")
+    est_gib: float = float("nan")  # mixtune.memory_plan's estimate of the peak for this setting
     error: str = ""
 
     def fill(self, cfg, tokens_per_step, step_times, peak_bytes, loss):
@@ -407,6 +408,20 @@ def profile_step(model, cfg, s, seq, device, path, seed=0):
     print("\n".join(table.splitlines()[:30]), flush=True)
 
 
+def planned_peak_gib(model, cfg: MixtralConfig, s: dict, seq: int) -> float:
+    """mixtune.memory_plan's estimate for setting `s` (printed next to the measured peak, so every benchmark
+    run checks the planner). The planner models shared k/v heads (gqa=1) and the grouped backends."""
+    from .inspect_model import memory_estimate
+    from .lora import lora_parameters
+    from .memory_plan import GiB, Policy, estimate_bytes
+    if s["backend"] not in ("grouped", "grouped_lowmem") or not s.get("gqa", 1):
+        return float("nan")
+    trainable = sum(p.numel() for p in lora_parameters(model))
+    pol = Policy(min(int(s["ckpt"]), cfg.num_hidden_layers), bool(s.get("actk")), s["backend"])
+    return estimate_bytes(cfg, memory_estimate(model)["weights_nf4"], trainable, s["mb"], seq, 64,
+                          s.get("opt", "adamw"), pol) / GiB
+
+
 def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed=0, profile_path=""):
     t0 = time.perf_counter()
     c = MixtralConfig(**{**cfg.__dict__, "num_hidden_layers": layers})
@@ -421,6 +436,7 @@ def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed
                       + (f", {s['opt']}" if s.get("opt", "adamw") != "adamw" else "")
                       + (", attn-ckpt" if s.get("actk") else "") + ("" if s.get("gqa", 1) else ", k/v repeated"),
                       build_s=build_s)
+            row.est_gib = planned_peak_gib(model, c, s, rows["seq"])
             try:
                 time_mixtune(model, c, row, device, s["backend"], s["ckpt"], steps, warmup, seed,
                              attn=s.get("attn", "sdpa"), optim=s.get("opt", "adamw"), actk=s.get("actk", 0),
@@ -445,7 +461,7 @@ def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed
 
 # ------------------------------------------------------------------------------------------ report
 HEADER = (f"{'run':<26} {'L':>3} {'mb x seq':>10} {'setting':<28} {'tok/s':>9} {'TF/s 4N':>8} {'TF/s 6N':>8} "
-          f"{'peak GiB':>8} {'build s':>7} {'loss':>7}")
+          f"{'peak GiB':>8} {'est GiB':>8} {'build s':>7} {'loss':>7}")
 
 
 def print_row(r: Row):
@@ -454,7 +470,7 @@ def print_row(r: Row):
         return
     mb = f"{r.micro_batch}x{r.seq}" + (f"x{r.accum}" if r.accum > 1 else "")
     print(f"{r.name:<26} {r.layers:>3} {mb:>10} {r.setting:<28} {r.tok_s:>9.0f} {r.tflops4:>8.1f} "
-          f"{r.tflops6:>8.1f} {r.peak_gib:>8.2f} {r.build_s:>7.1f} {r.loss:>7.3f}", flush=True)
+          f"{r.tflops6:>8.1f} {r.peak_gib:>8.2f} {r.est_gib:>8.2f} {r.build_s:>7.1f} {r.loss:>7.3f}", flush=True)
 
 
 def versions():
