@@ -363,6 +363,11 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
         s = state["state"]
         step, epoch, consumed = s["step"], s["epoch"], s["batches_in_epoch"]
         history = s.get("history", {})
+        if s.get("world_size", 1) != dist.world:
+            raise ckpt.CheckpointError(
+                f"--resume: {resume_path} was trained on {s.get('world_size', 1)} rank(s), this run has {dist.world}; "
+                f"an optimizer step takes micro-batch x accumulation x ranks rows, so resume with the same number "
+                f"of ranks")
         if s.get("total_steps") not in (None, total):
             raise ckpt.CheckpointError(f"--resume: {resume_path} belongs to a run of {s['total_steps']} steps, "
                                        f"this config plans {total}; resume with the same config")
@@ -442,7 +447,7 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
                  f"perplexity {last_eval['eval_perplexity']:.2f}", bar)
 
         if (t.save_steps and step % t.save_steps == 0) or step == total:
-            state = {"epoch": epoch, "batches_in_epoch": consumed, "total_steps": total,
+            state = {"epoch": epoch, "batches_in_epoch": consumed, "total_steps": total, "world_size": dist.world,
                      "history": {"tokens_seen": tokens_seen}}
             if dist.is_main:  # every rank holds the same adapter and optimizer state
                 ckpt.save_checkpoint(out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
