@@ -31,6 +31,7 @@ from .model.config import MixtralConfig
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]
+LORA_R, LORA_ALPHA = 64, 16.0
 
 
 # ------------------------------------------------------------------------------------------ accounting
@@ -207,16 +208,12 @@ def time_kernels(cfg: MixtralConfig, device, reps: int = 10) -> dict:
         return sorted(ts)[len(ts) // 2]
 
     from .kernels import dequant
-    sweep, cfgs = {}, {}
-    for impl, R, nw in (("words", 32, 4), ("words", 64, 4), ("words", 64, 8), ("words", 128, 8),
-                        ("bytes", 16, 4), ("bytes", 32, 4), ("bytes", 64, 4), ("bytes", 64, 8),
-                        ("bytes", 128, 8)):  # pick the dequant kernel and tile for this GPU
-        dequant.CONFIG.update(impl=impl, R=R, num_warps=nw)
-        key = f"{impl}-R{R}w{nw}"
-        sweep[key] = t(lambda: dequantize_nf4(w[0], torch.bfloat16))
-        cfgs[key] = dict(dequant.CONFIG)
+    sweep = {}
+    for R, nw in ((32, 4), (64, 4), (64, 8), (128, 8), (128, 4)):  # pick the dequant tile for this GPU
+        dequant.CONFIG.update(R=R, num_warps=nw)
+        sweep[f"R{R}w{nw}"] = t(lambda: dequantize_nf4(w[0], torch.bfloat16))
     best = min(sweep, key=sweep.get)
-    dequant.CONFIG.update(cfgs[best])
+    dequant.CONFIG.update(R=int(best[1:best.index("w")]), num_warps=int(best[best.index("w") + 1:]))
     out = {"dequant_sweep_ms": sweep, "dequant_config": dict(dequant.CONFIG),
            "dequant_w13_ms": t(lambda: dequantize_nf4_stack(w[:2], torch.bfloat16)),
            "dequant_one_ms": t(lambda: dequantize_nf4(w[0], torch.bfloat16))}
@@ -305,7 +302,7 @@ def model_hidden(model, ids, pos):
 
 
 # ------------------------------------------------------------------------------------------ (b) mixtune steps
-def build_model(cfg: MixtralConfig, device, seed=0, r=64, alpha=16.0, quant="nf4"):
+def build_model(cfg: MixtralConfig, device, seed=0, r=LORA_R, alpha=LORA_ALPHA, quant="nf4"):
     from .config import LoraConfig
     from .lora import apply_lora
     from .model.random_init import build_random_nf4_model
@@ -418,7 +415,7 @@ def planned_peak_gib(model, cfg: MixtralConfig, s: dict, seq: int) -> float:
         return float("nan")
     trainable = sum(p.numel() for p in lora_parameters(model))
     pol = Policy(min(int(s["ckpt"]), cfg.num_hidden_layers), bool(s.get("actk")), s["backend"])
-    return estimate_bytes(cfg, memory_estimate(model)["weights_nf4"], trainable, s["mb"], seq, 64,
+    return estimate_bytes(cfg, memory_estimate(model)["weights_nf4"], trainable, s["mb"], seq, LORA_R,
                           s.get("opt", "adamw"), pol) / GiB
 
 
@@ -528,7 +525,7 @@ def main(argv=None, stock_runner=None) -> int:
               file=sys.stderr)
         return 2
     result = {"versions": versions(), "device": device, "geometry": {k: getattr(cfg, k) for k in TINY},
-              "seq": args.seq, "lora": {"r": 64, "alpha": 16, "targets": LORA_TARGETS}}
+              "seq": args.seq, "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "targets": LORA_TARGETS}}
     ok = True
     t_start = time.perf_counter()
     if not args.no_check:

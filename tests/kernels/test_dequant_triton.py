@@ -17,12 +17,10 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton was imported before the interpreter could be enabled", allow_module_level=True)
 
 
-@pytest.mark.parametrize("impl", ["words", "bytes"])
-def test_nf4_dequant_exact_and_widened(impl, monkeypatch):
+def test_nf4_dequant_exact_and_widened(monkeypatch):
     from mixtune.kernels import dequant
     from mixtune.kernels.dequant import dequantize_nf4, dequantize_nf4_stack
     from mixtune.model.nf4 import NF4Weight
-    monkeypatch.setitem(dequant.CONFIG, "impl", impl)
     monkeypatch.setitem(dequant.CONFIG, "R", 256)  # 384 and 192 blocks: the last program is partly masked
     g = torch.Generator().manual_seed(1)
     w1 = NF4Weight.quantize(torch.randn(3, 64, 128, generator=g))

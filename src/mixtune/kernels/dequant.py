@@ -19,9 +19,7 @@ import torch
 from ..model.nf4 import NF4Weight
 from ._triton import use_triton
 
-# impl: "words" reads the codes as int32 words (8 codes each) and unpacks them with shifts; "bytes" reads bytes
-# and interleaves the high/low nibbles. R: NF4 blocks (of 64 weights) per Triton program. Tuned by the benchmark.
-CONFIG = {"impl": "words", "R": 64, "num_warps": 4}
+CONFIG = {"R": 64, "num_warps": 4}  # NF4 blocks (of 64 weights) per Triton program; tuned by the benchmark
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,28 +50,7 @@ def _kernel():
         ptr = dst[:, None] + tl.arange(0, 64)[None, :]
         tl.store(out_ptr + ptr, v.to(out_ptr.dtype.element_ty), mask=mb[:, None])
 
-    @triton.jit
-    def nf4_dequant_bytes_kernel(bytes_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset_ptr, out_ptr,
-                                 n_blocks, per_expert, cols, ld, out_expert_stride, out_offset,
-                                 R: tl.constexpr):
-        # Same result as above; the 32 bytes of a block are read as (R, 32) and their nibbles interleaved
-        # (high nibble first) into the block's 64 weights in memory order.
-        b = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)  # (R,) block ids
-        mb = b < n_blocks
-        a = tl.load(absmax_ptr + b, mask=mb, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + a) * tl.load(absmax2_ptr + b // 256, mask=mb, other=0.0) + tl.load(offset_ptr)
-        by = tl.load(bytes_ptr + b[:, None] * 32 + tl.arange(0, 32)[None, :], mask=mb[:, None], other=0)
-        by = by.to(tl.int32)
-        v = tl.interleave(tl.load(code_ptr + (by >> 4)), tl.load(code_ptr + (by & 15))) * scale[:, None]  # (R, 64)
-        f = b * 64
-        e = f // per_expert
-        rem = f - e * per_expert
-        row = rem // cols
-        dst = e * out_expert_stride + out_offset + row * ld + (rem - row * cols)  # (R,)
-        ptr = dst[:, None] + tl.arange(0, 64)[None, :]
-        tl.store(out_ptr + ptr, v.to(out_ptr.dtype.element_ty), mask=mb[:, None])
-
-    return {"words": nf4_dequant_kernel, "bytes": nf4_dequant_bytes_kernel}
+    return nf4_dequant_kernel
 
 
 def _launch(w: NF4Weight, out: torch.Tensor, per_expert: int, cols: int, ld: int, out_expert_stride: int,
@@ -81,10 +58,8 @@ def _launch(w: NF4Weight, out: torch.Tensor, per_expert: int, cols: int, ld: int
     n_blocks = w.absmax.numel()
     R = CONFIG["R"]
     grid = ((n_blocks + R - 1) // R,)
-    impl = CONFIG.get("impl", "words")
-    codes = w.packed.view(torch.int32) if impl == "words" else w.packed
-    _kernel()[impl][grid](codes, w.absmax, w.absmax2, w.code2, w.code, w.offset, out, n_blocks,
-                          per_expert, cols, ld, out_expert_stride, out_offset, R=R, num_warps=CONFIG["num_warps"])
+    _kernel()[grid](w.packed.view(torch.int32), w.absmax, w.absmax2, w.code2, w.code, w.offset, out, n_blocks,
+                    per_expert, cols, ld, out_expert_stride, out_offset, R=R, num_warps=CONFIG["num_warps"])
 
 
 def _fits(w) -> bool:
