@@ -101,9 +101,11 @@ class _LoRA:
         self.A, self.B, self.scaling = A, B, scaling
 
 
-def check_moe(device, E, H, I, N, k, r, seed=0, dtype=torch.bfloat16, backends=("grouped", "grouped_lowmem")):
+def check_moe(device, E, H, I, N, k, r, seed=0, dtype=torch.bfloat16,
+              backends=("grouped", "grouped_lowmem", "grouped+fp8", "grouped_lowmem+fp8")):
     """Our MoE layer vs the reference on the same random NF4 weights (LoRA on w1/w3/w2, B nonzero).
-    Returns {backend: {output: err, ...}, "reference_bf16": {...}}, errors against an fp32 reference."""
+    Returns {backend: {output: err, ...}, "reference_bf16": {...}}, errors against an fp32 reference
+    ("+fp8": the backend with expert_precision fp8)."""
     from . import kernels
     from .model.nf4 import NF4Weight
     g = torch.Generator(device=device).manual_seed(seed)
@@ -129,7 +131,8 @@ def check_moe(device, E, H, I, N, k, r, seed=0, dtype=torch.bfloat16, backends=(
         b = {n: t.clone().requires_grad_() for n, t in Bm.items()}
         lora = _LoRA(a, b, 2.0)
         wts = ws if dt != torch.float32 else [w.dequantize(torch.float32) for w in ws]
-        y = kernels.moe_experts(x, idx, tw, *wts, lora=lora, backend=backend)
+        name, _, prec = backend.partition("+")
+        y = kernels.moe_experts(x, idx, tw, *wts, lora=lora, backend=name, precision=prec or "bf16")
         (y.float() * go).sum().backward()
         return dict(out=y, dx=x.grad, dw=tw.grad, **{f"dA_{n}": a[n].grad for n in a},
                     **{f"dB_{n}": b[n].grad for n in b})
@@ -142,16 +145,56 @@ def check_moe(device, E, H, I, N, k, r, seed=0, dtype=torch.bfloat16, backends=(
     return out
 
 
+FP8_MOE_MAX_ERR = 0.1  # e4m3 rounds each operand by ~2.6% rms; h13 -> SwiGLU -> y compounds two products
+
+
 def moe_check_passes(res: dict) -> bool:
-    """Every fast-path error within 2x the reference's own bf16 error (+1e-3), and under 3e-2."""
+    """Every bf16 fast-path error within 2x the reference's own bf16 error (+1e-3), and under 3e-2; every
+    FP8 error finite and under FP8_MOE_MAX_ERR."""
     ref = res["reference_bf16"]
     ok = True
     for name, errs in res.items():
         if name == "reference_bf16":
             continue
         for kk, e in errs.items():
-            ok &= math.isfinite(e) and e <= 2 * ref[kk] + 1e-3 and e < 3e-2
+            if name.endswith("+fp8"):
+                ok &= math.isfinite(e) and e < FP8_MOE_MAX_ERR
+            else:
+                ok &= math.isfinite(e) and e <= 2 * ref[kk] + 1e-3 and e < 3e-2
     return bool(ok)
+
+
+def check_fp8(cfg: MixtralConfig, device, M: int = 8192, seed: int = 0) -> dict:
+    """FP8 kernels at the model's expert shapes: Triton row quantization and NF4->e4m3 dequantization (row-major
+    and transposed) equal to the PyTorch path value for value; the grouped FP8 product
+    (torch._scaled_grouped_mm) vs the exact fp32 product of the same quantized operands; uneven groups."""
+    from .kernels import fp8
+    from .kernels.dequant import dequantize_nf4_stack
+    from .model.nf4 import NF4Weight
+    E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = {"native": fp8.fp8_supported(device)}
+    x = torch.randn(M, H + 128, generator=g, device=device).to(torch.bfloat16)
+    x[:, :7] *= 50  # outlier columns
+    qt, st = fp8.quantize_rows(x)
+    qp, sp = fp8.quantize_rows(x, triton=False)
+    out["quant_rows_equal"] = bool(torch.equal(qt.float(), qp.float()) and torch.equal(st, sp))
+    w = NF4Weight.quantize(torch.randn(E, I, H, generator=g, device=device).to(torch.bfloat16) * 0.02)
+    inv = 448.0 / fp8.expert_amax(w)
+    for tr in (False, True):
+        a = dequantize_nf4_stack([w], fp8.F8, inv=inv, transpose=tr)
+        b = dequantize_nf4_stack([w], fp8.F8, inv=inv, transpose=tr, triton=False)
+        out[f"dequant_fp8{'_t' if tr else ''}_equal"] = bool(torch.equal(a.float(), b.float()))
+        del a, b
+    cuts = torch.sort(torch.randint(0, M, (E - 1,), generator=g, device=device)).values
+    offs = torch.cat([cuts, torch.tensor([M], device=device)]).to(torch.int32)
+    W8, sw = fp8.fp8_weights([w])
+    got = fp8.scaled_grouped_mm(qt[:, :H].contiguous(), st, W8, sw, offs)
+    ref = fp8._emulated(qt[:, :H].contiguous(), st, W8, sw, offs, torch.float32)
+    out["grouped_mm_rel"] = rel(got, ref)
+    out["ok"] = (out["quant_rows_equal"] and out["dequant_fp8_equal"] and out["dequant_fp8_t_equal"]
+                 and out["grouped_mm_rel"] < 5e-3)  # bf16 output rounding alone is ~2e-3
+    return out
 
 
 def check_attention(cfg: MixtralConfig, device, B=2, T=1024, seed=0) -> dict:
@@ -187,7 +230,10 @@ def check_attention(cfg: MixtralConfig, device, B=2, T=1024, seed=0) -> dict:
 
 def time_kernels(cfg: MixtralConfig, device, reps: int = 10) -> dict:
     """ms per call on the GPU: NF4 dequantization of one layer's experts (ours vs bitsandbytes), and the
-    grouped products of one layer's experts at 8192 tokens, uniform routing."""
+    grouped products of one layer's experts at 16384 tokens, uniform routing; with FP8 support also the FP8
+    pieces: e4m3 dequantization (row-major and transposed, choosing the transposed tile), row quantization
+    and the FP8 grouped product."""
+    from .kernels import fp8
     from .kernels.dequant import dequantize_nf4, dequantize_nf4_stack
     from .kernels.moe import grouped_mm
     from .model.nf4 import NF4Weight
@@ -240,11 +286,28 @@ def time_kernels(cfg: MixtralConfig, device, reps: int = 10) -> dict:
     ms = t(lambda: grouped_mm(xs, W.transpose(1, 2), offs))
     out["grouped_mm_w13_ms"] = ms
     out["grouped_mm_w13_TFLOPs"] = 2 * M * H * 2 * I / ms / 1e9
-    del w, W, xs
+    del W
+    if fp8.fp8_supported(device):  # the FP8 path's pieces at the same shapes
+        tsweep = {}
+        for TO in (32, 64, 128):  # rows per transposed tile
+            dequant.CONFIG.update(TO=TO)
+            tsweep[f"TO{TO}"] = t(lambda: fp8.fp8_weights(w[:2], transpose=True))
+        dequant.CONFIG.update(TO=int(min(tsweep, key=tsweep.get)[2:]))
+        out.update({"fp8_dequant_w13_t_sweep_ms": tsweep, "fp8_dequant_w13_ms": t(lambda: fp8.fp8_weights(w[:2])),
+                    "fp8_dequant_w13_t_ms": min(tsweep.values()),
+                    "fp8_quant_rows_MxI_ms": t(lambda: fp8.quantize_rows(xs.new_empty(M, I).normal_()))
+                    - t(lambda: xs.new_empty(M, I).normal_())})
+        W8, sw = fp8.fp8_weights(w[:2])
+        q, sq = fp8.quantize_rows(xs)
+        ms = t(lambda: fp8.scaled_grouped_mm(q, sq, W8, sw, offs))
+        out["fp8_grouped_mm_w13_ms"] = ms
+        out["fp8_grouped_mm_w13_TFLOPs"] = 2 * M * H * 2 * I / ms / 1e9
+        del W8, q
+    del w, xs
     return out
 
 
-def check_model(cfg: MixtralConfig, device, B, T, seed=0):
+def check_model(cfg: MixtralConfig, device, B, T, seed=0, fp8=False):
     """Loss and LoRA gradients of a random NF4 model (one set of weights, nonzero LoRA B) along three paths:
     fp32 reference (ground truth: PyTorch only, per-expert loop, unchunked CE), bf16 reference (the same in
     bf16) and the bf16 fast path (grouped MoE, chunked CE, every Triton kernel: dequantization, RMSNorm, RoPE,
@@ -261,17 +324,20 @@ def check_model(cfg: MixtralConfig, device, B, T, seed=0):
             if p.abs().sum() == 0:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     res = {}
-    for path in ("fast", "reference_bf16", "reference_fp32"):
+    paths = ("fast", "fast_fp8", "reference_bf16", "reference_fp32") if fp8 else ("fast", "reference_bf16",
+                                                                                  "reference_fp32")
+    for path in paths:
+        fast = path.startswith("fast")
         if path == "reference_fp32":
             model.float()  # last: the bf16 weights convert exactly; LoRA parameters are fp32 already
-        model.set_moe_backend("grouped" if path == "fast" else "reference")
+        model.set_moe_backend("grouped" if fast else "reference", "fp8" if path == "fast_fp8" else "bf16")
         saved = _triton.FORCE
-        _triton.FORCE = saved if path == "fast" else False  # references: no Triton kernel anywhere
+        _triton.FORCE = saved if fast else False  # references: no Triton kernel anywhere
         try:
             for p in params:
                 p.grad = None
             h = model_hidden(model, ids, pos)
-            ce = kernels.linear_cross_entropy(h, model.lm_head, labels, impl="auto" if path == "fast" else "reference")
+            ce = kernels.linear_cross_entropy(h, model.lm_head, labels, impl="auto" if fast else "reference")
             loss = ce[0] / ce[1]
             loss.backward()
         finally:
@@ -280,9 +346,10 @@ def check_model(cfg: MixtralConfig, device, B, T, seed=0):
     del model
     ref = res["reference_fp32"]
     out = {"loss": float(ref[0])}
-    for path in ("reference_bf16", "fast"):
+    for path in paths[:-1]:
         out[f"{path}_loss_rel"] = rel(res[path][0], ref[0])
         out[f"{path}_grad_rel"] = rel(res[path][1], ref[1])
+        out[f"{path}_grad_cos"] = float(torch.nn.functional.cosine_similarity(res[path][1], ref[1], 0))
     return out
 
 
@@ -318,10 +385,10 @@ def _sync(device):
 
 
 def time_mixtune(model, cfg, row: Row, device, backend, ckpt, steps, warmup, seed=0, opt_fused=True,
-                 attn="sdpa", optim="adamw", actk=0, gqa=1):
+                 attn="sdpa", optim="adamw", actk=0, gqa=1, prec="bf16"):
     """Times `steps` optimizer steps (after `warmup`) of row.accum micro-batches each; fills `row`."""
     from .lora import lora_parameters
-    model.set_moe_backend(backend)
+    model.set_moe_backend(backend, prec)
     model.attn_implementation = attn
     model.set_checkpointing(max(0, int(ckpt)), attention=bool(actk))  # the first `ckpt` layers in full
     from .kernels import attention as _attention
@@ -376,17 +443,17 @@ def parse_settings(spec: str):
     (the first ones; 1 with the stock stack means all), accum = micro-batches per optimizer step, backend = MoE
     backend, attn = attention implementation, opt = adamw | adamw_8bit, actk=1: the layers not fully
     checkpointed recompute their attention block, gqa=1 (default): sdpa reads the shared k/v heads (enable_gqa),
-    gqa=0: k/v repeated per query head."""
+    gqa=0: k/v repeated per query head, prec = expert precision bf16 | fp8."""
     out = []
     for part in filter(None, (s.strip() for s in spec.split(";"))):
         d = {"mb": 8, "accum": 1, "ckpt": 0, "backend": "grouped", "attn": "sdpa", "opt": "adamw", "actk": 0,
-             "gqa": 1}
+             "gqa": 1, "prec": "bf16"}
         for kv in part.split(","):
             key, _, val = kv.partition("=")
             if key not in d:
                 raise ValueError(f"--settings: unknown key {key!r} in {part!r} (mb, accum, ckpt, backend, attn, opt, "
-                                 "actk, gqa)")
-            d[key] = val if key in ("backend", "attn", "opt") else int(val)
+                                 "actk, gqa, prec)")
+            d[key] = val if key in ("backend", "attn", "opt", "prec") else int(val)
         out.append(d)
     return out
 
@@ -395,7 +462,8 @@ def profile_step(model, cfg, s, seq, device, path, seed=0):
     """One profiled training step at setting s; the top CUDA kernels by total time go to `path`."""
     from torch.profiler import ProfilerActivity, profile
     row = Row("profile", cfg.num_hidden_layers, s["mb"], seq, s["accum"])
-    kw = dict(attn=s.get("attn", "sdpa"), optim=s.get("opt", "adamw"), actk=s.get("actk", 0), gqa=s.get("gqa", 1))
+    kw = dict(attn=s.get("attn", "sdpa"), optim=s.get("opt", "adamw"), actk=s.get("actk", 0), gqa=s.get("gqa", 1),
+              prec=s.get("prec", "bf16"))
     time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], 1, 1, seed, **kw)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], 1, 0, seed, **kw)
@@ -431,13 +499,14 @@ def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed
                       f"{s['backend']}, ckpt={ckpt_label(s['ckpt'], layers)}"
                       + (f", attn={s['attn']}" if s.get("attn", "sdpa") != "sdpa" else "")
                       + (f", {s['opt']}" if s.get("opt", "adamw") != "adamw" else "")
-                      + (", attn-ckpt" if s.get("actk") else "") + ("" if s.get("gqa", 1) else ", k/v repeated"),
+                      + (", attn-ckpt" if s.get("actk") else "") + ("" if s.get("gqa", 1) else ", k/v repeated")
+                      + (", fp8" if s.get("prec", "bf16") != "bf16" else ""),
                       build_s=build_s)
             row.est_gib = planned_peak_gib(model, c, s, rows["seq"])
             try:
                 time_mixtune(model, c, row, device, s["backend"], s["ckpt"], steps, warmup, seed,
                              attn=s.get("attn", "sdpa"), optim=s.get("opt", "adamw"), actk=s.get("actk", 0),
-                             gqa=s.get("gqa", 1))
+                             gqa=s.get("gqa", 1), prec=s.get("prec", "bf16"))
             except torch.OutOfMemoryError as e:
                 row.error = "OOM: " + str(e).split("\n")[0][:80]
             except RuntimeError as e:
@@ -538,13 +607,22 @@ def main(argv=None, stock_runner=None) -> int:
         for name, errs in moe.items():
             print(f"  {name:<16} " + " ".join(f"{kk}={v:.2e}" for kk, v in errs.items()))
         mcfg = MixtralConfig(**{**cfg.__dict__, "num_hidden_layers": 1})
-        mdl = check_model(mcfg, device, 2, min(args.seq, 512), args.seed)
+        mdl = check_model(mcfg, device, 2, min(args.seq, 512), args.seed, fp8=device == "cuda")
         mdl_ok = model_check_passes(mdl)
         print(f"[check] 1-layer model vs its fp32 reference path ({'PASS' if mdl_ok else 'FAIL'}): "
               f"fast bf16 path: loss rel {mdl['fast_loss_rel']:.2e}, LoRA grads rel {mdl['fast_grad_rel']:.2e}; "
               f"PyTorch bf16 reference: loss rel {mdl['reference_bf16_loss_rel']:.2e}, LoRA grads rel "
               f"{mdl['reference_bf16_grad_rel']:.2e}", flush=True)
+        if "fast_fp8_loss_rel" in mdl:
+            print(f"[check] 1-layer model, fp8 experts (reported, not gated): loss rel {mdl['fast_fp8_loss_rel']:.2e}, "
+                  f"LoRA grads rel {mdl['fast_fp8_grad_rel']:.2e}, cosine {mdl['fast_fp8_grad_cos']:.5f} "
+                  f"(bf16 fast path: cosine {mdl['fast_grad_cos']:.5f})", flush=True)
         result["check"] = {"moe": moe, "moe_pass": moe_ok, "model": mdl, "model_pass": mdl_ok}
+        if device == "cuda":
+            f8 = check_fp8(cfg, device, seed=args.seed)
+            print(f"[check] FP8 kernels ({'PASS' if f8['ok'] else 'FAIL'}): {f8}", flush=True)
+            result["check"]["fp8"] = f8
+            ok = ok and f8["ok"]
         if device == "cuda":
             att = check_attention(cfg, device)
             use_flex = any(x.get("attn") == "flex" for x in settings + full)

@@ -62,6 +62,11 @@ class ModelConfig:
                                   "weights; keeps the (tokens x 2 x intermediate) pre-activations for backward), "
                                   "grouped_lowmem (recomputes them in backward: less memory, one more expert "
                                   "matmul).", ("auto", "reference", "grouped", "grouped_lowmem"))
+    expert_precision: str = _f("bf16", "Precision of the experts' large matrix products in training: bf16, or "
+                                       "fp8 (e4m3, row-wise scales; ~1.7x faster products on GPUs with FP8 "
+                                       "tensor cores, compute capability >= 8.9; slightly noisier gradients — "
+                                       "see BENCHMARKS.md). Needs a grouped moe_backend; evaluation and "
+                                       "generation always run bf16. Emulated (slowly) on CPU.", ("bf16", "fp8"))
     gradient_checkpointing: bool = _f(False, "Recompute decoder layers in the backward pass (saves memory); "
                                              "how many: checkpoint_layers.")
     checkpoint_layers: int = _f(-1, "With gradient_checkpointing: recompute the first N decoder layers "
@@ -331,6 +336,9 @@ def validate(cfg: Config) -> Config:
     if cfg.model.memory_budget_gib > 0 and cfg.model.moe_backend == "reference":
         raise ConfigError("model.memory_budget_gib plans the grouped MoE backends; it cannot be combined with "
                           "model.moe_backend reference")
+    if cfg.model.expert_precision == "fp8" and cfg.model.moe_backend == "reference":
+        raise ConfigError("model.expert_precision fp8 runs on the grouped MoE backends; it cannot be combined "
+                          "with model.moe_backend reference")
     if cfg.model.checkpoint_layers < -1:
         raise ConfigError(f"model.checkpoint_layers: must be -1 (all layers) or >= 0, got {cfg.model.checkpoint_layers}")
     if t.save_total_limit < 1:

@@ -208,6 +208,21 @@ def _evaluate(model, rows: list, batch_size: int, bf16: bool, dist) -> dict:
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(n)}
 
 
+def _checked_precision(precision: str, device) -> str:
+    """model.expert_precision, refused on a GPU without FP8 tensor cores (announced as emulated on CPU)."""
+    if precision == "fp8":
+        from .kernels.fp8 import fp8_supported
+        dev = torch.device(device)
+        if dev.type == "cuda" and not fp8_supported(dev):
+            cc = ".".join(map(str, torch.cuda.get_device_capability(dev)))
+            raise ConfigError(f"model.expert_precision fp8 needs FP8 tensor cores (compute capability >= 8.9: "
+                              f"Ada, Hopper, Blackwell) and torch._scaled_grouped_mm; this GPU is {cc}. "
+                              "Use bf16.")
+        if dev.type != "cuda":
+            _say("mixtune: expert_precision fp8 on CPU: the FP8 products are emulated (correct, slow)")
+    return precision
+
+
 def _read_jsonl(path: str) -> list[dict]:
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
@@ -313,7 +328,7 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
                           f"max_position_embeddings {max_pos}")
     model.set_checkpointing(cfg.model.checkpoint_layers if cfg.model.gradient_checkpointing else 0,
                             cfg.model.checkpoint_attention)
-    model.set_moe_backend(cfg.model.moe_backend)
+    model.set_moe_backend(cfg.model.moe_backend, _checked_precision(cfg.model.expert_precision, device))
     model.attn_implementation = cfg.model.attn_implementation
     lora_report = apply_lora(model, cfg.lora, cfg.lora.init_seed if cfg.lora.init_seed is not None else t.seed,
                              warn=False)  # the report printed below carries the warnings

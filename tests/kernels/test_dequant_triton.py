@@ -158,3 +158,39 @@ def test_rope_kernel_matches_model_rope_forward_and_backward():
     for a, b in zip(*outs):
         assert torch.allclose(a, b, atol=1e-5)
     assert outs[0][0].transpose(1, 2).is_contiguous()  # the projections' layout is kept
+
+
+def test_fp8_kernels_match_torch(monkeypatch):
+    """FP8 (e4m3) outputs: row quantization, and NF4 dequantization scaled per expert, row-major and
+    transposed (the backward's layout), widened — Triton (interpreter) vs the PyTorch path, value for value.
+    (The interpreter's own fp32->fp8 cast misrounds across binades; the kernels round first, so the cast is
+    exact and these comparisons are too.)"""
+    from mixtune.kernels import dequant
+    from mixtune.kernels.dequant import dequantize_nf4_stack
+    from mixtune.kernels.fp8 import F8, quantize_rows
+    from mixtune.model.nf4 import NF4Weight
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 2100, generator=g) * torch.tensor([1.0, 1e-3, 0.0, 50.0, 3.0])[:, None]
+    x[4, 7] = 1e-9  # a subnormal after scaling
+    qt, st = quantize_rows(x, triton=True)
+    qp, sp = quantize_rows(x, triton=False)
+    assert torch.equal(st, sp)
+    assert torch.equal(qt.float(), qp.float())  # (+0 and -0 compare equal)
+    qb, sb = quantize_rows(x.to(torch.bfloat16), triton=True)  # bf16 input, as in the model
+    assert torch.equal(qb.float(), quantize_rows(x.to(torch.bfloat16), triton=False)[0].float())
+
+    monkeypatch.setitem(dequant.CONFIG, "R", 256)
+    monkeypatch.setitem(dequant.CONFIG, "TO", 32)  # 48 rows: the second tile is partly masked
+    w1 = NF4Weight.quantize(torch.randn(3, 48, 128, generator=g))
+    w3 = NF4Weight.quantize(torch.randn(3, 32, 128, generator=g) * 3)
+    inv = torch.tensor([400.0, 90.0, 1000.0])  # the last one saturates: clamped to ±448
+    for transpose in (False, True):
+        for dt in (F8, torch.float32):
+            kw = dict(cols=90 if transpose else 136, inv=inv if dt == F8 else None, transpose=transpose)
+            t = dequantize_nf4_stack([w1, w3], dt, triton=True, **kw)
+            p = dequantize_nf4_stack([w1, w3], dt, triton=False, **kw)
+            n = (slice(None), slice(0, 128), slice(0, 80)) if transpose else (slice(None), slice(0, 80), slice(0, 128))
+            assert t.shape == p.shape == ((3, 128, 90) if transpose else (3, 80, 136))
+            assert torch.equal(t[n].float(), p[n].float()), (transpose, dt)
+    ref = torch.cat([w1.dequantize(torch.float32), w3.dequantize(torch.float32)], 1).transpose(1, 2)
+    assert torch.equal(dequantize_nf4_stack([w1, w3], torch.float32, triton=True, transpose=True), ref)

@@ -28,13 +28,13 @@ def _case(seed, nf4, dtype, names, E=4, H=64, I=128, N=41, k=2, r=8):
     return ws, A, B, x, idx, tw, go
 
 
-def _run(backend, ws, A, B, x, idx, tw, go):
+def _run(backend, ws, A, B, x, idx, tw, go, precision="bf16"):
     x = x.clone().requires_grad_()
     tw = tw.clone().requires_grad_()
     a = {n: t.clone().requires_grad_() for n, t in A.items()}
     b = {n: t.clone().requires_grad_() for n, t in B.items()}
     lora = _LoRA(a, b, 2.0) if a else None
-    y = kernels.moe_experts(x, idx, tw, *ws, lora=lora, backend=backend)
+    y = kernels.moe_experts(x, idx, tw, *ws, lora=lora, backend=backend, precision=precision)
     (y.float() * go.float()).sum().backward()
     out = {"y": y, "dx": x.grad, "dw": tw.grad}
     out.update({f"dA_{n}": a[n].grad for n in a})

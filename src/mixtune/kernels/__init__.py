@@ -8,6 +8,8 @@
 MoE backends: "reference" (the per-expert loop), "grouped" (sorted tokens, grouped matrix products, fused
 NF4 dequantization; saves the (M, 2I) expert pre-activations), "grouped_lowmem" (the same, recomputing those
 in backward), "auto" (= grouped on CUDA, reference elsewhere).
+Expert precision: "bf16", or "fp8" (the grouped backends' four large products in e4m3 with row-wise scales,
+`moe_fp8.py`; on CPU emulated exactly, for tests).
 """
 
 from __future__ import annotations
@@ -16,17 +18,29 @@ from .attention import AttentionSpec, build_attention, document_causal_mask, doc
 from .reference import linear_cross_entropy_reference, moe_experts_reference
 
 MOE_BACKENDS = ("auto", "reference", "grouped", "grouped_lowmem")
+EXPERT_PRECISIONS = ("bf16", "fp8")
 
 
-def moe_experts(x, topk_idx, topk_weight, w1, w3, w2, lora=None, backend: str = "auto"):
+def moe_experts(x, topk_idx, topk_weight, w1, w3, w2, lora=None, backend: str = "auto", precision: str = "bf16"):
     """x (N, H), topk_idx (N, k) long, topk_weight (N, k) -> (N, H). See reference.moe_experts_reference."""
+    if precision not in EXPERT_PRECISIONS:
+        raise ValueError(f"unknown expert precision {precision!r}; choose one of {', '.join(EXPERT_PRECISIONS)}")
+    fp8 = precision == "fp8"
     if backend == "auto":
-        backend = "grouped" if x.is_cuda else "reference"
-    if backend == "reference" or (lora is not None and getattr(lora, "dropout", 0.0)):
+        backend = "grouped" if x.is_cuda or fp8 else "reference"
+    if lora is not None and getattr(lora, "dropout", 0.0):  # dropout on the expert input: the per-expert loop
+        return moe_experts_reference(x, topk_idx, topk_weight, w1, w3, w2, lora)
+    if backend == "reference":
+        if fp8:
+            raise ValueError("expert precision fp8 needs a grouped MoE backend (grouped or grouped_lowmem), "
+                             "not reference")
         return moe_experts_reference(x, topk_idx, topk_weight, w1, w3, w2, lora)
     if backend in ("grouped", "grouped_lowmem"):
-        from .moe import moe_experts_grouped
-        return moe_experts_grouped(x, topk_idx, topk_weight, w1, w3, w2, lora, save_h=backend == "grouped")
+        if fp8:
+            from .moe_fp8 import moe_experts_grouped_fp8 as fn
+        else:
+            from .moe import moe_experts_grouped as fn
+        return fn(x, topk_idx, topk_weight, w1, w3, w2, lora, save_h=backend == "grouped")
     raise ValueError(f"unknown MoE backend {backend!r}; choose one of {', '.join(MOE_BACKENDS)}")
 
 

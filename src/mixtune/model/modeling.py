@@ -130,11 +130,14 @@ class MixtralExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, H, I), requires_grad=False)
         self.lora = None
         self.backend = "auto"
+        self.precision = "bf16"  # or "fp8": the grouped products in e4m3 (kernels.moe_fp8), in training only
 
     def forward(self, x, topk_idx, topk_weight):
-        """x (N, H), topk_idx (N, k), topk_weight (N, k) -> (N, H)."""
+        """x (N, H), topk_idx (N, k), topk_weight (N, k) -> (N, H). FP8 is a training-speed setting: evaluation
+        and generation (eval mode or no grad) run bf16, so their losses compare across precisions."""
+        train = self.training and torch.is_grad_enabled()
         return kernels.moe_experts(x, topk_idx, topk_weight, self.w1, self.w3, self.w2, lora=self.lora,
-                                   backend=self.backend)
+                                   backend=self.backend, precision=self.precision if train else "bf16")
 
 
 class MixtralSparseMoeBlock(nn.Module):
@@ -218,9 +221,12 @@ class MixtralForCausalLM(nn.Module):
             layer.checkpoint = i < n_full
             layer.checkpoint_attn = bool(attention) and i >= n_full
 
-    def set_moe_backend(self, backend: str) -> None:
+    def set_moe_backend(self, backend: str, precision: str | None = None) -> None:
+        """The experts' backend (kernels.MOE_BACKENDS) and, if given, their matmul precision (bf16 | fp8)."""
         for layer in self.model.layers:
             layer.block_sparse_moe.experts.backend = backend
+            if precision is not None:
+                layer.block_sparse_moe.experts.precision = precision
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:

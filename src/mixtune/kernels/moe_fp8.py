@@ -1,0 +1,161 @@
+"""The grouped MoE experts with FP8 (e4m3) matrix products: `moe.py`'s function and algorithm, with each of the
+four large grouped products — h13 and y forward, dg and dxs backward — taking row-scaled FP8 operands
+(`kernels.fp8`) instead of bf16. About 1.7x the bf16 grouped product's rate on an H200 (BENCHMARKS.md).
+
+    y = moe_experts_grouped_fp8(x (N, H), topk_idx (N, k), topk_weight (N, k), w1, w3, w2, lora, save_h=True)
+
+What is rounded to e4m3 (3 mantissa bits): the products' inputs — the gathered tokens with their LoRA inner
+products [xs | s·u13], [g | s·u2], [dy | du2] and [dh13 | du13], each row under its own scale — and the frozen
+NF4 weights with the LoRA matrices folded beside them ([W13 | B], [W2 | B2], [W2; A2]^T, [W13; A13]^T), one
+scale per expert. Everything else is as in bf16: the products accumulate in fp32 and write bf16; routing,
+SwiGLU, the LoRA inner products and every LoRA weight gradient stay in bf16/fp32. The backward weights are
+dequantized straight into the transposed (K-contiguous) layout the FP8 kernel needs. Gradients are those of
+the FP8 forward's function read as exact (a straight-through estimate), so training sees ~3% relative noise
+per product where bf16 has ~0.4%: an opt-in trade (`model.expert_precision: fp8`), evaluated in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fp8 import fp8_weights, quantize_rows, scaled_grouped_mm
+from .moe import _NAMES, _bblk, _cat_lora, _sort, grouped_mm, grouped_mm_k
+from .route import combine, combine_backward, gather_rows
+from .swiglu import swiglu_backward, swiglu_forward
+
+
+def _mm8(a: torch.Tensor, W8, sw, offs) -> torch.Tensor:
+    """a (M, K) bf16 -> a @ (W8 sw)^T per expert group, a quantized row-wise on the way."""
+    q, sa = quantize_rows(a)
+    return scaled_grouped_mm(q, sa, W8, sw, offs, a.dtype)
+
+
+def _rank(lc, names) -> int:
+    return next((lc[n][0].shape[1] for n in names if n in lc), 0)
+
+
+def _up8(x, tok, offs, w1, w3, lc, s, r, dt):
+    """h13 = [xs | s·u13] @ [W13 | blockdiag(B1, B3)]^T (M, 2I), u13 = xs @ A13^T (M, 2r) or None, xs (M, H)."""
+    E, H, I = w1.shape[0], w1.shape[-1], w1.shape[1]
+    xa = torch.empty(tok.numel(), H + 2 * r, dtype=dt, device=x.device)
+    xs = gather_rows(x, tok, out=xa[:, :H])
+    u13 = None
+    if r:
+        u13 = grouped_mm(xs, _cat_lora(lc, "w1", "w3", 1).transpose(1, 2), offs)
+        torch.mul(u13, s, out=xa[:, H:])
+    W8, sw = fp8_weights([w1, w3], _bblk(lc, E, I, r, dt, x.device) if r else None)
+    return _mm8(xa, W8, sw, offs), u13, xs
+
+
+class _GroupedMoEFP8(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, topk_weight, topk_idx, w1, w3, w2, scaling, save_h, *ab):
+        N, H = x.shape
+        k = topk_idx.shape[1]
+        E, I = w1.shape[0], w1.shape[1]
+        dt = x.dtype
+        s = scaling
+        order, offs = _sort(topk_idx, E)
+        tok = order // k
+        M = order.numel()
+        lora = {n: (ab[2 * i], ab[2 * i + 1]) for i, n in enumerate(_NAMES) if ab[2 * i] is not None}
+        lc = {n: (A.to(dt), B.to(dt)) for n, (A, B) in lora.items()}
+        r, r2 = _rank(lc, ("w1", "w3")), _rank(lc, ("w2",))
+
+        h13, u13, _ = _up8(x, tok, offs, w1, w3, lc, s, r, dt)
+        ga = torch.empty(M, I + r2, dtype=dt, device=x.device)  # [g | s·u2]
+        g = swiglu_forward(h13, out=ga[:, :I])
+        u2 = None
+        if r2:
+            A2, B2 = lc["w2"]
+            u2 = grouped_mm(g, A2.transpose(1, 2), offs)  # (M, r2)
+            torch.mul(u2, s, out=ga[:, I:])
+        W8, sw = fp8_weights([w2], B2 if r2 else None)  # (E, H, I + r2)
+        y = _mm8(ga, W8, sw, offs)  # (M, H)
+        del ga, g, W8
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(M, device=order.device)
+        out = combine(y, inv, topk_weight, N, k)
+
+        ctx.meta = (w1, w3, w2, s, save_h, I, k, r, r2, list(lora))
+        ctx.save_for_backward(x, topk_weight, order, inv, offs, h13 if save_h else None, y, u13, u2,
+                              *[t for n in lora for t in lora[n]])
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        w1, w3, w2, s, save_h, I, k, r, r2, names = ctx.meta
+        x, topk_weight, order, inv, offs, h13, y, u13, u2, *rest = ctx.saved_tensors
+        N, H = x.shape
+        E = w1.shape[0]
+        M = order.numel()
+        dt = x.dtype
+        params = {n: (rest[2 * i], rest[2 * i + 1]) for i, n in enumerate(names)}
+        pdt = {n: (A.dtype, B.dtype) for n, (A, B) in params.items()}
+        lc = {n: (A.to(dt), B.to(dt)) for n, (A, B) in params.items()}
+        tok = order // k
+        dout = dout.contiguous()
+        wsort = topk_weight.reshape(-1)[order]
+        grads = {}
+        ya = torch.empty(M, H + r2, dtype=dt, device=x.device)  # [dy | du2]
+        dy = ya[:, :H]
+        dws = combine_backward(dout, tok, y, wsort, dy)
+        dtw = dws[inv].view(N, k).to(topk_weight.dtype)
+        # ---- w2:  dg = [dy | du2] @ [W2; A2]
+        if r2:
+            A2, B2 = lc["w2"]
+            torch.mul(grouped_mm(dy, B2, offs), s, out=ya[:, H:])  # du2 (M, r2)
+            dB2 = grouped_mm_k(u2.t(), dy, offs).mul_(s).transpose(1, 2)  # (E, H, r2)
+        W8, sw = fp8_weights([w2], A2.transpose(1, 2) if r2 else None, transpose=True)  # (E, I, H + r2)
+        dg = _mm8(ya, W8, sw, offs)  # (M, I)
+        du2 = ya[:, H:]
+        del W8
+        xs = None
+        if h13 is None:  # grouped_lowmem: recompute h13
+            h13, _, xs = _up8(x, tok, offs, w1, w3, lc, s, r, dt)
+        dha = torch.empty(M, 2 * I + 2 * r, dtype=dt, device=x.device)  # [dh13 | du13]
+        if r2:
+            dh13, g = swiglu_backward(h13, dg, out=dha[:, :2 * I], want_g=True)
+            grads["w2"] = (grouped_mm_k(du2.t(), g, offs), dB2)  # dA2 (E, r2, I)
+            del g
+        else:
+            dh13 = swiglu_backward(h13, dg, out=dha[:, :2 * I])
+        del dg, h13, ya, dy, du2
+        # ---- w1/w3:  dxs = [dh13 | du13] @ [W13; A13]
+        A13 = _cat_lora(lc, "w1", "w3", 1) if r else None  # (E, 2r, H)
+        if r:
+            du13 = dha[:, 2 * I:]
+            torch.mul(grouped_mm(dh13, _bblk(lc, E, I, r, dt, x.device), offs), s, out=du13)
+        W8, sw = fp8_weights([w1, w3], A13.transpose(1, 2) if r else None, transpose=True)  # (E, H, 2I + 2r)
+        dxs = _mm8(dha, W8, sw, offs)  # (M, H)
+        del W8
+        if r:
+            if xs is None:
+                xs = gather_rows(x, tok)
+            dA13 = grouped_mm_k(du13.t(), xs, offs)  # (E, 2r, H)
+            dBt = grouped_mm_k(u13.t(), dh13, offs).mul_(s)  # (E, 2r, 2I)
+            if "w1" in lc:
+                grads["w1"] = (dA13[:, :r], dBt[:, :r, :I].transpose(1, 2))
+            if "w3" in lc:
+                grads["w3"] = (dA13[:, r:], dBt[:, r:, I:].transpose(1, 2))
+        del dha, dh13
+        dx = combine(dxs, inv, None, N, k)
+        ab_grads = []
+        for n in _NAMES:
+            if n in grads:
+                ab_grads += [grads[n][0].to(pdt[n][0]).contiguous(), grads[n][1].to(pdt[n][1]).contiguous()]
+            else:
+                ab_grads += [None, None]
+        return (dx, dtw, None, None, None, None, None, None, *ab_grads)
+
+
+def moe_experts_grouped_fp8(x, topk_idx, topk_weight, w1, w3, w2, lora=None, save_h: bool = True):
+    """x (N, H), topk_idx (N, k) long, topk_weight (N, k) -> (N, H); see the module docstring."""
+    ab = []
+    for n in _NAMES:
+        if lora is not None and n in lora.A:
+            ab += [lora.A[n], lora.B[n]]
+        else:
+            ab += [None, None]
+    scaling = float(lora.scaling) if lora is not None else 1.0
+    return _GroupedMoEFP8.apply(x, topk_weight, topk_idx, w1, w3, w2, scaling, save_h, *ab)
