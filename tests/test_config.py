@@ -75,6 +75,9 @@ def test_overrides_coerce_types_and_beat_the_file(tmp_path):
     (["--model.checkpoint_layers", "-2"], "model.checkpoint_layers: must be -1 (all layers) or >= 0"),
     (["--train.optim", "adam8"], "train.optim: 'adam8' is not one of adamw, adamw_8bit"),
     (["--model.moe_backend", "triton"], "model.moe_backend: 'triton' is not one of"),
+    (["--model.expert_precision", "int4"], "model.expert_precision: 'int4' is not one of bf16, fp8"),
+    (["--model.expert_precision", "fp8", "--model.moe_backend", "reference"],
+     "model.expert_precision fp8 runs on the grouped MoE backends"),
 ])
 def test_errors_name_the_key(args, msg):
     with pytest.raises(ConfigError, match=None) as e:

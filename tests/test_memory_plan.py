@@ -22,6 +22,14 @@ MEASURED = [
     (16, "adamw_8bit", 32, False, "grouped", 41.6),  # call 1
     (16, "adamw_8bit", 30, False, "grouped", 45.7),  # call 1
 ]
+# FP8 experts (session 3, call 3): (micro-batch, optimizer, attention recomputed, backend, measured peak GiB)
+MEASURED_FP8 = [
+    (14, "adamw_8bit", False, "grouped", 115.70),
+    (16, "adamw_8bit", False, "grouped", 127.53),
+    (16, "adamw", False, "grouped", 132.87),
+    (10, "adamw_8bit", True, "grouped_lowmem", 47.83),
+    (11, "adamw_8bit", True, "grouped_lowmem", 49.42),
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +46,15 @@ def test_estimate_matches_the_h200_measurements(mixtral_sizes, mb, optim, full, 
     weights, trainable = mixtral_sizes
     est = estimate_bytes(C, weights, trainable, mb, 1024, 64, optim, Policy(full, attention, backend)) / GiB
     assert -0.02 <= (est - measured) / measured <= 0.09, est  # never far below (the budget must hold)
+
+
+@pytest.mark.parametrize("mb, optim, attention, backend, measured", MEASURED_FP8)
+def test_fp8_estimate_matches_the_h200_measurements(mixtral_sizes, mb, optim, attention, backend, measured):
+    weights, trainable = mixtral_sizes
+    pol = Policy(0, attention, backend)
+    est = estimate_bytes(C, weights, trainable, mb, 1024, 64, optim, pol, precision="fp8") / GiB
+    assert -0.01 <= (est - measured) / measured <= 0.07, est
+    assert est < estimate_bytes(C, weights, trainable, mb, 1024, 64, optim, pol) / GiB  # smaller weight buffer
 
 
 def test_plan_picks_the_least_recomputation_that_fits(mixtral_sizes):

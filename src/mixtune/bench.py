@@ -484,7 +484,7 @@ def planned_peak_gib(model, cfg: MixtralConfig, s: dict, seq: int) -> float:
     trainable = sum(p.numel() for p in lora_parameters(model))
     pol = Policy(min(int(s["ckpt"]), cfg.num_hidden_layers), bool(s.get("actk")), s["backend"])
     return estimate_bytes(cfg, memory_estimate(model)["weights_nf4"], trainable, s["mb"], seq, LORA_R,
-                          s.get("opt", "adamw"), pol) / GiB
+                          s.get("opt", "adamw"), pol, precision=s.get("prec", "bf16")) / GiB
 
 
 def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed=0, profile_path=""):

@@ -108,7 +108,7 @@ def inspect_main(cfg: Config, json_out: bool = False) -> dict:
           f"{_human(mem['training_total_bf16'])} with bf16 weights")
     tp = out["training_peak"]
     print(f"estimated peak GPU memory of a training step (nf4, micro-batch {tp['micro_batch']} x {tp['seq']} "
-          f"tokens, train.optim {tp['optim']}; mixtune.memory_plan):")
+          f"tokens, train.optim {tp['optim']}, expert precision {tp['expert_precision']}; mixtune.memory_plan):")
     for row in tp["policies"]:
         print(f"  {row['policy']:<72} {_human(row['bytes'])}  (work x{row['relative_work']:.2f})")
     if "plan" in tp:
@@ -125,17 +125,18 @@ def training_peaks(cfg: Config, config, mem: dict) -> dict:
     L = config.num_hidden_layers
     mb, seq, r, optim = (cfg.train.per_device_train_batch_size, cfg.data.max_seq_length, cfg.lora.r,
                          cfg.train.optim)
+    prec = cfg.model.expert_precision
     trainable = mem["adapter_fp32"] // 4
     args = (config, mem["weights_nf4"], trainable)
-    out = {"micro_batch": mb, "seq": seq, "optim": optim, "policies": []}
+    out = {"micro_batch": mb, "seq": seq, "optim": optim, "expert_precision": prec, "policies": []}
     for pol in (Policy(0, False, "grouped"), Policy(0, True, "grouped"), Policy(0, True, "grouped_lowmem"),
                 Policy(L, False, "grouped")):
         out["policies"].append({"policy": pol.describe(L),
-                                "bytes": int(estimate_bytes(*args, mb, seq, r, optim, pol, cfg.lora.dropout)),
+                                "bytes": int(estimate_bytes(*args, mb, seq, r, optim, pol, cfg.lora.dropout, prec)),
                                 "relative_work": round(relative_work(config, pol), 3)})
     if cfg.model.memory_budget_gib > 0:
         try:
-            pol, est = plan(cfg.model.memory_budget_gib * GiB, *args, mb, seq, r, optim, cfg.lora.dropout)
+            pol, est = plan(cfg.model.memory_budget_gib * GiB, *args, mb, seq, r, optim, cfg.lora.dropout, prec)
             out["plan"] = {"policy": pol.describe(L), "bytes": int(est), "full": pol.full,
                            "attention": pol.attention, "backend": pol.backend}
         except ValueError as e:

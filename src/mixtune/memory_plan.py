@@ -13,10 +13,12 @@ The estimate adds up:
 - the weights;
 - the adapter, its gradients and the optimizer's moments;
 - what autograd keeps per token and layer, counted tensor by tensor from the shapes below, bf16;
-- the largest transient: one layer's backward buffers, the dequantized expert weights, a loss chunk.
+- the largest transient: one layer's backward buffers, the dequantized expert weights, a loss chunk; with
+  `precision="fp8"` those weights take one byte each and the widest backward buffer gets an e4m3 copy.
 
 Against the 32-layer H200 measurements in BENCHMARKS.md it is within 0.1% without checkpointing, 2% for the
-low-memory policy and 4–8% above with full checkpointing (`tests/test_memory_plan.py` holds those rows).
+low-memory policy and 4–8% above with full checkpointing; with FP8 experts within 0.2% without
+recomputation and ~5% above for the low-memory policy (`tests/test_memory_plan.py` holds those rows).
 The budget is for `torch.cuda.max_memory_allocated`: leave the CUDA context and the allocator's slack
 (a few %) out of the card's size.
 """
@@ -72,9 +74,10 @@ def _per_token_layer(c: MixtralConfig, r: int, lora_dropout: float = 0.0) -> dic
 
 
 def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro_batch: int, seq: int, r: int,
-                   optim: str, policy: Policy, lora_dropout: float = 0.0) -> float:
+                   optim: str, policy: Policy, lora_dropout: float = 0.0, precision: str = "bf16") -> float:
     """Peak bytes of one training step (see the module doc). lora_dropout > 0 counts the dropped inputs that
-    LoRA on q/k/v/o keeps (an upper bound when fewer of them are targets)."""
+    LoRA on q/k/v/o keeps (an upper bound when fewer of them are targets); precision is the experts'
+    (model.expert_precision)."""
     L = c.num_hidden_layers
     H, I, E, k = c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok
     T = micro_batch * seq
@@ -89,8 +92,9 @@ def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro
     # activations are rebuilt in backward — the layer's own saved set; the dequantized w1|w3 (+ LoRA columns);
     # one 4096-token fp32 logits chunk of the loss
     rebuilt = (p["attention"] + p["moe"] + p["h13"]) if (full > 0 or lowmem) else 0
-    transient = (E * 2 * I * (H + 2 * r) * BF16 + T * (k * (3 * I + H) * BF16 + rebuilt)
-                 + 4096 * c.vocab_size * 4)
+    fp8 = precision == "fp8"
+    transient = (E * 2 * I * (H + 2 * r) * (1 if fp8 else BF16) + T * (k * (3 * I + H) * BF16 + rebuilt)
+                 + 4096 * c.vocab_size * 4 + (T * k * (2 * I + 2 * r) if fp8 else 0))
     return fixed + saved + transient
 
 
@@ -112,7 +116,7 @@ def relative_work(c: MixtralConfig, policy: Policy) -> float:
 
 
 def plan(budget_bytes: float, c: MixtralConfig, weights_bytes: float, trainable: int, micro_batch: int, seq: int,
-         r: int, optim: str, lora_dropout: float = 0.0) -> tuple[Policy, float]:
+         r: int, optim: str, lora_dropout: float = 0.0, precision: str = "bf16") -> tuple[Policy, float]:
     """The policy with the least recomputation whose estimate fits `budget_bytes` -> (policy, estimate).
     Raises ValueError naming the smallest estimate when nothing fits."""
     L = c.num_hidden_layers
@@ -122,7 +126,8 @@ def plan(budget_bytes: float, c: MixtralConfig, weights_bytes: float, trainable:
         for attention in (False, True):
             for full in range(L + 1):
                 pol = Policy(full, attention and full < L, backend)
-                est = estimate_bytes(c, weights_bytes, trainable, micro_batch, seq, r, optim, pol, lora_dropout)
+                est = estimate_bytes(c, weights_bytes, trainable, micro_batch, seq, r, optim, pol, lora_dropout,
+                                     precision)
                 if smallest is None or est < smallest[1]:
                     smallest = (pol, est)
                 if est <= budget_bytes:

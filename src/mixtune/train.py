@@ -343,7 +343,7 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
         try:
             policy, est = plan(cfg.model.memory_budget_gib * GiB, model.config, memory_estimate(model)["weights_nf4"],
                                n_trainable, t.per_device_train_batch_size, cfg.data.max_seq_length, cfg.lora.r,
-                               t.optim, cfg.lora.dropout)
+                               t.optim, cfg.lora.dropout, cfg.model.expert_precision)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         model.set_checkpointing(policy.full, policy.attention)
