@@ -37,11 +37,12 @@ def test_bad_settings_are_one_line_errors(capsys):
 
 def test_parse_settings_and_flop_accounting():
     s = bench.parse_settings("mb=8,ckpt=0;mb=16,accum=2,ckpt=32,backend=grouped_lowmem")
-    assert s == [dict(mb=8, accum=1, ckpt=0, backend="grouped", attn="sdpa", opt="adamw", actk=0, gqa=1),
-                 dict(mb=16, accum=2, ckpt=32, backend="grouped_lowmem", attn="sdpa", opt="adamw", actk=0, gqa=1)]
+    assert s == [dict(mb=8, accum=1, ckpt=0, backend="grouped", attn="sdpa", opt="adamw", actk=0, gqa=1, prec="bf16"),
+                 dict(mb=16, accum=2, ckpt=32, backend="grouped_lowmem", attn="sdpa", opt="adamw", actk=0, gqa=1,
+                      prec="bf16")]
     assert bench.parse_settings("attn=flex")[0]["attn"] == "flex"
-    assert bench.parse_settings("opt=adamw_8bit,actk=1,gqa=0")[0] == dict(mb=8, accum=1, ckpt=0, backend="grouped",
-                                                                        attn="sdpa", opt="adamw_8bit", actk=1, gqa=0)
+    assert bench.parse_settings("opt=adamw_8bit,actk=1,gqa=0,prec=fp8")[0] == dict(
+        mb=8, accum=1, ckpt=0, backend="grouped", attn="sdpa", opt="adamw_8bit", actk=1, gqa=0, prec="fp8")
     full = MixtralConfig()
     # SPEC.md: about 12.75 B active matmul parameters per token for Mixtral-8x7B
     assert bench.active_params(full, 32) == pytest.approx(12.75e9, rel=0.01)
