@@ -119,3 +119,21 @@ def test_pow2_scale_edges():
         if 2.0 ** -118 < a < 2.0 ** 126:  # inside the clamped exponent range: the smallest such power of two
             assert a / sc <= 448 and a / sc > 224, (a, sc)
     assert s[0] == 1.0 and s[1] == 2.0 and s[2] == 0.5 and s[3] == 2.0 ** -8 and s[4] == 2.0 ** -7
+
+
+@pytest.mark.parametrize("r", [4, 12])
+def test_fp8_operands_padded_to_16_bytes_for_odd_ranks(monkeypatch, r):
+    """The FP8 kernel wants rows of a multiple of 16 bytes: H + 2r etc. are padded with zero columns (in the
+    operand and in the weights); the result is still exactly the reference function."""
+    from mixtune.kernels import moe_fp8
+    monkeypatch.setattr(fp8, "F8", torch.float32)
+    monkeypatch.setattr(dequant, "F8", torch.float32)
+    widths = []
+    real = moe_fp8._mm8
+    monkeypatch.setattr(moe_fp8, "_mm8", lambda a, W8, sw, offs: widths.append(a.shape[1]) or real(a, W8, sw, offs))
+    case = _case(21, True, torch.float32, ("w1", "w2", "w3"), r=r)
+    ref = _run("reference", *case)
+    got = _run("grouped_lowmem", *case, precision="fp8")
+    assert widths and all(w % 16 == 0 for w in widths), widths
+    for key in ref:
+        assert _rel(got[key], ref[key]) < 1e-5, (key, _rel(got[key], ref[key]))

@@ -119,6 +119,11 @@ def scaled_grouped_mm(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: 
         try:
             y = _SGMM(a8, b8.transpose(1, 2), sa, sb, offs=offs, out_dtype=torch.bfloat16, use_fast_accum=True)
             return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
-        except RuntimeError:  # e.g. K not a multiple of 16 (tiny test shapes)
+        except RuntimeError as e:  # e.g. a model dimension not a multiple of 16
+            if not FALLBACKS["scaled_grouped_mm"]:
+                import warnings
+                warnings.warn(f"mixtune: the FP8 grouped product does not run at shape {tuple(a8.shape)} x "
+                              f"{tuple(b8.shape)} ({str(e).splitlines()[0][:120]}); emulating it (slow). "
+                              "Use model.expert_precision bf16 for this model.", stacklevel=2)
             FALLBACKS["scaled_grouped_mm"] += 1
     return _emulated(a8, sa, b8, sb, offs, out_dtype)

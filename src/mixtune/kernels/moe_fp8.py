@@ -24,6 +24,25 @@ from .route import combine, combine_backward, gather_rows
 from .swiglu import swiglu_backward, swiglu_forward
 
 
+def _buf(M: int, base: int, extra: int, dt, dev) -> torch.Tensor:
+    """An (M, base + extra [+ pad]) operand buffer: the FP8 kernel wants rows of a multiple of 16 bytes, so the
+    width is rounded up to 16 with zero columns (e.g. LoRA rank 4 or 12); the caller fills [:, :base + extra]."""
+    width = base + extra
+    buf = torch.empty(M, -(-width // 16) * 16, dtype=dt, device=dev)
+    buf[:, width:].zero_()
+    return buf
+
+
+def _weights(ws, extra, base_cols: int, width: int, transpose: bool = False):
+    """fp8_weights with `extra` (E, N, c) or None widened by zero columns to the operand buffer's width."""
+    pad = width - base_cols - (extra.shape[-1] if extra is not None else 0)
+    if pad:
+        E, N = ws[0].shape[0], (ws[0].shape[-1] if transpose else sum(w.shape[1] for w in ws))
+        z = torch.zeros(E, N, pad, dtype=torch.float32, device=ws[0].device)
+        extra = z if extra is None else torch.cat([extra.float(), z], 2)
+    return fp8_weights(ws, extra, transpose=transpose)
+
+
 def _mm8(a: torch.Tensor, W8, sw, offs) -> torch.Tensor:
     """a (M, K) bf16 -> a @ (W8 sw)^T per expert group, a quantized row-wise on the way."""
     q, sa = quantize_rows(a)
@@ -37,13 +56,13 @@ def _rank(lc, names) -> int:
 def _up8(x, tok, offs, w1, w3, lc, s, r, dt):
     """h13 = [xs | s·u13] @ [W13 | blockdiag(B1, B3)]^T (M, 2I), u13 = xs @ A13^T (M, 2r) or None, xs (M, H)."""
     E, H, I = w1.shape[0], w1.shape[-1], w1.shape[1]
-    xa = torch.empty(tok.numel(), H + 2 * r, dtype=dt, device=x.device)
+    xa = _buf(tok.numel(), H, 2 * r, dt, x.device)
     xs = gather_rows(x, tok, out=xa[:, :H])
     u13 = None
     if r:
         u13 = grouped_mm(xs, _cat_lora(lc, "w1", "w3", 1).transpose(1, 2), offs)
-        torch.mul(u13, s, out=xa[:, H:])
-    W8, sw = fp8_weights([w1, w3], _bblk(lc, E, I, r, dt, x.device) if r else None)
+        torch.mul(u13, s, out=xa[:, H:H + 2 * r])
+    W8, sw = _weights([w1, w3], _bblk(lc, E, I, r, dt, x.device) if r else None, H, xa.shape[1])
     return _mm8(xa, W8, sw, offs), u13, xs
 
 
@@ -63,14 +82,14 @@ class _GroupedMoEFP8(torch.autograd.Function):
         r, r2 = _rank(lc, ("w1", "w3")), _rank(lc, ("w2",))
 
         h13, u13, _ = _up8(x, tok, offs, w1, w3, lc, s, r, dt)
-        ga = torch.empty(M, I + r2, dtype=dt, device=x.device)  # [g | s·u2]
+        ga = _buf(M, I, r2, dt, x.device)  # [g | s·u2]
         g = swiglu_forward(h13, out=ga[:, :I])
         u2 = None
         if r2:
             A2, B2 = lc["w2"]
             u2 = grouped_mm(g, A2.transpose(1, 2), offs)  # (M, r2)
-            torch.mul(u2, s, out=ga[:, I:])
-        W8, sw = fp8_weights([w2], B2 if r2 else None)  # (E, H, I + r2)
+            torch.mul(u2, s, out=ga[:, I:I + r2])
+        W8, sw = _weights([w2], B2 if r2 else None, I, ga.shape[1])  # (E, H, I + r2)
         y = _mm8(ga, W8, sw, offs)  # (M, H)
         del ga, g, W8
         inv = torch.empty_like(order)
@@ -97,23 +116,23 @@ class _GroupedMoEFP8(torch.autograd.Function):
         dout = dout.contiguous()
         wsort = topk_weight.reshape(-1)[order]
         grads = {}
-        ya = torch.empty(M, H + r2, dtype=dt, device=x.device)  # [dy | du2]
+        ya = _buf(M, H, r2, dt, x.device)  # [dy | du2]
         dy = ya[:, :H]
         dws = combine_backward(dout, tok, y, wsort, dy)
         dtw = dws[inv].view(N, k).to(topk_weight.dtype)
         # ---- w2:  dg = [dy | du2] @ [W2; A2]
         if r2:
             A2, B2 = lc["w2"]
-            torch.mul(grouped_mm(dy, B2, offs), s, out=ya[:, H:])  # du2 (M, r2)
+            torch.mul(grouped_mm(dy, B2, offs), s, out=ya[:, H:H + r2])  # du2 (M, r2)
             dB2 = grouped_mm_k(u2.t(), dy, offs).mul_(s).transpose(1, 2)  # (E, H, r2)
-        W8, sw = fp8_weights([w2], A2.transpose(1, 2) if r2 else None, transpose=True)  # (E, I, H + r2)
+        W8, sw = _weights([w2], A2.transpose(1, 2) if r2 else None, H, ya.shape[1], True)  # (E, I, H + r2)
         dg = _mm8(ya, W8, sw, offs)  # (M, I)
-        du2 = ya[:, H:]
+        du2 = ya[:, H:H + r2]
         del W8
         xs = None
         if h13 is None:  # grouped_lowmem: recompute h13
             h13, _, xs = _up8(x, tok, offs, w1, w3, lc, s, r, dt)
-        dha = torch.empty(M, 2 * I + 2 * r, dtype=dt, device=x.device)  # [dh13 | du13]
+        dha = _buf(M, 2 * I, 2 * r, dt, x.device)  # [dh13 | du13]
         if r2:
             dh13, g = swiglu_backward(h13, dg, out=dha[:, :2 * I], want_g=True)
             grads["w2"] = (grouped_mm_k(du2.t(), g, offs), dB2)  # dA2 (E, r2, I)
@@ -124,9 +143,9 @@ class _GroupedMoEFP8(torch.autograd.Function):
         # ---- w1/w3:  dxs = [dh13 | du13] @ [W13; A13]
         A13 = _cat_lora(lc, "w1", "w3", 1) if r else None  # (E, 2r, H)
         if r:
-            du13 = dha[:, 2 * I:]
+            du13 = dha[:, 2 * I:2 * I + 2 * r]
             torch.mul(grouped_mm(dh13, _bblk(lc, E, I, r, dt, x.device), offs), s, out=du13)
-        W8, sw = fp8_weights([w1, w3], A13.transpose(1, 2) if r else None, transpose=True)  # (E, H, 2I + 2r)
+        W8, sw = _weights([w1, w3], A13.transpose(1, 2) if r else None, 2 * I, dha.shape[1], True)  # (E, H, 2I+2r)
         dxs = _mm8(dha, W8, sw, offs)  # (M, H)
         del W8
         if r:
