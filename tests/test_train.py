@@ -283,6 +283,7 @@ def test_fp8_experts_train_close_to_bf16_and_evaluate_in_bf16(tmp_path):
         assert abs(a - b) / b < 0.02, (loss["fp8"], loss["bf16"])
     assert evals["fp8"][0] == evals["bf16"][0]
     assert abs(r8["eval_loss"] - r16["eval_loss"]) / r16["eval_loss"] < 0.02
+    assert "| expert_precision | fp8 |" in open(tmp_path / "fp8" / "report.md").read()
 
 
 def test_fp8_on_a_gpu_without_fp8_tensor_cores_is_a_clear_error(monkeypatch):

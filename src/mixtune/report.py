@@ -53,13 +53,14 @@ def _fmt(v: Any) -> str:
 def write_report(path: str, summary: dict[str, Any]) -> str:
     """A short markdown report: model, data, adapter, timings, loss before/after, before/after generations.
 
-    summary keys used: title, command, model, lora (dict), data (dict of stats), train (dict), eval_before,
+    summary keys used: title, command, model, device, dtype, quant, expert_precision, lora (dict), data (dict of
+    stats), train (dict), eval_before,
     eval_after, generations ([{prompt, reference, before, after}]), files ([names])."""
     lines = [f"# {summary.get('title', 'mixtune run')}", ""]
     if summary.get("command"):
         lines += ["```", summary["command"], "```", ""]
     lines += ["## Setup", "", "| | |", "|---|---|"]
-    for key in ("model", "device", "dtype", "quant"):
+    for key in ("model", "device", "dtype", "quant", "expert_precision"):
         if key in summary:
             lines.append(f"| {key} | {_fmt(summary[key])} |")
     for key, v in (summary.get("lora") or {}).items():

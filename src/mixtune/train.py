@@ -395,7 +395,8 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
          f"{len(data.eval_rows)} eval rows; {total} steps of {micro_bs}×{accum} rows; "
          f"{n_trainable:,} trainable parameters; device {device}"
          f"{f' x {dist.world} ranks' if dist.enabled else ''}, "
-         f"{'bf16 autocast' if bf16 else str(dtype).replace('torch.', '')}")
+         f"{'bf16 autocast' if bf16 else str(dtype).replace('torch.', '')}"
+         f"{'; expert products fp8 (e4m3)' if cfg.model.expert_precision == 'fp8' else ''}")
 
     # 6. the loop
     stream = micro_batch_stream(data.train_rows, micro_bs, cfg.data.seed, epoch, consumed)
@@ -519,6 +520,7 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
         "title": f"mixtune run: {out_dir}", "command": command,
         "model": cfg.model.name_or_path or f"tiny default ({model_path})", "device": str(device),
         "dtype": "bf16 autocast" if bf16 else str(dtype).replace("torch.", ""), "quant": cfg.model.quant,
+        "expert_precision": cfg.model.expert_precision,
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targets": ", ".join(cfg.lora.targets),
                  "trainable params": f"{n_trainable:,}", **_report_fields(lora_report)},
         "data": {k: v for k, v in (data.stats or {}).items() if isinstance(v, (int, float, str))},
