@@ -180,6 +180,7 @@ def test_fp8_kernels_match_torch(monkeypatch):
     assert torch.equal(qb.float(), quantize_rows(x.to(torch.bfloat16), triton=False)[0].float())
 
     monkeypatch.setitem(dequant.CONFIG, "R", 256)
+    monkeypatch.setitem(dequant.CONFIG, "R8", 256)
     monkeypatch.setitem(dequant.CONFIG, "TO", 32)  # 48 rows: the second tile is partly masked
     w1 = NF4Weight.quantize(torch.randn(3, 48, 128, generator=g))
     w3 = NF4Weight.quantize(torch.randn(3, 32, 128, generator=g) * 3)

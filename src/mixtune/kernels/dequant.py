@@ -21,7 +21,9 @@ import torch
 from ..model.nf4 import NF4Weight
 from ._triton import soft_round, use_triton
 
-CONFIG = {"R": 64, "num_warps": 4, "TO": 64}  # NF4 blocks per program (TO: rows per transposed tile)
+# NF4 blocks per program and warps: R/num_warps for bf16 outputs, R8/num_warps8 for e4m3 outputs; TO rows per
+# transposed (e4m3) tile with num_warps_t. The benchmark measures them (bench/dequant_sweep.py).
+CONFIG = {"R": 64, "num_warps": 4, "R8": 64, "num_warps8": 4, "TO": 64, "num_warps_t": 4}
 F8 = torch.float8_e4m3fn
 
 
@@ -37,11 +39,12 @@ def _args(w: NF4Weight):
 def _launch(w: NF4Weight, out: torch.Tensor, per_expert: int, cols: int, ld: int, out_expert_stride: int,
             out_offset: int, inv: torch.Tensor | None = None) -> None:
     n_blocks = w.absmax.numel()
-    R = CONFIG["R"]
+    fp8 = out.dtype == F8
+    R = CONFIG["R8" if fp8 else "R"]
     grid = ((n_blocks + R - 1) // R,)
     _kernels()[0][grid](*_args(w), out, inv if inv is not None else w.absmax2, n_blocks,
-                        per_expert, cols, ld, out_expert_stride, out_offset, R=R, FP8=out.dtype == F8,
-                        SOFT_ROUND=soft_round(), num_warps=CONFIG["num_warps"])
+                        per_expert, cols, ld, out_expert_stride, out_offset, R=R, FP8=fp8,
+                        SOFT_ROUND=soft_round(), num_warps=CONFIG["num_warps8" if fp8 else "num_warps"])
 
 
 def _launch_t(w: NF4Weight, out: torch.Tensor, ld: int, out_expert_stride: int, out_offset: int,
@@ -52,7 +55,7 @@ def _launch_t(w: NF4Weight, out: torch.Tensor, ld: int, out_expert_stride: int, 
     grid = (E * ((O + TO - 1) // TO) * nib,)
     _kernels()[1][grid](*_args(w), out, inv if inv is not None else w.absmax2, O, nib, ld, out_expert_stride,
                         out_offset, TO=TO, FP8=out.dtype == F8, SOFT_ROUND=soft_round(),
-                        num_warps=CONFIG["num_warps"])
+                        num_warps=CONFIG["num_warps_t"])
 
 
 def _fits(w) -> bool:
