@@ -7,23 +7,14 @@ import json
 
 import torch
 
+from mixtune.bench import cuda_ms
 from mixtune.kernels import dequant, fp8
 from mixtune.kernels.dequant import dequantize_nf4_stack
 from mixtune.model.nf4 import NF4Weight
 
 
-def timed(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(reps):
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)[len(ts) // 2]
+def timed(fn):
+    return cuda_ms(fn, reps=20)
 
 
 g = torch.Generator(device="cuda").manual_seed(0)

@@ -158,30 +158,25 @@ def test_accumulation_is_exact_and_checkpointing_changes_nothing(tiny_ckpt):
 
     # activation checkpointing recomputes the same values: every layer, the first one only, attention blocks
     # only (with the low-memory grouped MoE), and the first layer in full + the other's attention
+    def grads_with(layers, attention, backend, precision):
+        model.set_checkpointing(layers, attention)
+        model.set_moe_backend(backend, precision)
+        train.forward_backward(model, [b1, b2], dev, False, 0.0)
+        g = _grads(model)
+        model.zero_grad(set_to_none=True)
+        return g
+
     for layers, attention, backend in ((-1, False, "auto"), (1, False, "auto"), (0, True, "grouped_lowmem"),
                                        (1, True, "grouped")):
-        model.set_checkpointing(layers, attention)
-        model.set_moe_backend(backend)
-        train.forward_backward(model, [b1, b2], dev, False, 0.0)
-        g_ckpt = _grads(model)
-        model.zero_grad(set_to_none=True)
+        g_ckpt = grads_with(layers, attention, backend, "bf16")
         for n in g_whole:
             torch.testing.assert_close(g_ckpt[n], g_accum[n], rtol=1e-5, atol=1e-6)
-    model.set_checkpointing(0, False)
-    model.set_moe_backend("auto")
 
     # with FP8 experts the recomputation also repeats the same (quantized) products: checkpointed == not
-    model.set_moe_backend("grouped", "fp8")
-    train.forward_backward(model, [b1, b2], dev, False, 0.0)
-    g_fp8 = _grads(model)
-    model.zero_grad(set_to_none=True)
+    g_fp8 = grads_with(0, False, "grouped", "fp8")
     assert any(not torch.equal(g_fp8[n], g_accum[n]) for n in g_accum)  # fp8 really ran
     for layers, attention, backend in ((-1, False, "grouped"), (0, True, "grouped_lowmem")):
-        model.set_checkpointing(layers, attention)
-        model.set_moe_backend(backend, "fp8")
-        train.forward_backward(model, [b1, b2], dev, False, 0.0)
-        g_ckpt = _grads(model)
-        model.zero_grad(set_to_none=True)
+        g_ckpt = grads_with(layers, attention, backend, "fp8")
         for n in g_fp8:
             torch.testing.assert_close(g_ckpt[n], g_fp8[n], rtol=1e-5, atol=1e-6)
     model.set_checkpointing(0, False)

@@ -228,6 +228,21 @@ def check_attention(cfg: MixtralConfig, device, B=2, T=1024, seed=0) -> dict:
     return out
 
 
+def cuda_ms(fn, reps: int = 10) -> float:
+    """Median milliseconds of fn() on the current CUDA stream over `reps` calls, after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = []
+    for _ in range(reps):
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return sorted(ts)[len(ts) // 2]
+
+
 def time_kernels(cfg: MixtralConfig, device, reps: int = 10) -> dict:
     """ms per call on the GPU: NF4 dequantization of one layer's experts (ours vs bitsandbytes), and the
     grouped products of one layer's experts at 16384 tokens, uniform routing; with FP8 support also the FP8
@@ -241,17 +256,7 @@ def time_kernels(cfg: MixtralConfig, device, reps: int = 10) -> dict:
     w = [NF4Weight.quantize(torch.randn(E, I, H, device=device, dtype=torch.bfloat16) * 0.02) for _ in range(3)]
 
     def t(fn):
-        fn()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        ts = []
-        for _ in range(reps):
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        return sorted(ts)[len(ts) // 2]
+        return cuda_ms(fn, reps)
 
     from .kernels import dequant
     sweep = {}

@@ -63,7 +63,7 @@ class ModelConfig:
                                   "grouped_lowmem (recomputes them in backward: less memory, one more expert "
                                   "matmul).", ("auto", "reference", "grouped", "grouped_lowmem"))
     expert_precision: str = _f("bf16", "Precision of the experts' large matrix products in training: bf16, or "
-                                       "fp8 (e4m3, row-wise scales; ~1.7x faster products on GPUs with FP8 "
+                                       "fp8 (e4m3, row-wise scales; 1.6-1.8x faster products on GPUs with FP8 "
                                        "tensor cores, compute capability >= 8.9; slightly noisier gradients — "
                                        "see BENCHMARKS.md). Needs a grouped moe_backend; evaluation and "
                                        "generation always run bf16. Emulated (slowly) on CPU.", ("bf16", "fp8"))

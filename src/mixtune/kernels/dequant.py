@@ -9,8 +9,8 @@ nibble; a uint8 absmax per 64 weights, double-quantized with `code2` against fp3
 plus `offset`) and computes `code[q] * (code2[absmax] * absmax2 + offset)` in fp32, rounded once to `dtype`:
 the same arithmetic as `NF4Weight.dequantize` and `bitsandbytes.functional.dequantize_4bit`.
 For FP8 (e4m3) outputs the value is first multiplied by a per-expert `inv` (fp32, a power of two: exact) and
-clamped to ±448, then rounded to nearest-even (see `kernels.fp8`). `transpose=True` writes each expert's weight transposed (a
-K-contiguous layout for the backward's FP8 matmuls), tile by tile.
+clamped to ±448, then rounded to nearest-even (see `kernels.fp8`). `transpose=True` writes each expert's
+weight transposed (a K-contiguous layout for the backward's FP8 matmuls), tile by tile.
 On CUDA a Triton kernel writes straight into the (optionally fused, widened) output; elsewhere PyTorch runs.
 """
 
@@ -67,7 +67,7 @@ def _fits(w) -> bool:
 def _torch_values(w, dtype: torch.dtype, inv: torch.Tensor | None) -> torch.Tensor:
     """PyTorch path: the weight in `dtype`; for FP8, scaled by inv per expert (dim 0) and clamped first."""
     if dtype != F8:
-        return w.dequantize(dtype) if isinstance(w, NF4Weight) else w.to(dtype)
+        return dequantize_nf4(w, dtype, False)
     v = w.dequantize(torch.float32) if isinstance(w, NF4Weight) else w.float()
     if inv is not None:
         v = v * inv.view(-1, *([1] * (v.dim() - 1)))

@@ -80,6 +80,40 @@ def _grouped_mm_loop(a, b, offs):
 _NAMES = ("w1", "w3", "w2")
 
 
+def _lora_args(lora):
+    """ExpertLoRA or None -> (scaling, [A1, B1, A3, B3, A2, B2]) with None where a matrix has no LoRA."""
+    ab = []
+    for n in _NAMES:
+        ab += [lora.A[n], lora.B[n]] if lora is not None and n in lora.A else [None, None]
+    return (float(lora.scaling) if lora is not None else 1.0), ab
+
+
+def _saved_lora(names, rest, dt):
+    """The saved LoRA parameters -> (their dtypes {name: (A, B)}, compute-dtype copies {name: (A, B)})."""
+    params = {n: (rest[2 * i], rest[2 * i + 1]) for i, n in enumerate(names)}
+    return ({n: (A.dtype, B.dtype) for n, (A, B) in params.items()},
+            {n: (A.to(dt), B.to(dt)) for n, (A, B) in params.items()})
+
+
+def _w13_lora_grads(grads, lc, du13, xs, u13, dh13, offs, s, r, I):
+    """dA13 = du13^T xs, dB13 = s u13^T dh13 per expert, split into grads["w1"], grads["w3"] (where present)."""
+    dA13 = grouped_mm_k(du13.t(), xs, offs)  # (E, 2r, H)
+    dBt = grouped_mm_k(u13.t(), dh13, offs).mul_(s)  # (E, 2r, 2I): [u1|u3]^T [dh1|dh3]
+    if "w1" in lc:
+        grads["w1"] = (dA13[:, :r], dBt[:, :r, :I].transpose(1, 2))
+    if "w3" in lc:
+        grads["w3"] = (dA13[:, r:], dBt[:, r:, I:].transpose(1, 2))
+
+
+def _ab_grads(grads, pdt) -> list:
+    """grads {name: (dA, dB)} -> the autograd outputs for [A1, B1, A3, B3, A2, B2], in the parameters' dtypes."""
+    out = []
+    for n in _NAMES:
+        out += ([grads[n][0].to(pdt[n][0]).contiguous(), grads[n][1].to(pdt[n][1]).contiguous()]
+                if n in grads else [None, None])
+    return out
+
+
 def _sort(topk_idx, E):
     """-> order (M,) assignment ids sorted by expert, offs (E,) int32 cumulative counts (no host sync)."""
     flat = topk_idx.reshape(-1)  # (M,)
@@ -186,9 +220,7 @@ class _GroupedMoE(torch.autograd.Function):
         E = w1.shape[0]
         M = order.numel()
         dt = x.dtype
-        params = {n: (rest[2 * i], rest[2 * i + 1]) for i, n in enumerate(names)}
-        pdt = {n: (A.dtype, B.dtype) for n, (A, B) in params.items()}
-        lc = {n: (A.to(dt), B.to(dt)) for n, (A, B) in params.items()}
+        pdt, lc = _saved_lora(names, rest, dt)
         tok = order // k
         dout = dout.contiguous()
         xs = Wa = None
@@ -247,30 +279,13 @@ class _GroupedMoE(torch.autograd.Function):
                 del Wb
             if xs is None:
                 xs = gather_rows(x, tok)  # (M, H)
-            dA13 = grouped_mm_k(du13.t(), xs, offs)  # (E, 2r, H)
-            dBt = grouped_mm_k(u13.t(), dh13, offs).mul_(s)  # (E, 2r, 2I): [u1|u3]^T [dh1|dh3]
-            if "w1" in lc:
-                grads["w1"] = (dA13[:, :r], dBt[:, :r, :I].transpose(1, 2))
-            if "w3" in lc:
-                grads["w3"] = (dA13[:, r:], dBt[:, r:, I:].transpose(1, 2))
+            _w13_lora_grads(grads, lc, du13, xs, u13, dh13, offs, s, r, I)
         del dha, dh13
         dx = combine(dxs, inv, None, N, k)  # (N, H)
-        ab_grads = []
-        for n in _NAMES:
-            if n in grads:
-                ab_grads += [grads[n][0].to(pdt[n][0]).contiguous(), grads[n][1].to(pdt[n][1]).contiguous()]
-            else:
-                ab_grads += [None, None]
-        return (dx, dtw, None, None, None, None, None, None, *ab_grads)
+        return (dx, dtw, None, None, None, None, None, None, *_ab_grads(grads, pdt))
 
 
 def moe_experts_grouped(x, topk_idx, topk_weight, w1, w3, w2, lora=None, save_h: bool = True):
     """x (N, H), topk_idx (N, k) long, topk_weight (N, k) -> (N, H); see the module docstring."""
-    ab = []
-    for n in _NAMES:
-        if lora is not None and n in lora.A:
-            ab += [lora.A[n], lora.B[n]]
-        else:
-            ab += [None, None]
-    scaling = float(lora.scaling) if lora is not None else 1.0
+    scaling, ab = _lora_args(lora)
     return _GroupedMoE.apply(x, topk_weight, topk_idx, w1, w3, w2, scaling, save_h, *ab)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from .fp8 import fp8_weights, quantize_rows, scaled_grouped_mm
-from .moe import _NAMES, _bblk, _cat_lora, _sort, grouped_mm, grouped_mm_k
+from .moe import (_NAMES, _ab_grads, _bblk, _cat_lora, _lora_args, _saved_lora, _sort, _w13_lora_grads, grouped_mm,
+                  grouped_mm_k)
 from .route import combine, combine_backward, gather_rows
 from .swiglu import swiglu_backward, swiglu_forward
 
@@ -109,9 +110,7 @@ class _GroupedMoEFP8(torch.autograd.Function):
         E = w1.shape[0]
         M = order.numel()
         dt = x.dtype
-        params = {n: (rest[2 * i], rest[2 * i + 1]) for i, n in enumerate(names)}
-        pdt = {n: (A.dtype, B.dtype) for n, (A, B) in params.items()}
-        lc = {n: (A.to(dt), B.to(dt)) for n, (A, B) in params.items()}
+        pdt, lc = _saved_lora(names, rest, dt)
         tok = order // k
         dout = dout.contiguous()
         wsort = topk_weight.reshape(-1)[order]
@@ -151,30 +150,13 @@ class _GroupedMoEFP8(torch.autograd.Function):
         if r:
             if xs is None:
                 xs = gather_rows(x, tok)
-            dA13 = grouped_mm_k(du13.t(), xs, offs)  # (E, 2r, H)
-            dBt = grouped_mm_k(u13.t(), dh13, offs).mul_(s)  # (E, 2r, 2I)
-            if "w1" in lc:
-                grads["w1"] = (dA13[:, :r], dBt[:, :r, :I].transpose(1, 2))
-            if "w3" in lc:
-                grads["w3"] = (dA13[:, r:], dBt[:, r:, I:].transpose(1, 2))
+            _w13_lora_grads(grads, lc, du13, xs, u13, dh13, offs, s, r, I)
         del dha, dh13
         dx = combine(dxs, inv, None, N, k)
-        ab_grads = []
-        for n in _NAMES:
-            if n in grads:
-                ab_grads += [grads[n][0].to(pdt[n][0]).contiguous(), grads[n][1].to(pdt[n][1]).contiguous()]
-            else:
-                ab_grads += [None, None]
-        return (dx, dtw, None, None, None, None, None, None, *ab_grads)
+        return (dx, dtw, None, None, None, None, None, None, *_ab_grads(grads, pdt))
 
 
 def moe_experts_grouped_fp8(x, topk_idx, topk_weight, w1, w3, w2, lora=None, save_h: bool = True):
     """x (N, H), topk_idx (N, k) long, topk_weight (N, k) -> (N, H); see the module docstring."""
-    ab = []
-    for n in _NAMES:
-        if lora is not None and n in lora.A:
-            ab += [lora.A[n], lora.B[n]]
-        else:
-            ab += [None, None]
-    scaling = float(lora.scaling) if lora is not None else 1.0
+    scaling, ab = _lora_args(lora)
     return _GroupedMoEFP8.apply(x, topk_weight, topk_idx, w1, w3, w2, scaling, save_h, *ab)
