@@ -1,5 +1,5 @@
 """Why is a `mixtune train` step slower than the benchmark's step? Time the same model and batch through
-`train.forward_backward` with each difference switched on/off (autocast, router aux loss, LoRA dropout), then
+`mixtune.loop.step.forward_backward` with each difference switched on/off (autocast, router aux loss, LoRA dropout), then
 profile the slowest. Run on a GPU:  PYTHONPATH=src python3 bench/train_step_diag.py --layers 2
 """
 
@@ -14,7 +14,7 @@ from mixtune.config import load_config
 from mixtune.lora import apply_lora, lora_parameters
 from mixtune.model.config import MixtralConfig
 from mixtune.model.random_init import build_random_nf4_model
-from mixtune.train import forward_backward
+from mixtune.loop.step import forward_backward
 
 
 def sync(dev):

@@ -84,7 +84,7 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
     assert [r["step"] for r in _train_lines(ddp) if r["kind"] == "train"] == [1, 2, 3]
 
     # the same checkpoint resumed by a single process would change the step's batch: refused, clearly
-    from mixtune.checkpoint import CheckpointError
+    from mixtune.loop.checkpoint import CheckpointError
     shutil.rmtree(ddp / "checkpoints" / "step-3")
     with pytest.raises(CheckpointError, match="trained on 2 rank"):
         train.main(load_config(None, COMMON + ["--train.gradient_accumulation_steps", "1", "--train.output_dir",

@@ -5,11 +5,11 @@ import math
 import torch
 
 from mixtune.config import load_config
-from mixtune.evaluate import evaluate_loss, generate_texts
+from mixtune.loop.evaluation import evaluate_loss, generate_texts
 
 
 def _model(tiny_ckpt):
-    from mixtune.model.loading import load_model
+    from mixtune.model import load_model
     return load_model(tiny_ckpt, quant="none", dtype=torch.float32, device="cpu", report=None)
 
 
@@ -60,7 +60,7 @@ def test_generate_texts_uses_the_exact_prompt_ids(tiny_ckpt):
 
 
 def test_generation_metrics():
-    from mixtune.evaluate import generation_metrics, token_f1
+    from mixtune.loop.evaluation import generation_metrics, token_f1
     assert token_f1("Explain the moon.", "explain the Moon") == 1.0
     assert token_f1("a b", "c d") == 0.0
     assert abs(token_f1("the cat sat", "the cat") - 0.8) < 1e-9

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from mixtune.generate import generate, sample_next
-from mixtune.model.loading import load_model
+from mixtune.model.sampling import generate, sample_next
+from mixtune.model import load_model
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from mixtune.config import ConfigError, LoraConfig
 from mixtune.lora import (ExpertLoRA, LoRALinear, adapter_state_dict, apply_lora, load_adapter, lora_parameters,
                           save_adapter)
 from mixtune.model import MIXTRAL_8X7B_CONFIG, NF4Linear
-from mixtune.model.loading import build_model_on_meta, load_model
-from mixtune.model.nf4 import NF4Weight
+from mixtune.model import build_model_on_meta, load_model
+from mixtune.quant.nf4 import NF4Weight
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head", "gate", "experts"]
 RECIPE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from mixtune.config import ConfigError, LoraConfig, load_config
-from mixtune.inspect_model import memory_estimate
+from mixtune.memory_plan import memory_estimate
 from mixtune.lora import apply_lora
 from mixtune.memory_plan import GiB, Policy, estimate_bytes, plan, relative_work
 from mixtune.model import MIXTRAL_8X7B_CONFIG as C
-from mixtune.model.loading import build_model_on_meta
+from mixtune.model import build_model_on_meta
 
 # (micro-batch, optimizer, full layers, attention recomputed, backend, measured peak GiB, BENCHMARKS call)
 MEASURED = [

@@ -12,7 +12,7 @@ import torch
 from mixtune.config import ConfigError, LoraConfig, load_config
 from mixtune.lora import ExpertLoRA, LoRALinear, apply_lora, load_adapter, merge_into_state_dict, save_adapter
 from mixtune.merge import merge_main
-from mixtune.model.loading import checkpoint_files, iter_checkpoint, iter_model_state, load_model
+from mixtune.model import checkpoint_files, iter_checkpoint, iter_model_state, load_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head", "gate", "experts"]
 

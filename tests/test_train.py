@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mixtune import checkpoint as ckpt
+from mixtune.loop import checkpoint as ckpt
 from mixtune import train
+from mixtune.loop import schedule, step as loop_step, stream
+from mixtune.loop.report import read_metrics
 from mixtune.config import load_config
 
 FAST = ["--train.max_steps", "6", "--train.save_steps", "2", "--train.eval_steps", "0",
@@ -73,7 +75,7 @@ def test_kill_and_resume_gives_the_same_adapter(tmp_path, optim):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     # the metrics of the resumed run continue the killed one without duplicates
-    steps = [r["step"] for r in train._read_jsonl(str(part / "metrics.jsonl")) if r["kind"] == "train"]
+    steps = [r["step"] for r in read_metrics(str(part / "metrics.jsonl")) if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert os.path.exists(part / "checkpoints" / "step-6" / ckpt.MARKER)
 
@@ -81,29 +83,29 @@ def test_kill_and_resume_gives_the_same_adapter(tmp_path, optim):
 def test_same_seed_same_loss_curve(tmp_path):
     r1 = train.main(_cfg(tmp_path / "a", "--train.max_steps", "2", "--train.save_steps", "0"))
     r2 = train.main(_cfg(tmp_path / "b", "--train.max_steps", "2", "--train.save_steps", "0"))
-    l1 = [r["loss"] for r in train._read_jsonl(str(tmp_path / "a" / "metrics.jsonl")) if r["kind"] == "train"]
-    l2 = [r["loss"] for r in train._read_jsonl(str(tmp_path / "b" / "metrics.jsonl")) if r["kind"] == "train"]
+    l1 = [r["loss"] for r in read_metrics(str(tmp_path / "a" / "metrics.jsonl")) if r["kind"] == "train"]
+    l2 = [r["loss"] for r in read_metrics(str(tmp_path / "b" / "metrics.jsonl")) if r["kind"] == "train"]
     assert l1 == l2 and r1["eval_loss"] == r2["eval_loss"]
 
 
 def test_schedule_and_step_planning():
     cfg = load_config(None, ["--train.max_steps", "-1", "--train.num_train_epochs", "2",
                              "--train.gradient_accumulation_steps", "3"])
-    assert train.total_optimizer_steps(cfg, 100, per_epoch=25) == 17  # ceil(2 * 25 / 3)
-    assert train.warmup_steps(cfg, 100) == 5  # ceil(0.05 * 100)
-    f = train.lr_lambda("cosine", 5, 100)
+    assert schedule.total_optimizer_steps(cfg, 100, per_epoch=25) == 17  # ceil(2 * 25 / 3)
+    assert schedule.warmup_steps(cfg, 100) == 5  # ceil(0.05 * 100)
+    f = schedule.lr_lambda("cosine", 5, 100)
     assert f(4) < 1.0 and f(5) == pytest.approx(1.0) and f(100) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_label_tokens_match_the_shifted_loss():
     labels = torch.tensor([[-100, 5, 6, -100], [1, 2, -100, 3]])
     # position t predicts labels[t + 1]: the first label of each row is never a target
-    assert train.label_tokens({"labels": labels}) == 4
+    assert stream.label_tokens({"labels": labels}) == 4
 
 
 def _tiny_lora_model(tiny_ckpt, targets="q_proj,v_proj,experts,lm_head"):
     from mixtune.lora import apply_lora
-    from mixtune.model.loading import load_model
+    from mixtune.model import load_model
     model = load_model(tiny_ckpt, quant="none", dtype=torch.float32, device="cpu", report=None)
     cfg = load_config(None, ["--lora.targets", targets, "--lora.r", "4"])
     apply_lora(model, cfg.lora, seed=0)
@@ -138,13 +140,13 @@ def test_accumulation_is_exact_and_checkpointing_changes_nothing(tiny_ckpt):
     dev = torch.device("cpu")
     b1, b2, both = _batches()
 
-    loss_a, n_a, _, _ = train.forward_backward(model, [b1, b2], dev, False, 0.0)
+    loss_a, n_a, _, _ = loop_step.forward_backward(model, [b1, b2], dev, False, 0.0)
     g_accum = _grads(model)
     model.zero_grad(set_to_none=True)
-    loss_b, n_b, _, _ = train.forward_backward(model, [both], dev, False, 0.0)
+    loss_b, n_b, _, _ = loop_step.forward_backward(model, [both], dev, False, 0.0)
     g_whole = _grads(model)
     model.zero_grad(set_to_none=True)
-    assert n_a == n_b == train.label_tokens(both)
+    assert n_a == n_b == stream.label_tokens(both)
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for n in g_whole:
         torch.testing.assert_close(g_accum[n], g_whole[n], rtol=1e-4, atol=1e-7)
@@ -161,7 +163,7 @@ def test_accumulation_is_exact_and_checkpointing_changes_nothing(tiny_ckpt):
     def grads_with(layers, attention, backend, precision):
         model.set_checkpointing(layers, attention)
         model.set_moe_backend(backend, precision)
-        train.forward_backward(model, [b1, b2], dev, False, 0.0)
+        loop_step.forward_backward(model, [b1, b2], dev, False, 0.0)
         g = _grads(model)
         model.zero_grad(set_to_none=True)
         return g
@@ -183,7 +185,7 @@ def test_accumulation_is_exact_and_checkpointing_changes_nothing(tiny_ckpt):
     model.set_moe_backend("auto", "bf16")
 
     # the router aux loss adds a gradient when its coefficient is on
-    train.forward_backward(model, [b1, b2], dev, False, 0.5)
+    loop_step.forward_backward(model, [b1, b2], dev, False, 0.5)
     g_aux = _grads(model)
     assert any(not torch.allclose(g_aux[n], g_accum[n]) for n in g_accum)
 
@@ -220,7 +222,7 @@ def test_no_autocast_over_a_bf16_model():
     import torch
 
     from mixtune.config import load_config
-    from mixtune.train import use_bf16
+    from mixtune.runtime import use_bf16
 
     cpu = torch.device("cpu")
     forced = load_config(None, ["--train.bf16", "true"])
@@ -243,7 +245,7 @@ def test_resume_with_a_changed_config_is_refused_and_keeps_the_runs_config(tmp_p
         train.main(_cfg(out, "--train.resume", "auto", "--lora.r", "8"))
     assert (out / "config.yaml").read_text() == saved  # the run's record is not overwritten by a refused resume
     # bookkeeping keys may change on resume
-    train.check_resume_config(_cfg(out, "--train.resume", "auto", "--train.progress", "true",
+    ckpt.check_resume_config(_cfg(out, "--train.resume", "auto", "--train.progress", "true",
                                    "--train.save_total_limit", "5", "--generate.max_new_tokens", "8"),
                               str(out / "config.yaml"))
 
@@ -287,7 +289,7 @@ def test_fp8_experts_train_close_to_bf16_and_evaluate_in_bf16(tmp_path):
     args = ["--train.max_steps", "4", "--train.save_steps", "0", "--train.eval_steps", "2"]
     r16 = train.main(_cfg(tmp_path / "bf16", *args))
     r8 = train.main(_cfg(tmp_path / "fp8", *args, "--model.expert_precision", "fp8"))
-    recs = {n: train._read_jsonl(str(tmp_path / n / "metrics.jsonl")) for n in ("bf16", "fp8")}
+    recs = {n: read_metrics(str(tmp_path / n / "metrics.jsonl")) for n in ("bf16", "fp8")}
     loss = {n: [r["loss"] for r in recs[n] if r["kind"] == "train"] for n in recs}
     evals = {n: [r["eval_loss"] for r in recs[n] if r["kind"] == "eval"] for n in recs}
     assert len(loss["fp8"]) == 4 and loss["fp8"] != loss["bf16"]

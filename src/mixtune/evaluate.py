@@ -1,129 +1,27 @@
-"""Evaluation: token-weighted loss / perplexity over packed rows, and generations on held-out examples.
+"""`mixtune eval`: loss / perplexity of the base model, or base + adapter, on the configured eval split.
 
-    metrics = evaluate_loss(model, rows, batch_size=4)      # {"eval_loss", "eval_perplexity", "eval_tokens"}
     mixtune eval [CONFIG] --adapter runs/tiny/adapter [--json]
+    eval_main(cfg, adapter="runs/tiny/adapter", json_out=True)
 
-The loss is the mean cross-entropy over every label token of the evaluation set (sum of token losses / number
-of label tokens), not a mean of per-batch means.
+The measurement itself is `mixtune.loop.evaluation.evaluate_loss`, the same the training loop uses.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
+import os
 import sys
 import time
 from typing import Any, Optional
 
-import torch
-
-
-def autocast_context(device: torch.device, enabled: bool):
-    """bf16 autocast on `device` when enabled, else a no-op context."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def batch_to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate_loss(model, rows: list, batch_size: int, *, autocast: bool = False,
-                  max_batches: Optional[int] = None) -> dict[str, float]:
-    """Mean token cross-entropy of `model` over packed `rows` (each {input_ids, labels, position_ids} (T,)).
-
-    Returns eval_loss (nats/token), eval_perplexity (exp of it), eval_tokens (label tokens counted)."""
-    from .data import iterate_batches
-
-    was_training = model.training
-    model.eval()
-    device = model.device
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    n_tok = 0
-    try:
-        for i, batch in enumerate(iterate_batches(rows, batch_size, shuffle=False, seed=0)):
-            if max_batches is not None and i >= max_batches:
-                break
-            b = batch_to(batch, device)
-            with autocast_context(device, autocast):
-                out = model(b["input_ids"], b["position_ids"], b["labels"], return_logits=False)
-            loss_sum += out.loss_sum.detach().double().cpu()
-            n_tok += int(out.n_tokens)
-    finally:
-        model.train(was_training)
-    if n_tok == 0:
-        return {"eval_loss": float("nan"), "eval_perplexity": float("nan"), "eval_tokens": 0}
-    loss = float(loss_sum / n_tok)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": n_tok}
-
-
-@torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list, gen_cfg, *, max_new_tokens: Optional[int] = None,
-                   greedy: Optional[bool] = None) -> list[dict[str, Any]]:
-    """Continue each prompt with `mixtune.generate.generate` and gen_cfg's decoding settings. A prompt is a
-    formatted text (bos is prepended here) or an example dict with "prompt" and "prompt_ids" (the exact ids
-    the model saw in training, e.g. PreparedData.eval_examples).
-
-    Returns [{"prompt", "text", "token_ids"}] (token_ids: the new ids, eos included if emitted)."""
-    from .generate import generate
-
-    out = []
-    for p in prompts:
-        if isinstance(p, dict):
-            ids = list(p.get("prompt_ids") or tokenizer.encode(p["prompt"], bos=True))
-            p = p["prompt"]
-        else:
-            ids = tokenizer.encode(p, bos=True)
-        new = generate(model, [ids],
-                       max_new_tokens=gen_cfg.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                       greedy=gen_cfg.greedy if greedy is None else greedy, temperature=gen_cfg.temperature,
-                       top_p=gen_cfg.top_p, top_k=gen_cfg.top_k, seed=gen_cfg.seed, eos_id=tokenizer.eos_id)[0]
-        out.append({"prompt": p, "text": tokenizer.decode(new), "token_ids": list(new)})
-    return out
-
-
-def _words(text: str) -> list[str]:
-    return "".join(c.lower() if c.isalnum() else " " for c in text).split()
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD-style word-overlap F1 between two texts (lower-cased alphanumeric words), in [0, 1]."""
-    from collections import Counter
-
-    p, r = _words(prediction), _words(reference)
-    if not p or not r:
-        return float(p == r)
-    common = sum((Counter(p) & Counter(r)).values())
-    if common == 0:
-        return 0.0
-    prec, rec = common / len(p), common / len(r)
-    return 2 * prec * rec / (prec + rec)
-
-
-def generation_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Exact match (after whitespace/case normalisation) and mean word F1 of generations against references."""
-    if not predictions:
-        return {}
-    em = [float(_words(p) == _words(r)) for p, r in zip(predictions, references)]
-    f1 = [token_f1(p, r) for p, r in zip(predictions, references)]
-    return {"exact_match": sum(em) / len(em), "word_f1": sum(f1) / len(f1)}
-
-
-# --------------------------------------------------------------------------------------------------
-# `mixtune eval`
-# --------------------------------------------------------------------------------------------------
+from .loop.evaluation import evaluate_loss
+from .runtime import resolve_device, resolve_dtype, use_bf16
 
 
 def eval_main(cfg, adapter: Optional[str] = None, json_out: bool = False) -> dict[str, Any]:
     """Evaluation loss / perplexity of the base model (or base + adapter) on the configured eval split."""
-    import os
-
     from .data import load_tokenizer, prepare_data
-    from .model.loading import load_model, resolve_dtype, resolve_model_path
-    from .train import resolve_device, use_bf16
+    from .model import load_model, resolve_model_path
 
     t0 = time.time()
     if adapter and not os.path.isdir(adapter):

@@ -1,12 +1,7 @@
-"""Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), stopping at eos per row.
+"""`mixtune generate`: load the base (+ adapter), format each prompt as in training, decode with a KV cache.
 
-    ids = generate(model, [[1, 733, ...], [1, 22557]], max_new_tokens=64, greedy=True)  # new ids per prompt
-    generate_main(cfg, ["Write a haiku"], adapter=None, json_out=True)                     # the CLI verb
-
-Batched prompts of different lengths are left-aligned: the cache is filled with the shortest prompt's
-length in one forward, then every step feeds one token per row — the row's next prompt token while it still
-has some, else the token just chosen — so no padding or attention mask is needed and each row sees exactly
-its own prompt followed by its own continuation (as if generated alone).
+    generate_main(cfg, ["Write a haiku"], adapter=None, json_out=True)     # the CLI verb
+    from mixtune.generate import generate                                   # the decoder (model/sampling.py)
 """
 
 from __future__ import annotations
@@ -15,87 +10,8 @@ import json
 import sys
 from typing import Optional
 
-import torch
-
-from .model.modeling import KVCache, MixtralForCausalLM
-
-
-def sample_next(logits: torch.Tensor, *, greedy: bool, temperature: float, top_p: float, top_k: int,
-                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,). Greedy = argmax; else softmax(logits / T) truncated to the top_k
-    tokens and to the smallest set whose probability reaches top_p, renormalised, then sampled."""
-    if greedy or temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    V = logits.shape[-1]
-    if 0 < top_k < V:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0 < top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-        probs = sorted_logits.softmax(-1)
-        before = probs.cumsum(-1) - probs  # mass strictly above each token
-        drop_sorted = before >= top_p  # keeps at least the top token
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@torch.no_grad()
-def generate(model: MixtralForCausalLM, prompt_ids: list[list[int]], *, max_new_tokens: int = 512,
-             greedy: bool = False, temperature: float = 0.7, top_p: float = 0.95, top_k: int = 0, seed: int = 0,
-             eos_id: Optional[int] = None) -> list[list[int]]:
-    """Continue each prompt (token ids, bos included if wanted) by up to max_new_tokens ids; a row stops
-    after it emits eos_id (default: the model config's eos), which is kept as its last id.
-    Returns the generated ids per prompt (prompt excluded)."""
-    if not prompt_ids:
-        return []
-    if any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("generate: every prompt needs at least one token (e.g. bos)")
-    if max_new_tokens <= 0:
-        return [[] for _ in prompt_ids]
-    eos = model.config.eos_token_id if eos_id is None else eos_id
-    device = model.device
-    B = len(prompt_ids)
-    lens = [len(p) for p in prompt_ids]
-    lo, hi = min(lens), max(lens)
-    total = hi + max_new_tokens
-    fill = eos if eos >= 0 else 0  # what finished rows keep feeding (ignored); eos_id=-1 means "never stop"
-    tokens = torch.full((B, total), fill, dtype=torch.long, device=device)  # (B, total) prompt + generated
-    for i, p in enumerate(prompt_ids):
-        tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-    plen = torch.tensor(lens, device=device)  # (B,)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    gen = None
-    if not greedy:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
-        cache = KVCache(model.config, B, total, device, model.dtype)
-        logits = model(tokens[:, :lo], kv_cache=cache).logits[:, -1]  # (B, V) predicts position lo
-        for pos in range(lo, total):
-            nxt = sample_next(logits, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
-                              generator=gen)  # (B,)
-            in_prompt = pos < plen  # rows still reading their prompt keep its token
-            nxt = torch.where(in_prompt, tokens[:, pos], torch.where(done, torch.full_like(nxt, fill), nxt))
-            tokens[:, pos] = nxt
-            done = done | (~in_prompt & (nxt == eos))
-            # every row has produced its max_new_tokens (or stopped): nothing left to decide
-            if bool((done | (pos + 1 >= plen + max_new_tokens)).all()) or pos + 1 == total:
-                break
-            logits = model(tokens[:, pos:pos + 1], kv_cache=cache).logits[:, -1]
-    finally:
-        model.train(was_training)
-    out = []
-    for i, n in enumerate(lens):
-        row = tokens[i, n:n + max_new_tokens].tolist()
-        if eos in row:
-            row = row[:row.index(eos) + 1]
-        out.append(row)
-    return out
+from .model.sampling import generate, sample_next  # noqa: F401  (the public decoding API, re-exported)
+from .runtime import resolve_device, resolve_dtype
 
 
 def generate_main(cfg, prompts: list[str], adapter: Optional[str] = None, json_out: bool = False,
@@ -104,7 +20,7 @@ def generate_main(cfg, prompts: list[str], adapter: Optional[str] = None, json_o
     template, prepend bos, decode with cfg.generate, print each result (the text; with json_out one JSON
     object per line: prompt, formatted_prompt, text, token_ids, prompt_tokens) and return them."""
     from .data import format_generation_prompt, load_tokenizer
-    from .model.loading import load_model, resolve_device, resolve_dtype, resolve_model_path
+    from .model import load_model, resolve_model_path
 
     stream = stream or sys.stdout
     report = (lambda msg: print(msg, file=sys.stderr)) if json_out else print

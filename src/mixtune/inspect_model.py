@@ -12,63 +12,18 @@ as packed bytes), so the reference recipe's line can be checked: `trainable para
 from __future__ import annotations
 
 import json
-import math
 
 import torch
 
 from .config import Config
-from .lora import apply_lora, lora_parameters
-from .model.nf4 import NF4Weight
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _nf4_bytes(shape) -> int:
-    """Storage of one NF4 tensor as `NF4Weight` holds it: packed codes, uint8 absmax, fp32 absmax2, code2."""
-    n = math.prod(shape)
-    nb = n // 64
-    return n // 2 + nb + 4 * math.ceil(nb / 256) + 4 * 256
-
-
-def memory_estimate(model, dtype_bytes: int = 2) -> dict:
-    """Bytes for weights (NF4 as mixtune stores it / all 16-bit), the fp32 adapter, its gradients and AdamW's
-    fp32 m and v. Activations are not included (they depend on batch, length and checkpointing)."""
-    adapter_ids = {id(p) for p in lora_parameters(model)}
-    trainable = sum(p.numel() for p in lora_parameters(model))
-    dense = quantizable = nf4 = 0
-    for name, p in model.named_parameters():
-        if id(p) in adapter_ids:
-            continue
-        leaf = [x for x in name.split(".") if x not in ("base", "weight")][-1]
-        if leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"):
-            quantizable += p.numel()
-            nf4 += _nf4_bytes(p.shape)
-        else:
-            dense += p.numel()
-    for name, mod in model.named_modules():
-        if isinstance(mod, NF4Weight):
-            quantizable += math.prod(mod.shape)
-            nf4 += _nf4_bytes(mod.shape)
-    weights_nf4 = nf4 + dense * dtype_bytes
-    weights_16 = (quantizable + dense) * dtype_bytes
-    adapter = trainable * 4
-    grads = trainable * 4
-    optim = trainable * 8
-    return {"weights_nf4": weights_nf4, "weights_bf16": weights_16, "adapter_fp32": adapter,
-            "gradients_fp32": grads, "optimizer_adamw_fp32": optim,
-            "training_total_nf4": weights_nf4 + adapter + grads + optim,
-            "training_total_bf16": weights_16 + adapter + grads + optim}
+from .lora import apply_lora
+from .memory_plan import memory_estimate
+from .model import human_bytes as _human
 
 
 def inspect_main(cfg: Config, json_out: bool = False) -> dict:
     """Print (or, with json_out, print as one JSON object) what fine-tuning `cfg.model` with `cfg.lora` means."""
-    from .model.loading import build_model_on_meta, load_config_only
+    from .model import build_model_on_meta, load_config_only
 
     config = load_config_only(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision)
     quant = cfg.model.quant

@@ -27,7 +27,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
+from .lora import lora_parameters
 from .model.config import MixtralConfig
+from .quant.nf4 import NF4Weight
 
 GiB = 2**30
 BF16 = 2
@@ -141,3 +145,40 @@ def plan(budget_bytes: float, c: MixtralConfig, weights_bytes: float, trainable:
                          f"({pol.describe(L)}, train.optim {optim}). Lower per_device_train_batch_size (and raise "
                          f"gradient_accumulation_steps), use train.optim adamw_8bit, or raise the budget")
     return best[1], best[2]
+
+
+def _nf4_bytes(shape) -> int:
+    """Storage of one NF4 tensor as `NF4Weight` holds it: packed codes, uint8 absmax, fp32 absmax2, code2."""
+    n = math.prod(shape)
+    nb = n // 64
+    return n // 2 + nb + 4 * math.ceil(nb / 256) + 4 * 256
+
+
+def memory_estimate(model, dtype_bytes: int = 2) -> dict:
+    """Bytes for weights (NF4 as mixtune stores it / all 16-bit), the fp32 adapter, its gradients and AdamW's
+    fp32 m and v. Activations are not included (they depend on batch, length and checkpointing)."""
+    adapter_ids = {id(p) for p in lora_parameters(model)}
+    trainable = sum(p.numel() for p in lora_parameters(model))
+    dense = quantizable = nf4 = 0
+    for name, p in model.named_parameters():
+        if id(p) in adapter_ids:
+            continue
+        leaf = [x for x in name.split(".") if x not in ("base", "weight")][-1]
+        if leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"):
+            quantizable += p.numel()
+            nf4 += _nf4_bytes(p.shape)
+        else:
+            dense += p.numel()
+    for name, mod in model.named_modules():
+        if isinstance(mod, NF4Weight):
+            quantizable += math.prod(mod.shape)
+            nf4 += _nf4_bytes(mod.shape)
+    weights_nf4 = nf4 + dense * dtype_bytes
+    weights_16 = (quantizable + dense) * dtype_bytes
+    adapter = trainable * 4
+    grads = trainable * 4
+    optim = trainable * 8
+    return {"weights_nf4": weights_nf4, "weights_bf16": weights_16, "adapter_fp32": adapter,
+            "gradients_fp32": grads, "optimizer_adamw_fp32": optim,
+            "training_total_nf4": weights_nf4 + adapter + grads + optim,
+            "training_total_bf16": weights_16 + adapter + grads + optim}

@@ -54,8 +54,8 @@ def _dequantized_stream(path: str, qdtype: torch.dtype, device: torch.device) ->
     tensor (as load_model does: per-expert blocks, but the double-quantization statistics span the stack);
     everything else: cast to qdtype, as training saw it."""
     from .model.config import MixtralConfig
-    from .model.loading import iter_checkpoint
-    from .model.nf4 import NF4Weight
+    from .model import iter_checkpoint
+    from .quant.nf4 import NF4Weight
 
     E = MixtralConfig.from_pretrained(path).num_local_experts
     stacks: dict[tuple[int, str], list] = {}  # (layer, w) -> [stack (E, out, in) in qdtype, experts seen]
@@ -88,7 +88,7 @@ def _stored_dtypes(path: str) -> dict[str, torch.dtype]:
     """Each tensor's stored dtype, read from the safetensors headers (no data)."""
     from safetensors import safe_open
 
-    from .model.loading import checkpoint_files
+    from .model import checkpoint_files
 
     out = {}
     for fname, keys in checkpoint_files(path).items():
@@ -105,8 +105,8 @@ def merge_main(cfg: Config, adapter_dir: str, out_dir: str) -> dict:
     """Merge `adapter_dir` into the base model `cfg.model.name_or_path`; write an HF checkpoint to `out_dir`.
     Returns a summary dict (JSON-serialisable)."""
     from .model.config import MixtralConfig
-    from .model.loading import (checkpoint_files, iter_checkpoint, resolve_device, resolve_dtype,
-                                resolve_model_path, save_hf_checkpoint)
+    from .model import checkpoint_files, iter_checkpoint, resolve_model_path, save_hf_checkpoint
+    from .runtime import resolve_device, resolve_dtype
 
     t0 = time.perf_counter()
     out_dir = os.path.abspath(os.fspath(out_dir))

@@ -20,7 +20,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 def test_nf4_dequant_exact_and_widened(monkeypatch):
     from mixtune.kernels import dequant
     from mixtune.kernels.dequant import dequantize_nf4, dequantize_nf4_stack
-    from mixtune.model.nf4 import NF4Weight
+    from mixtune.quant.nf4 import NF4Weight
     monkeypatch.setitem(dequant.CONFIG, "R", 256)  # 384 and 192 blocks: the last program is partly masked
     g = torch.Generator().manual_seed(1)
     w1 = NF4Weight.quantize(torch.randn(3, 64, 128, generator=g))
@@ -72,7 +72,7 @@ def test_grouped_moe_through_triton_kernels(monkeypatch):
     """The whole grouped MoE path (widened dequantization, SwiGLU kernels) in fp32 vs the reference loop."""
     from mixtune import kernels
     from mixtune.kernels import _triton
-    from mixtune.model.nf4 import NF4Weight
+    from mixtune.quant.nf4 import NF4Weight
     monkeypatch.setattr(_triton, "FORCE", True)
     g = torch.Generator().manual_seed(4)
     E, H, I, N, k, r = 4, 64, 128, 29, 2, 8
@@ -168,7 +168,7 @@ def test_fp8_kernels_match_torch(monkeypatch):
     from mixtune.kernels import dequant
     from mixtune.kernels.dequant import dequantize_nf4_stack
     from mixtune.kernels.fp8 import F8, quantize_rows
-    from mixtune.model.nf4 import NF4Weight
+    from mixtune.quant.nf4 import NF4Weight
     g = torch.Generator().manual_seed(6)
     x = torch.randn(5, 2100, generator=g) * torch.tensor([1.0, 1e-3, 0.0, 50.0, 3.0])[:, None]
     x[4, 7] = 1e-9  # a subnormal after scaling

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mixtune import kernels
-from mixtune.model.nf4 import NF4Weight
+from mixtune.quant.nf4 import NF4Weight
 
 
 class _LoRA:

@@ -9,7 +9,7 @@ import torch
 
 from mixtune import kernels
 from mixtune.kernels import dequant, fp8
-from mixtune.model.nf4 import NF4Weight
+from mixtune.quant.nf4 import NF4Weight
 
 from .test_moe import _case, _rel, _run
 

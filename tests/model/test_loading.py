@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixtune.model import MIXTRAL_8X7B_CONFIG, MixtralConfig
-from mixtune.model.loading import (INDEX_FILE, CheckpointError, build_model_on_meta, checkpoint_files, expected_keys,
-                                   iter_model_state, load_config_only, load_model, parse_size, resolve_dtype,
-                                   resolve_model_path, save_hf_checkpoint)
+from mixtune.model import (INDEX_FILE, MIXTRAL_8X7B_CONFIG, CheckpointError, MixtralConfig, build_model_on_meta,
+                           checkpoint_files, expected_keys, iter_model_state, load_config_only, load_model,
+                           parse_size, resolve_model_path, save_hf_checkpoint)
+from mixtune.runtime import resolve_dtype
 from mixtune.model.nf4 import NF4Linear, NF4Weight
 from mixtune.model.tiny import make_tiny_checkpoint
 

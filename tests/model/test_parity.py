@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mixtune.model.loading import load_model
+from mixtune.model import load_model
 from mixtune.model.modeling import KVCache
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.nf4 import NF4Weight
+from ..quant.nf4 import NF4Weight
 from ._triton import soft_round, use_triton
 
 # NF4 blocks per program and warps: R/num_warps for bf16 outputs, R8/num_warps8 for e4m3 outputs; TO rows per

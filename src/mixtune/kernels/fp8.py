@@ -69,7 +69,7 @@ def quantize_rows(x: torch.Tensor, triton: bool | None = None) -> tuple[torch.Te
 def expert_amax(w) -> torch.Tensor:
     """(E,) fp32 upper bound of |w[e]| for an expert stack: the largest NF4 block scale (|code| <= 1), cached on
     the frozen weight; for a plain tensor its exact amax."""
-    from ..model.nf4 import NF4Weight
+    from ..quant.nf4 import NF4Weight
     E = w.shape[0]
     if not isinstance(w, NF4Weight):
         return w.detach().abs().reshape(E, -1).amax(1).float()

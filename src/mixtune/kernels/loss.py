@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..model.nf4 import NF4Linear, NF4Weight
+from ..quant.nf4 import NF4Weight
 from .dequant import dequantize_nf4
 
 
@@ -53,8 +53,8 @@ def _head_weight(head):
     """The (V, H) weight of a plain bias-free linear or NF4 head, else None."""
     if type(head) is nn.Linear and head.bias is None:
         return head.weight
-    if isinstance(head, NF4Linear):
-        return head.weight
+    if isinstance(getattr(head, "weight", None), NF4Weight) and getattr(head, "bias", None) is None:
+        return head.weight  # an NF4 linear (mixtune.model.nf4.NF4Linear)
     return None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model.nf4 import NF4Weight
+from ..quant.nf4 import NF4Weight
 
 
 def expert_weight(w, e: int, dtype: torch.dtype) -> torch.Tensor:

@@ -20,7 +20,6 @@ from torch import nn
 
 from .. import kernels
 from .config import MixtralConfig
-from .nf4 import NF4Weight
 
 
 @dataclass

@@ -1,145 +1,19 @@
-"""NF4 weight storage (4-bit NormalFloat, double-quantized), laid out exactly as bitsandbytes stores it.
+"""A frozen linear layer whose weight is stored in NF4 (`mixtune.quant.nf4.NF4Weight`).
 
-Quantization goes through `bitsandbytes.functional.quantize_4bit` (blocks of 64 weights, the absmax of each
-block itself quantized to uint8 in blocks of 256 with an fp32 scale and a mean offset). Dequantization here is
-pure PyTorch and equals `bitsandbytes.functional.dequantize_4bit` bit for bit (tested); fast GPU paths read the
-same buffers (see `mixtune.kernels`).
+    lin = NF4Linear(NF4Weight.quantize(w))    # w (out, in)
+    y = lin(x)                                # x (..., in) -> (..., out), in x's dtype
 
-    w4 = NF4Weight.quantize(w)           # w: (..., out, in) float
-    w4.dequantize(torch.bfloat16)        # (..., out, in)
-    w4.nbytes                            # storage bytes (packed + absmax + nested stats)
-
-For a 3-D expert stack (E, out, in) whose per-expert size is a multiple of 64*256, `dequantize_expert(e)`
-reads only that expert's blocks.
+The forward is `mixtune.kernels.nf4_linear` (fused dequantization on GPU; the backward re-dequantizes instead
+of keeping the 16-bit weight).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-BLOCK = 64  # weights per absmax
-BLOCK2 = 256  # absmax values per fp32 scale (double quantization)
-
-# The 16 NF4 levels (bitsandbytes' table; also `quant_state.code`).
-NF4_CODE = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171066284, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=torch.float32)
-
-
-def _bnb():
-    import warnings
-    import logging
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import bitsandbytes.functional as F
-    return F
-
-
-class NF4Weight(nn.Module):
-    """A frozen weight stored in NF4. Buffers (all move with `.to()`):
-    packed  (numel/2,) uint8   two 4-bit codes per byte, first element in the high nibble
-    absmax  (numel/64,) uint8  block absmax, quantized with `code2` against `absmax2`
-    absmax2 (ceil(numel/64/256),) float32
-    code2   (256,) float32     bitsandbytes' dynamic map for the nested quantization
-    offset  () float32         mean removed from the absmax before nested quantization
-    """
-
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype = torch.bfloat16):
-        super().__init__()
-        self.shape = torch.Size(shape)
-        self.orig_dtype = dtype
-        n = math.prod(shape)
-        if n % BLOCK:
-            raise ValueError(f"NF4 needs a multiple of {BLOCK} weights, got shape {tuple(shape)}")
-        nb = n // BLOCK
-        self.register_buffer("packed", torch.zeros(n // 2, dtype=torch.uint8))
-        self.register_buffer("absmax", torch.zeros(nb, dtype=torch.uint8))
-        self.register_buffer("absmax2", torch.zeros(math.ceil(nb / BLOCK2), dtype=torch.float32))
-        self.register_buffer("code2", torch.zeros(256, dtype=torch.float32))
-        self.register_buffer("offset", torch.zeros((), dtype=torch.float32))
-        self.register_buffer("code", NF4_CODE.clone())
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    @torch.no_grad()
-    def quantize(cls, w: torch.Tensor) -> "NF4Weight":
-        """Quantize `w` (any shape whose numel is a multiple of 64) on w's device."""
-        F = _bnb()
-        src = w.detach().contiguous()
-        if src.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            src = src.float()
-        q, st = F.quantize_4bit(src, blocksize=BLOCK, compress_statistics=True, quant_type="nf4",
-                                quant_storage=torch.uint8)
-        self = cls(tuple(w.shape), w.dtype if w.dtype.is_floating_point else torch.float32)
-        self.packed = q.reshape(-1)
-        self.absmax = st.absmax.reshape(-1)
-        self.absmax2 = st.state2.absmax.reshape(-1).float()
-        self.code2 = st.state2.code.float()
-        self.offset = torch.as_tensor(st.offset, dtype=torch.float32, device=w.device).reshape(())
-        self.code = st.code.float().to(w.device)
-        return self
-
-    def bnb_quant_state(self):
-        """The equivalent bitsandbytes QuantState (for tests and for bitsandbytes' own kernels)."""
-        F = _bnb()
-        state2 = F.QuantState(absmax=self.absmax2, code=self.code2, blocksize=BLOCK2, dtype=torch.float32)
-        return F.QuantState(absmax=self.absmax, shape=self.shape, code=self.code, blocksize=BLOCK,
-                            quant_type="nf4", dtype=self.orig_dtype, offset=self.offset, state2=state2)
-
-    # ------------------------------------------------------------------ reading
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in (self.packed, self.absmax, self.absmax2, self.code2))
-
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def real_absmax(self) -> torch.Tensor:
-        """(numel/64,) float32 block scales."""
-        nb = self.absmax.numel()
-        scale = self.absmax2.repeat_interleave(BLOCK2)[:nb]
-        return self.code2[self.absmax.long()] * scale + self.offset
-
-    def _dequant_range(self, start_block: int, n_blocks: int, dtype: torch.dtype) -> torch.Tensor:
-        b = self.packed[start_block * BLOCK // 2:(start_block + n_blocks) * BLOCK // 2]
-        idx = torch.stack([b >> 4, b & 15], dim=-1).reshape(-1).long()  # (n_blocks*64,)
-        nb_total = self.absmax.numel()
-        am = self.real_absmax() if n_blocks == nb_total else self._absmax_range(start_block, n_blocks)
-        vals = self.code[idx].view(n_blocks, BLOCK) * am.view(n_blocks, 1)
-        return vals.to(dtype)
-
-    def _absmax_range(self, start_block: int, n_blocks: int) -> torch.Tensor:
-        a = self.absmax[start_block:start_block + n_blocks].long()
-        g = torch.arange(start_block, start_block + n_blocks, device=a.device) // BLOCK2
-        return self.code2[a] * self.absmax2[g] + self.offset
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The full weight, shape `self.shape`, in `dtype` (default: the dtype it was quantized from)."""
-        dtype = dtype or self.orig_dtype
-        return self._dequant_range(0, self.absmax.numel(), dtype).view(self.shape)
-
-    def dequantize_expert(self, e: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Expert e's (out, in) slice of a 3-D stack, reading only its blocks."""
-        dtype = dtype or self.orig_dtype
-        per = math.prod(self.shape[1:])
-        if per % BLOCK:
-            return self.dequantize(dtype)[e]
-        nbe = per // BLOCK
-        return self._dequant_range(e * nbe, nbe, dtype).view(self.shape[1:])
-
-    def extra_repr(self) -> str:
-        return f"shape={tuple(self.shape)}, nf4, {self.nbytes / 2**20:.2f} MiB"
+from ..kernels import nf4_linear
+from ..quant.nf4 import BLOCK, NF4Weight, dequantize_any  # noqa: F401  (re-exported: the model's storage)
 
 
 class NF4Linear(nn.Module):
@@ -151,16 +25,7 @@ class NF4Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # [kernels hook] fused dequantization on GPU; backward re-dequantizes instead of keeping W
-        from ..kernels import nf4_linear
         return nf4_linear(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
-
-
-def dequantize_any(w, dtype: torch.dtype) -> torch.Tensor:
-    """A plain tensor for either storage."""
-    if isinstance(w, NF4Weight):
-        return w.dequantize(dtype)
-    return w.to(dtype)

@@ -16,7 +16,8 @@ import shutil
 import torch
 
 from .config import TINY_CONFIG, MixtralConfig
-from .loading import iter_model_state, save_hf_checkpoint, shard_size_for
+from .layout import iter_model_state
+from .safetensors_io import save_hf_checkpoint, shard_size_for
 from .modeling import MixtralForCausalLM
 
 

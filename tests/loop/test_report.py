@@ -1,6 +1,6 @@
 """Run artefacts: loss PNG, markdown report, side-by-side generations."""
 
-from mixtune.report import plot_losses, read_metrics, side_by_side, write_report
+from mixtune.loop.report import plot_losses, read_metrics, side_by_side, write_report
 
 
 def test_plot_report_and_side_by_side(tmp_path):

@@ -28,7 +28,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ._fs import publish_mode
+from .._fs import publish_mode
+from ..config import Config, ConfigError, load_config
 
 MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -255,3 +256,31 @@ def load_checkpoint(path: str) -> dict[str, Any]:
                                   f"{str(e).strip()[:200]}); resume from an earlier checkpoint with "
                                   f"--resume DIR") from None
     return out
+
+
+# keys that may differ between a run and its resumption: they change no trained weight (bookkeeping,
+# output after training, where files go, and numerically equivalent implementations)
+RESUME_MAY_CHANGE = {
+    "train.resume", "train.output_dir", "train.progress", "train.tensorboard", "train.logging_steps",
+    "train.eval_steps", "train.save_steps", "train.save_total_limit", "train.generate_after", "train.merge_after",
+    "train.per_device_eval_batch_size", "model.device", "model.cache_dir", "model.attn_implementation",
+    "model.moe_backend", "model.gradient_checkpointing", "model.checkpoint_layers", "model.checkpoint_attention",
+    "model.memory_budget_gib",
+    "data.cache_dir", "data.eval_max_rows",
+}
+
+
+def check_resume_config(cfg: Config, saved_path: str) -> None:
+    """A resumed run must train what the killed run trained: compare `cfg` with the run's saved config.yaml and
+    raise ConfigError naming every key that differs (except RESUME_MAY_CHANGE and the generate/merge
+    sections). Checked before anything in the output dir is rewritten, so the run's record stays intact."""
+    if not os.path.isfile(saved_path):
+        return
+    saved = load_config(saved_path).to_dict()
+    now = cfg.to_dict()
+    diff = [f"{s}.{k} {saved[s][k]!r} -> {now[s][k]!r}" for s in now if s not in ("generate", "merge")
+            for k in now[s] if f"{s}.{k}" not in RESUME_MAY_CHANGE and now[s][k] != saved[s].get(k)]
+    if diff:
+        raise ConfigError(f"--resume: the config differs from the run's {saved_path}: {'; '.join(diff)}; resume "
+                          f"with the same settings (e.g. `mixtune train {saved_path} --resume`) or start a new "
+                          f"--output_dir")

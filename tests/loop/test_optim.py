@@ -4,7 +4,7 @@ the size, and an 8-bit run killed and resumed reaches the same adapter as an uni
 import pytest
 import torch
 
-from mixtune.optim import make_optimizer, state_bytes
+from mixtune.loop.optim import make_optimizer, state_bytes
 
 
 def _fit(name):

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from mixtune import checkpoint as ckpt
-from mixtune.train import lr_lambda
+from mixtune.loop import checkpoint as ckpt
+from mixtune.loop.schedule import lr_lambda
 
 
 def _setup(seed=0):

@@ -1,0 +1,189 @@
+"""The training loop body: optimizer and schedule over the adapter, resume, then optimizer steps with logging,
+periodic evaluation and atomic checkpoints.
+
+    steps = fit(cfg, run, model, params, data, save_adapter_fn, eval_before=...)
+
+`run` (a `Run`) says where and how: device, ranks, bf16 autocast, output dir, the checkpoint to resume, and
+where to print. The recipe (`mixtune.train.main`) builds the model and data and calls this once.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..config import Config
+from . import checkpoint as ckpt
+from .evaluation import evaluate_ranks
+from .metrics import MetricsLog, NoMetrics
+from .optim import make_optimizer
+from .schedule import lr_lambda, total_optimizer_steps, warmup_steps
+from .step import forward_backward, optimizer_step
+from .stream import batches_per_epoch, label_tokens, micro_batch_stream
+
+
+@dataclass
+class Run:
+    """Where and how one training job runs (set up by the recipe before the model is built)."""
+    out_dir: str
+    device: torch.device
+    dist: object                       # mixtune.distributed.Dist
+    resume_path: Optional[str] = None
+    bf16: bool = False
+    quiet: bool = False                # ranks other than 0 print nothing
+    t_start: float = field(default_factory=time.time)
+
+    def say(self, msg: str, bar=None) -> None:
+        if self.quiet:
+            return
+        if bar is not None:
+            bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Fitted:
+    """What the loop leaves for the finish: steps done and the open metrics log (the final eval goes there)."""
+    step: int
+    total: int
+    metrics: object                    # MetricsLog on rank 0, NoMetrics elsewhere
+    seconds: float
+
+
+def _restore(run: Run, model, optimizer, scheduler, total: int) -> tuple[int, int, int, dict]:
+    """Adapter, optimizer, scheduler, RNG and data position from run.resume_path -> (step, epoch, consumed,
+    history). Refuses a checkpoint of another number of ranks or another planned length."""
+    state = ckpt.load_checkpoint(run.resume_path)
+    ckpt.load_trainable_state_dict(model, state["trainable"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    ckpt.restore_rng_state(state["rng"])
+    s = state["state"]
+    if s.get("world_size", 1) != run.dist.world:
+        raise ckpt.CheckpointError(
+            f"--resume: {run.resume_path} was trained on {s.get('world_size', 1)} rank(s), this run has "
+            f"{run.dist.world}; an optimizer step takes micro-batch x accumulation x ranks rows, so resume with "
+            f"the same number of ranks")
+    if s.get("total_steps") not in (None, total):
+        raise ckpt.CheckpointError(f"--resume: {run.resume_path} belongs to a run of {s['total_steps']} steps, "
+                                   f"this config plans {total}; resume with the same config")
+    run.say(f"mixtune: resuming from {run.resume_path} (step {s['step']}/{total}, epoch {s['epoch']}, "
+            f"micro-batch {s['batches_in_epoch']})")
+    return s["step"], s["epoch"], s["batches_in_epoch"], s.get("history", {})
+
+
+def fit(cfg: Config, run: Run, model, params: list, data, save_adapter_fn: Callable[[str], None], *,
+        eval_before: Optional[dict] = None, on_step: Optional[Callable[[int], None]] = None) -> Fitted:
+    """Train `params` of `model` on data.train_rows as cfg.train says; returns when the planned steps are done.
+    `on_step(step)` is called after every optimizer step (and its checkpoint), e.g. by tests that simulate a
+    kill."""
+    from ..distributed import step_generator_seed
+
+    t, dist = cfg.train, run.dist
+    micro_bs, accum = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    per_epoch = batches_per_epoch(data.train_rows, micro_bs)
+    total = total_optimizer_steps(cfg, len(data.train_rows), per_epoch, dist.world)
+    optimizer = make_optimizer(params, t.optim, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                               eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(t.lr_scheduler_type, warmup_steps(cfg, total), total))
+
+    step, epoch, consumed, history = 0, 0, 0, {}
+    torch.manual_seed(t.seed)
+    if run.resume_path:
+        step, epoch, consumed, history = _restore(run, model, optimizer, scheduler, total)
+    metrics = MetricsLog(run.out_dir, t.tensorboard, step if run.resume_path else None) if dist.is_main \
+        else NoMetrics()
+    if eval_before is not None and not run.resume_path:
+        metrics.log({"kind": "eval", "step": 0, **eval_before})
+    n_trainable = sum(p.numel() for p in params)
+    run.say(f"mixtune: {len(data.train_rows)} train rows × {cfg.data.max_seq_length} tokens, "
+            f"{len(data.eval_rows)} eval rows; {total} steps of {micro_bs}×{accum} rows; "
+            f"{n_trainable:,} trainable parameters; device {run.device}"
+            f"{f' x {dist.world} ranks' if dist.enabled else ''}, "
+            f"{'bf16 autocast' if run.bf16 else str(model.dtype).replace('torch.', '')}"
+            f"{'; expert products fp8 (e4m3)' if cfg.model.expert_precision == 'fp8' else ''}")
+
+    stream = micro_batch_stream(data.train_rows, micro_bs, cfg.data.seed, epoch, consumed)
+    model.train()
+    bar = None
+    if t.progress and dist.is_main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
+                   mininterval=0.5)
+    win = _Window()
+    tokens_seen = history.get("tokens_seen", 0)
+    while step < total:
+        # [(epoch, consumed after it, batch (B, T))]: the step's micro-batches; rank r runs r, r + N, ...
+        micro = [next(stream) for _ in range(accum * dist.world)]
+        if dist.enabled:
+            torch.manual_seed(step_generator_seed(t.seed, step, dist.rank))  # this rank's dropout masks
+        step_loss, n_step, step_aux, n_in = forward_backward(
+            model, [b for _, _, b in micro[dist.rank::dist.world]], run.device, run.bf16, t.router_aux_loss_coef,
+            n_step=sum(label_tokens(b) for _, _, b in micro))
+        if dist.enabled:
+            dist.sum_grads(params)  # each rank's loss is already over the whole step's tokens: sum, not mean
+            step_loss, step_aux, n_in = dist.sum(step_loss, step_aux, n_in)
+            n_in = int(n_in)
+        grad_norm, lr = optimizer_step(params, optimizer, scheduler, t.max_grad_norm)
+        step += 1
+        tokens_seen += n_in
+        epoch, consumed = micro[-1][0], micro[-1][1]
+        win.add(step_loss, n_step, step_aux, n_in)
+        if bar is not None:
+            bar.update(1)
+
+        if step % t.logging_steps == 0 or step == total:
+            rec = {"kind": "train", "step": step, "epoch": round(epoch + consumed / max(1, per_epoch), 4),
+                   **win.take(), "lr": lr, "grad_norm": grad_norm, "tokens_seen": tokens_seen}
+            metrics.log(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            else:
+                run.say(f"step {step}/{total} loss {rec['loss']:.4f} lr {lr:.3g} {rec['tokens_per_s']:.0f} tok/s")
+
+        if data.eval_rows and t.eval_steps and step % t.eval_steps == 0 and step != total:
+            ev = evaluate_ranks(model, data.eval_rows, t.per_device_eval_batch_size, run.bf16, dist)
+            metrics.log({"kind": "eval", "step": step, **ev})
+            run.say(f"step {step}: eval loss {ev['eval_loss']:.4f} perplexity {ev['eval_perplexity']:.2f}", bar)
+
+        if (t.save_steps and step % t.save_steps == 0) or step == total:
+            state = {"epoch": epoch, "batches_in_epoch": consumed, "total_steps": total, "world_size": dist.world,
+                     "history": {"tokens_seen": tokens_seen}}
+            if dist.is_main:  # every rank holds the same adapter and optimizer state
+                ckpt.save_checkpoint(run.out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     state=state, total_limit=t.save_total_limit, save_adapter_fn=save_adapter_fn)
+            dist.barrier()
+        if on_step is not None:
+            on_step(step)
+    if bar is not None:
+        bar.close()
+    return Fitted(step=step, total=total, metrics=metrics, seconds=time.time() - run.t_start)
+
+
+class _Window:
+    """Loss, aux loss and throughput summed since the last log line."""
+
+    def __init__(self):
+        self.loss, self.tok, self.aux, self.tokens_in, self.steps, self.t0 = 0.0, 0, 0.0, 0, 0, time.time()
+
+    def add(self, loss_sum: float, n_tok: int, aux: float, n_in: int) -> None:
+        self.loss += loss_sum
+        self.tok += n_tok
+        self.aux += aux
+        self.tokens_in += n_in
+        self.steps += 1
+
+    def take(self) -> dict:
+        """{"loss", "tokens_per_s"[, "aux_loss"]} over the window, which then starts again."""
+        dt = max(1e-9, time.time() - self.t0)
+        rec = {"loss": self.loss / max(1, self.tok), "tokens_per_s": self.tokens_in / dt}
+        if self.aux:
+            rec["aux_loss"] = self.aux / self.steps
+        self.__init__()
+        return rec

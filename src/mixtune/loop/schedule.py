@@ -1,0 +1,43 @@
+"""Learning-rate schedule and step counts.
+
+    f = lr_lambda("cosine", warmup=30, total=1000)     # multiplier of the peak lr after `step` scheduler steps
+    torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+    total = total_optimizer_steps(cfg, n_rows, per_epoch, world)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+from ..config import Config
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr after `step` scheduler steps: linear warm-up over `warmup` steps, then
+    cosine decay to 0, linear decay to 0, or constant, until `total`."""
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return f
+
+
+def warmup_steps(cfg: Config, total: int) -> int:
+    """train.warmup_steps when > 0, else ceil(train.warmup_ratio × total)."""
+    return cfg.train.warmup_steps if cfg.train.warmup_steps > 0 else int(math.ceil(cfg.train.warmup_ratio * total))
+
+
+def total_optimizer_steps(cfg: Config, n_rows: int, per_epoch: Optional[int] = None, world: int = 1) -> int:
+    """train.max_steps, or ceil(num_train_epochs × micro-batches per epoch / (accumulation × ranks))."""
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    if per_epoch is None:
+        per_epoch = math.ceil(n_rows / cfg.train.per_device_train_batch_size)
+    return max(1, math.ceil(cfg.train.num_train_epochs * per_epoch
+                            / (cfg.train.gradient_accumulation_steps * world)))

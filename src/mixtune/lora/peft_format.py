@@ -1,0 +1,265 @@
+"""Adapter files in PEFT format, and the mapping between our LoRA modules and PEFT's tensor names.
+
+    save_adapter(model, "out/adapter", cfg.lora, "mistralai/Mixtral-8x7B-v0.1")
+    load_adapter(fresh_model, "out/adapter")                    # applies LoRA with the adapter's config
+
+Adapter files follow PEFT's naming with the real checkpoint's module names, experts per expert
+(`base_model.model.model.layers.{l}.block_sparse_moe.experts.{e}.w1.lora_A.weight`), which stock peft 0.21 loads
+onto transformers 5.x (it fuses the experts itself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .._fs import publish_mode
+from ..config import ConfigError, LoraConfig
+from .modules import ExpertLoRA, LoRALinear
+from .targets import FUSED_EXPERT_NAMES, LINEAR_NAMES, PARAM_LINEAR_NAMES, LoraReport, _candidates, apply_lora
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SIDECAR = "mixtune_adapter.json"  # our own notes next to the PEFT files (peft ignores it)
+
+
+# --------------------------------------------------------------------------------------------------
+# adapter state in PEFT naming
+# --------------------------------------------------------------------------------------------------
+
+
+def _adapter_slots(model: nn.Module) -> dict[str, tuple[nn.Parameter, Optional[int]]]:
+    """PEFT key -> (our parameter, expert index or None). Expert keys address one expert's slice."""
+    slots = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            slots[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (mod.lora_A, None)
+            slots[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (mod.lora_B, None)
+        elif isinstance(mod, ExpertLoRA):
+            exp_path = name.rsplit(".", 1)[0]  # ...block_sparse_moe.experts
+            for w in mod.A:
+                for e in range(mod.num_experts):
+                    slots[f"{PEFT_PREFIX}{exp_path}.{e}.{w}.lora_A.weight"] = (mod.A[w], e)
+                    slots[f"{PEFT_PREFIX}{exp_path}.{e}.{w}.lora_B.weight"] = (mod.B[w], e)
+    return slots
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors under PEFT keys (CPU, contiguous): linears (r, in) / (out, r); experts per expert."""
+    out = {}
+    for key, (p, e) in _adapter_slots(model).items():
+        t = p.detach() if e is None else p.detach()[e]
+        out[key] = t.to("cpu").contiguous().clone()
+    return out
+
+
+def set_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], skip_leaves: Iterable[str] = (),
+                           origin: str = "adapter") -> None:
+    """Copy PEFT-named adapter tensors into a model that already has its LoRA modules (e.g. to resume).
+    Every adapter slot must be filled and every tensor used (tensors of `skip_leaves`, e.g. zero padding
+    for peft's w1/w3 fusion, are ignored); shapes must agree. Errors name the keys."""
+    skip = set(skip_leaves)
+    slots = _adapter_slots(model)
+    unknown, loaded = [], set()
+    with torch.no_grad():
+        for key, t in tensors.items():
+            if key not in slots:
+                leaf = key.split(".lora_")[0].rsplit(".", 1)[-1]
+                if leaf not in skip:
+                    unknown.append(key)
+                continue
+            p, e = slots[key]
+            dst = p if e is None else p[e]
+            if tuple(dst.shape) != tuple(t.shape):
+                raise ConfigError(f"adapter: {key} has shape {tuple(t.shape)} but the model expects "
+                                  f"{tuple(dst.shape)}; is {origin} an adapter for this base model and rank?")
+            dst.copy_(t.to(dst.dtype))
+            loaded.add(key)
+    if unknown:
+        raise ConfigError(f"adapter: {len(unknown)} tensors in {origin} match nothing in this model, e.g. "
+                          f"{', '.join(sorted(unknown)[:3])}")
+    missing = sorted(set(slots) - loaded)
+    if missing:
+        raise ConfigError(f"adapter: {len(missing)} adapter tensors missing from {origin}, e.g. "
+                          f"{', '.join(missing[:3])}")
+
+
+# --------------------------------------------------------------------------------------------------
+# adapter_config.json
+# --------------------------------------------------------------------------------------------------
+
+
+def _peft_config_dict(lora_cfg: LoraConfig, target_modules: list[str], base_model: str,
+                      has_param_targets: bool) -> dict:
+    # peft refuses lora_dropout != 0 on parameter targets (the router and experts on transformers 5.x): the
+    # training dropout goes to our sidecar instead; it has no effect at inference anyway.
+    dropout = 0.0 if has_param_targets else float(lora_cfg.dropout)
+    alpha = float(lora_cfg.alpha)
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
+        "r": int(lora_cfg.r), "lora_alpha": int(alpha) if alpha.is_integer() else alpha, "lora_dropout": dropout,
+        "target_modules": target_modules, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "use_rslora": False, "use_dora": False, "lora_bias": False,
+        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+        "layers_pattern": None, "target_parameters": None, "revision": None,
+    }
+
+
+def _target_modules(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(target_modules for adapter_config.json, expert names added only so peft can fuse w1 with w3)."""
+    linears, experts = _candidates(model)
+    adapted_lin = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    adapted_exp = {}
+    for n, m in model.named_modules():
+        if isinstance(m, ExpertLoRA):
+            adapted_exp[n.rsplit(".", 1)[0]] = list(m.A.keys())
+    # linear module paths inside a LoRALinear end in ".base"; map back to the wrapped path
+    all_lin = {(n[:-5] if n.endswith(".base") else n) for n in linears}
+    names: list[str] = []
+    for leaf in LINEAR_NAMES:
+        paths = [p for p in adapted_lin if p.rsplit(".", 1)[-1] == leaf]
+        if not paths:
+            continue
+        every = sorted(p for p in all_lin if p.rsplit(".", 1)[-1] == leaf)
+        names += [leaf] if sorted(paths) == every else sorted(paths)
+    ws = sorted({w for v in adapted_exp.values() for w in v})
+    pad = []
+    f1, f2 = FUSED_EXPERT_NAMES
+    if (f1 in ws) != (f2 in ws):  # peft fuses w1 and w3 into one parameter: it needs both or neither
+        pad = [f2 if f1 in ws else f1]
+    names += sorted(set(ws) | set(pad))
+    return names, pad
+
+
+# --------------------------------------------------------------------------------------------------
+# files
+# --------------------------------------------------------------------------------------------------
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, lora_cfg: LoraConfig,
+                 base_model_name_or_path: str = "", report: Optional[LoraReport] = None) -> str:
+    """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT format) and `mixtune_adapter.json`.
+
+    Atomic: files are written under temporary names and moved into place (a new directory appears whole)."""
+    from safetensors.torch import save_file
+
+    out_dir = os.fspath(out_dir)
+    sd = adapter_state_dict(model)
+    if not sd:
+        raise ValueError("save_adapter: the model has no LoRA adapters")
+    target_modules, pad = _target_modules(model)
+    if pad:  # zero A and B for the missing partner of w1/w3: stock peft can fuse them, the update stays exact
+        f1, f2 = FUSED_EXPERT_NAMES
+        for name, mod in model.named_modules():
+            if isinstance(mod, ExpertLoRA):
+                src = f1 if f1 in mod.A else f2
+                exp_path = name.rsplit(".", 1)[0]
+                for e in range(mod.num_experts):
+                    a, b = sd[f"{PEFT_PREFIX}{exp_path}.{e}.{src}.lora_A.weight"], \
+                        sd[f"{PEFT_PREFIX}{exp_path}.{e}.{src}.lora_B.weight"]
+                    sd[f"{PEFT_PREFIX}{exp_path}.{e}.{pad[0]}.lora_A.weight"] = torch.zeros_like(a)
+                    sd[f"{PEFT_PREFIX}{exp_path}.{e}.{pad[0]}.lora_B.weight"] = torch.zeros_like(b)
+    has_param_targets = any(isinstance(m, ExpertLoRA) for m in model.modules()) or any(
+        n.rsplit(".", 1)[-1] in PARAM_LINEAR_NAMES for n, m in model.named_modules() if isinstance(m, LoRALinear))
+    cfg = _peft_config_dict(lora_cfg, target_modules, base_model_name_or_path, has_param_targets)
+    side = {"format": 1, "targets": list(lora_cfg.targets), "lora_dropout": float(lora_cfg.dropout),
+            "r": int(lora_cfg.r), "alpha": float(lora_cfg.alpha), "zero_padding_targets": pad,
+            "adapted": [t for t in target_modules if t not in pad],
+            "report": report.to_dict() if report is not None else None}
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".adapter-tmp-", dir=parent)
+    try:
+        save_file(sd, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as fh:
+            json.dump(cfg, fh, indent=2)
+        with open(os.path.join(tmp, SIDECAR), "w") as fh:
+            json.dump(side, fh, indent=2)
+        publish_mode(tmp)
+        if not os.path.exists(out_dir):
+            os.rename(tmp, out_dir)
+        else:  # existing dir (other files may live there): replace ours one by one, config last
+            for f in (ADAPTER_WEIGHTS, SIDECAR, ADAPTER_CONFIG):
+                os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _read_json_object(path: str, what: str) -> dict:
+    """A JSON object from `path`, or a ConfigError naming the file."""
+    try:
+        with open(path) as fh:
+            obj = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"adapter: {path} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"adapter: {path} is not a JSON object ({what})")
+    return obj
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict, dict]:
+    """(adapter_config dict, tensors under PEFT keys, sidecar dict or {}) with clear errors."""
+    from safetensors.torch import load_file
+
+    d = os.fspath(adapter_dir)
+    if not os.path.isdir(d):
+        raise ConfigError(f"adapter: directory not found: {d}")
+    cfg_path = os.path.join(d, ADAPTER_CONFIG)
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"adapter: {cfg_path} not found (not a PEFT adapter directory)")
+    cfg = _read_json_object(cfg_path, "not a PEFT adapter config")
+    wpath = os.path.join(d, ADAPTER_WEIGHTS)
+    bin_path = os.path.join(d, "adapter_model.bin")
+    try:
+        if os.path.isfile(wpath):
+            tensors = load_file(wpath)
+        elif os.path.isfile(bin_path):
+            wpath = bin_path
+            tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
+        else:
+            raise ConfigError(f"adapter: {wpath} not found")
+    except ConfigError:
+        raise
+    except Exception as e:  # safetensors' SafetensorError, unpickling errors: a damaged or foreign file
+        raise ConfigError(f"adapter: {wpath} cannot be read ({type(e).__name__}: {e})") from None
+    side_path = os.path.join(d, SIDECAR)
+    side = _read_json_object(side_path, "mixtune's adapter sidecar") if os.path.isfile(side_path) else {}
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"adapter: {cfg_path} has peft_type {cfg.get('peft_type')!r}; only LORA is supported")
+    for key in ("use_dora", "use_rslora", "lora_bias"):
+        if cfg.get(key):
+            raise ConfigError(f"adapter: {cfg_path} sets {key}: true, which mixtune does not support")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise ConfigError(f"adapter: {cfg_path} sets {key}; per-module ranks are not supported")
+    if "r" not in cfg or "lora_alpha" not in cfg:
+        raise ConfigError(f"adapter: {cfg_path} lacks r or lora_alpha")
+    return cfg, tensors, side
+
+
+def adapter_scaling(cfg: dict) -> float:
+    return float(cfg["lora_alpha"]) / int(cfg["r"])
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, seed: int = 0) -> LoraReport:
+    """Apply LoRA with the adapter's own config (r, alpha, targets) and load its weights into `model`."""
+    cfg, tensors, side = read_adapter(adapter_dir)
+    targets = side.get("adapted") or cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    pad = set(side.get("zero_padding_targets") or [])
+    lcfg = LoraConfig(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
+                      dropout=float(side.get("lora_dropout", cfg.get("lora_dropout", 0.0)) or 0.0),
+                      targets=list(targets), strict_targets=False)
+    report = apply_lora(model, lcfg, seed)
+    set_adapter_state_dict(model, tensors, skip_leaves=pad, origin=os.fspath(adapter_dir))
+    return report
