@@ -25,7 +25,8 @@ def inspect_main(cfg: Config, json_out: bool = False) -> dict:
     """Print (or, with json_out, print as one JSON object) what fine-tuning `cfg.model` with `cfg.lora` means."""
     from .model import build_model_on_meta, load_config_only
 
-    config = load_config_only(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision)
+    config = load_config_only(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision,
+                              family=cfg.model.family)
     quant = cfg.model.quant
     model = build_model_on_meta(config, quant, torch.bfloat16)
     seed = cfg.lora.init_seed if cfg.lora.init_seed is not None else cfg.train.seed

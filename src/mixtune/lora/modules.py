@@ -29,6 +29,7 @@ def _uniform_kaiming(shape: tuple[int, ...], fan_in: int, gen: torch.Generator) 
 
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` / `NF4Linear` plus a trainable low-rank update. x (..., in) -> (..., out).
+    A base bias (Qwen2-MoE's q/k/v) stays frozen inside `base(x)`; LoRA adds to it, as peft's bias="none".
 
     The adapter tensors (fp32 by default) are cast to the input's dtype for the product, as the expert kernel does.
     No `.weight` attribute on purpose: code that reads `weight` directly would silently drop the adapter."""
@@ -38,8 +39,6 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, (nn.Linear, NF4Linear)):
             raise TypeError(f"LoRALinear wraps nn.Linear or NF4Linear, got {type(base).__name__}")
-        if getattr(base, "bias", None) is not None:
-            raise ValueError("LoRALinear: biased linears are not supported (Mixtral has none)")
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, LoraConfig
+from ..model.family import MIXTRAL, Family
 from ..model.modeling import MixtralExperts
 from ..model.nf4 import NF4Linear
 from ..quant.nf4 import NF4Weight
@@ -30,20 +31,31 @@ log = logging.getLogger("mixtune.lora")  # the package's name: warnings keep the
 
 
 # ==================================================================================================
-# name tables (Mixtral): data only
+# name tables: data only (each family's own names come from mixtune.model.family)
 # ==================================================================================================
 
-FAMILY = "Mixtral"  # how messages name the model
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "lm_head", "gate")  # leaves adapted by LoRALinear
-EXPERT_NAMES = ("w1", "w2", "w3")  # stacked expert matrices adapted by ExpertLoRA, in adapter order
+FAMILY = "Mixtral"  # how messages name the model when it has no config (a bare module tree)
+# leaves adapted by LoRALinear, in report order: attention, output, router, dense SwiGLU (dense layers and
+# Qwen2-MoE's shared expert), the shared expert's gate
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "lm_head", "gate", "gate_proj", "up_proj", "down_proj",
+                "shared_expert_gate")
+EXPERT_NAMES = ("w1", "w2", "w3")  # stacked expert matrices (roles) adapted by ExpertLoRA, in adapter order
 OUTPUT_NAME = "lm_head"  # the output layer: the one linear peft's "all-linear" leaves out
-KNOWN_NAMES = LINEAR_NAMES + EXPERT_NAMES + ("experts", "all-linear")
-ALIASES = {"router": "gate"}
+# family-neutral names: each selects module paths by a regular expression over OUR module tree
+GROUPS = {
+    "attention": r".*\.self_attn\.[qkvo]_proj",
+    "router": r".*\.block_sparse_moe\.gate",
+    "shared_expert": r".*\.block_sparse_moe\.shared_expert\.(gate|up|down)_proj",
+}
+KNOWN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "lm_head", "gate") + EXPERT_NAMES + (
+    "experts", "attention", "router", "shared_expert", "all-linear")
+ALIASES = {"router": "gate"}  # kept for callers: "router" selects every MoE block's gate (GROUPS)
 # Names from Llama-style MLPs that users (and the reference recipe) pass for Mixtral's experts.
 LLAMA_EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 EXPERT_HINT = "Mixtral's experts are w1 (gate_proj), w3 (up_proj), w2 (down_proj); use w1,w2,w3 or experts"
 # Matrices a transformers-4.x + bitsandbytes 4-bit model stores packed (every nn.Linear except lm_head).
-_PACKED_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "w1", "w2", "w3")
+_PACKED_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "w1", "w2", "w3", "gate_proj", "up_proj", "down_proj",
+                  "shared_expert_gate")
 # Linear leaves transformers 5.x stores as parameters, adapted by peft's target_parameters (as the experts are).
 PARAM_LINEAR_NAMES = ("gate",)
 # Expert matrices peft fuses into one parameter: an adapter file needs both or neither.
@@ -95,22 +107,31 @@ class LoraReport:
 # ==================================================================================================
 
 
+def family_of_model(model: nn.Module) -> Family:
+    """The model's family description (Mixtral for a bare module tree without a config)."""
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "family", None) or MIXTRAL
+
+
 def _candidates(model: nn.Module) -> tuple[dict, dict]:
-    """Every adaptable matrix: linear module paths -> module, and `<experts path>.wN` -> experts module."""
+    """Every adaptable matrix: linear module paths -> module, and `<experts path>.<name>` -> experts module,
+    where <name> is the family's checkpoint name of the matrix (Mixtral w1, Qwen/OLMoE gate_proj, ...)."""
+    fam = family_of_model(model)
     linears, experts = {}, {}
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, NF4Linear)):
             linears[name] = mod
         elif isinstance(mod, MixtralExperts):
             for w in EXPERT_NAMES:
-                experts[f"{name}.{w}"] = mod
+                experts[f"{name}.{fam.checkpoint_name_of_role(w)}"] = mod
     return linears, experts
 
 
 def _match(target: str, names: Iterable[str]) -> list[str]:
     """Candidate paths a target selects: a bare name matches the last path component; a dotted name matches
-    a path suffix; anything else is tried as a regular expression over the full path."""
-    t = ALIASES.get(target, target)
+    a path suffix; a family-neutral group (attention, router, shared_expert) its pattern; anything else is tried
+    as a regular expression over the full path."""
+    t = GROUPS.get(target, target)
     names = list(names)
     if re.fullmatch(r"\w+", t):
         return [n for n in names if n.rsplit(".", 1)[-1] == t]
@@ -125,15 +146,25 @@ def _match(target: str, names: Iterable[str]) -> list[str]:
     return [n for n in names if rx.fullmatch(n) or re.search(rf"(?:^|\.)(?:{t})$", n)]
 
 
-def unmatched_message(target: str) -> str:
+def known_names(fam: Family) -> tuple:
+    """The target names that mean something for a family: its linears, its expert names, the groups."""
+    ex = tuple(fam.checkpoint_name_of_role(w) for w in EXPERT_NAMES)
+    lin = ("q_proj", "k_proj", "v_proj", "o_proj", "lm_head", "gate")
+    return tuple(dict.fromkeys(lin + ex + ("experts", "attention", "router")
+                               + (("shared_expert",) if fam.shared_expert else ()) + ("all-linear",)))
+
+
+def unmatched_message(target: str, fam: Family = MIXTRAL) -> str:
     """One line naming an unmatched target and suggesting the real names."""
-    base = f"lora.targets: {target!r} matches no module of this {FAMILY} model"
-    if target in LLAMA_EXPERT_NAMES:
+    name = FAMILY if fam is MIXTRAL else fam.model_type
+    base = f"lora.targets: {target!r} matches no module of this {name} model"
+    if fam is MIXTRAL and target in LLAMA_EXPERT_NAMES:
         return f"{base}; {EXPERT_HINT}"
-    near = difflib.get_close_matches(target, KNOWN_NAMES, n=2)
+    names = known_names(fam)
+    near = difflib.get_close_matches(target, names, n=2)
     hint = f"; did you mean {' or '.join(near)}?" if near else ""
-    aliases = "; ".join(f"{a} = {n}" for a, n in ALIASES.items())
-    return f"{base}{hint} (names: {' '.join(KNOWN_NAMES)}; {aliases}; {EXPERT_HINT})"
+    experts = "/".join(fam.checkpoint_name_of_role(w) for w in ("w1", "w3", "w2"))
+    return f"{base}{hint} (names: {' '.join(names)}; router = gate; experts = every expert's {experts})"
 
 
 def _resolve_targets(model: nn.Module, targets: list[str]):
@@ -212,10 +243,11 @@ def check_targets(model: nn.Module, lora_cfg: LoraConfig) -> None:
     targets = [t.strip() for t in lora_cfg.targets if t.strip()]
     _, _, lin_sel, exp_sel, _, unmatched = _resolve_targets(model, targets)
     if unmatched and lora_cfg.strict_targets:
-        raise ConfigError("; ".join(unmatched_message(t) for t in unmatched) + " (lora.strict_targets is on)")
+        raise ConfigError("; ".join(unmatched_message(t, family_of_model(model)) for t in unmatched)
+                          + " (lora.strict_targets is on)")
     if not lin_sel and not exp_sel:
         raise ConfigError(f"lora.targets: none of {','.join(targets)} matches a module of this model; "
-                          f"names: {' '.join(KNOWN_NAMES)}")
+                          f"names: {' '.join(known_names(family_of_model(model)))}")
 
 
 def apply_lora(model: nn.Module, lora_cfg: LoraConfig, seed: int = 0, warn: bool = True) -> LoraReport:
@@ -228,14 +260,15 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, seed: int = 0, warn: bool
         raise ValueError("apply_lora: this model already has LoRA adapters")
     targets = [t.strip() for t in lora_cfg.targets if t.strip()]
     linears, experts, lin_sel, exp_sel, matched, unmatched = _resolve_targets(model, targets)
-    messages = [unmatched_message(t) for t in unmatched]
+    fam = family_of_model(model)
+    messages = [unmatched_message(t, fam) for t in unmatched]
     for m in messages if warn else ():
         log.warning(m)
     if unmatched and lora_cfg.strict_targets:
         raise ConfigError("; ".join(messages) + " (lora.strict_targets is on)")
     if not lin_sel and not exp_sel:
         raise ConfigError(f"lora.targets: none of {','.join(targets)} matches a module of this model; "
-                          f"names: {' '.join(KNOWN_NAMES)}")
+                          f"names: {' '.join(known_names(fam))}")
     if exp_sel and lora_cfg.dropout > 0:
         log.warning("lora.dropout=%g applies to linear targets only; expert adapters (%s) use none "
                     "(as peft's target_parameters require)", lora_cfg.dropout, "/".join(EXPERT_NAMES))
@@ -246,8 +279,8 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, seed: int = 0, warn: bool
     # Walk in module order so the random stream (and thus the adapter) depends only on model, targets and seed.
     exp_by_module: dict[str, list[str]] = {}
     for path in exp_sel:
-        mod_path, w = path.rsplit(".", 1)
-        exp_by_module.setdefault(mod_path, []).append(w)
+        mod_path, name = path.rsplit(".", 1)
+        exp_by_module.setdefault(mod_path, []).append(fam.expert_role(name))  # Qwen gate_proj -> role w1
     adapted = set()
     for name, mod in list(model.named_modules()):
         if name in lin_sel:
@@ -262,8 +295,8 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, seed: int = 0, warn: bool
             el = ExpertLoRA(mod, [w for w in EXPERT_NAMES if w in exp_by_module[name]], r, alpha)
             el.reset_parameters(gen)
             mod.lora = el
-            adapted.update(exp_by_module[name])
-    order = {n: i for i, n in enumerate(LINEAR_NAMES + EXPERT_NAMES)}
+            adapted.update(fam.checkpoint_name_of_role(w) for w in exp_by_module[name])
+    order = {n: i for i, n in enumerate(LINEAR_NAMES + tuple(fam.checkpoint_name_of_role(w) for w in EXPERT_NAMES))}
     return build_report(model, matched, unmatched, messages, sorted(adapted, key=lambda n: order.get(n, 99)),
                         r, alpha)
 

@@ -11,7 +11,8 @@ import os
 from typing import Optional
 
 from .._fs import publish_mode
-from .config import MixtralConfig
+from .config import MoEConfig
+from .family import family_of
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointError, checkpoint_files
 
 TINY_NAME = "tiny-mixtral-v1"
@@ -39,17 +40,24 @@ def check_model_dir(path: str, need_weights: bool = True) -> None:
                               f"({SINGLE_FILE} or {INDEX_FILE} + shards)")
 
 
+def tiny_name(family: str = "mixtral") -> str:
+    """The cache directory name of a family's tiny random default."""
+    family_of(family or "mixtral")
+    return TINY_NAME if family in ("", "mixtral") else f"tiny-{family}-v1"
+
+
 def resolve_model_path(name_or_path: str, cache_dir: str = "", revision: Optional[str] = None,
-                       need_weights: bool = True) -> str:
+                       need_weights: bool = True, family: str = "mixtral") -> str:
     """A local directory holding config.json + safetensors for `name_or_path`.
 
-    "" = the embedded tiny random Mixtral, built once into <cache>/tiny-mixtral-v1; an existing directory is
-    used as is; "owner/name" is downloaded from the Hugging Face Hub (*.json, model*.safetensors, tokenizer.model)."""
+    "" = the embedded tiny random model of `family` (Mixtral by default), built once into <cache>/tiny-*-v1; an
+    existing directory is used as is; "owner/name" is downloaded from the Hugging Face Hub (*.json,
+    model*.safetensors, tokenizer.model)."""
     if not name_or_path:
         root = default_cache_dir(cache_dir)
-        path = os.path.join(root, TINY_NAME)
+        path = os.path.join(root, tiny_name(family))
         if not os.path.isfile(os.path.join(path, "config.json")):
-            _build_tiny_atomically(path)
+            _build_tiny_atomically(path, family or "mixtral")
         return path
     local = os.path.abspath(os.path.expanduser(name_or_path))
     if os.path.exists(local) or _looks_local(name_or_path):
@@ -58,16 +66,17 @@ def resolve_model_path(name_or_path: str, cache_dir: str = "", revision: Optiona
     return _download(name_or_path, cache_dir, revision, need_weights)
 
 
-def _build_tiny_atomically(path: str) -> None:
+def _build_tiny_atomically(path: str, family: str = "mixtral") -> None:
     import shutil
     import tempfile
 
+    from .config import TINY_FAMILY_CONFIGS
     from .tiny import make_tiny_checkpoint
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=TINY_NAME + ".tmp-", dir=os.path.dirname(path))
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
     try:
-        make_tiny_checkpoint(tmp)
+        make_tiny_checkpoint(tmp, TINY_FAMILY_CONFIGS[family])
         publish_mode(tmp)
         try:
             os.rename(tmp, path)
@@ -97,9 +106,15 @@ def _download(repo_id: str, cache_dir: str, revision: Optional[str], need_weight
     check_model_dir(path, need_weights)
     return path
 
-def load_config_only(name_or_path: str, cache_dir: str = "", revision: Optional[str] = None) -> MixtralConfig:
-    """The MixtralConfig of a model (a directory, a config.json file, or a Hub id); weights not needed."""
+def load_config_only(name_or_path: str, cache_dir: str = "", revision: Optional[str] = None,
+                     family: str = "mixtral") -> MoEConfig:
+    """The MoEConfig of a model (a directory, a config.json file, or a Hub id); weights not needed. An
+    unsupported model_type or a malformed config.json is a CheckpointError naming the file."""
     if name_or_path.endswith(".json") and os.path.isfile(name_or_path):
-        return MixtralConfig.from_pretrained(name_or_path)
-    path = resolve_model_path(name_or_path, cache_dir, revision, need_weights=False)
-    return MixtralConfig.from_pretrained(path)
+        path = name_or_path
+    else:
+        path = resolve_model_path(name_or_path, cache_dir, revision, need_weights=False, family=family)
+    try:
+        return MoEConfig.from_pretrained(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None

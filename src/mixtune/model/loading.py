@@ -22,10 +22,10 @@ from torch import nn
 
 from ..config import ConfigError
 from ..runtime import resolve_device, resolve_dtype
-from .config import MixtralConfig
-from .hub import resolve_model_path
-from .layout import ATTN_PROJ, EXPERT_RE, EXPERT_W, expected_keys
-from .modeling import MixtralForCausalLM
+from .config import MoEConfig
+from .hub import load_config_only, resolve_model_path
+from .layout import EXPERT_RE, EXPERT_W, quantized_linear, to_internal
+from .modeling import MoEForCausalLM
 from .nf4 import NF4Linear, NF4Weight
 from .safetensors_io import CheckpointError, _natural, _some, checkpoint_files, iter_checkpoint
 
@@ -35,20 +35,33 @@ from .safetensors_io import CheckpointError, _natural, _some, checkpoint_files, 
 # --------------------------------------------------------------------------------------------------
 
 
-def build_model_on_meta(config: MixtralConfig, quant: str = "none", dtype: torch.dtype = torch.bfloat16
-                        ) -> MixtralForCausalLM:
+def _quantizable_linears(model: nn.Module) -> list[str]:
+    """Module paths of the linears quant="nf4" stores in 4-bit (layout.quantized_linear)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and quantized_linear(n)]
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, new)
+
+
+def build_model_on_meta(config: MoEConfig, quant: str = "none", dtype: torch.dtype = torch.bfloat16
+                        ) -> MoEForCausalLM:
     """The module tree on the meta device (no memory). quant="nf4" puts NF4 placeholders where load_model
-    puts NF4 weights (q/k/v/o -> NF4Linear, experts' w1/w3/w2 -> NF4Weight), so counts and names match."""
+    puts NF4 weights (attention and dense-MLP linears -> NF4Linear, expert stacks -> NF4Weight), so counts and
+    names match."""
     if quant not in ("none", "nf4"):
         raise ConfigError(f"model.quant: unknown quantization {quant!r} (nf4, none)")
     with torch.device("meta"):
-        model = MixtralForCausalLM(config)
+        model = MoEForCausalLM(config)
         model.to(dtype)
         if quant == "nf4":
+            for path in _quantizable_linears(model):
+                lin = model.get_submodule(path)
+                _replace(model, path, NF4Linear(NF4Weight((lin.out_features, lin.in_features), dtype), lin.bias))
             for layer in model.model.layers:
-                for name in ATTN_PROJ:
-                    lin = getattr(layer.self_attn, name)
-                    setattr(layer.self_attn, name, NF4Linear(NF4Weight((lin.out_features, lin.in_features), dtype)))
+                if not hasattr(layer, "block_sparse_moe"):
+                    continue
                 ex = layer.block_sparse_moe.experts
                 for name in EXPERT_W:
                     shape = tuple(getattr(ex, name).shape)
@@ -69,8 +82,8 @@ def _set_param(module: nn.Module, name: str, t: torch.Tensor) -> None:
 
 
 def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | str = torch.bfloat16,
-               device="cpu", cache_dir: str = "", revision: Optional[str] = None,
-               report: Optional[Callable[[str], None]] = print) -> MixtralForCausalLM:
+               device="cpu", cache_dir: str = "", revision: Optional[str] = None, family: str = "mixtral",
+               report: Optional[Callable[[str], None]] = print) -> MoEForCausalLM:
     """Load a Mixtral checkpoint (see module doc). Returns the model in eval mode with every base weight
     frozen (requires_grad=False). dtype: the compute dtype of every 16-bit tensor (and what NF4 dequantizes to).
     `model.load_info` (a dict) records what was quantized, the bytes before/after, and the load time.
@@ -80,10 +93,11 @@ def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | st
         raise ConfigError(f"model.quant: unknown quantization {quant!r} (nf4, none)")
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     dtype = resolve_dtype(dtype, device)
-    path = resolve_model_path(name_or_path, cache_dir, revision)
-    config = MixtralConfig.from_pretrained(path)
+    path = resolve_model_path(name_or_path, cache_dir, revision, family=family)
+    config = load_config_only(path)
     files = checkpoint_files(path)
-    want = expected_keys(config)
+    internal = to_internal(config)  # {checkpoint key: our key}
+    want = list(internal)
     have = {k for ks in files.values() for k in ks}
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = sorted(set(want) - have, key=_natural)
@@ -107,20 +121,22 @@ def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | st
         stats["quantized"] += 1
         stats["q_before"] += w.numel() * 2
         stats["q_after"] += q.nbytes
-        if linear:
-            setattr(owner, name, NF4Linear(q))
+        if linear:  # the linear's bias (if any, 16-bit) goes along
+            setattr(owner, name, NF4Linear(q, getattr(owner, name).bias))
         else:
             delattr(owner, name)
             setattr(owner, name, q)
 
-    for key, t in iter_checkpoint(path):
+    for ckey, t in iter_checkpoint(path):
+        key = internal.get(ckey, ckey)  # our module tree's name for it
         m = EXPERT_RE.match(key)
         if m:
             l, e, w = int(m.group(1)), int(m.group(2)), m.group(3)
             ex = model.model.layers[l].block_sparse_moe.experts
             shape = tuple(getattr(ex, w).shape)
             if tuple(t.shape) != shape[1:]:
-                raise CheckpointError(f"{key}: shape {tuple(t.shape)} in the checkpoint, {shape[1:]} expected")
+                raise CheckpointError(f"{ckey}: shape {tuple(t.shape)} in the checkpoint, {shape[1:]} expected "
+                                      f"(config.json and the weights disagree)")
             slot = stacks.get((l, w))
             if slot is None:
                 slot = stacks[(l, w)] = [torch.empty(shape, dtype=dtype, device=device), set()]
@@ -143,13 +159,13 @@ def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | st
         owner = model.get_submodule(modname)
         target = getattr(owner, pname)
         if tuple(t.shape) != tuple(target.shape):
-            raise CheckpointError(f"{key}: shape {tuple(t.shape)} in the checkpoint, {tuple(target.shape)} expected")
+            raise CheckpointError(f"{ckey}: shape {tuple(t.shape)} in the checkpoint, {tuple(target.shape)} "
+                                  f"expected (config.json and the weights disagree)")
         w = t.to(device=device, dtype=dtype)
         del t
-        attn_name = modname.rpartition(".")[2]
-        if nf4 and attn_name in ATTN_PROJ and ".self_attn." in key:
-            parent = model.get_submodule(modname.rpartition(".")[0])
-            place_quantized(parent, attn_name, w, linear=True)
+        if nf4 and pname == "weight" and quantized_linear(modname):
+            parent_path, _, leaf = modname.rpartition(".")
+            place_quantized(model.get_submodule(parent_path), leaf, w, linear=True)
         else:
             _set_param(owner, pname, w)
             stats["dense"] += 1

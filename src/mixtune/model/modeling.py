@@ -1,12 +1,14 @@
-"""A Mixtral decoder in plain PyTorch, with module names that mirror the checkpoint keys.
+"""One MoE decoder in plain PyTorch for every family (model/family.py), module names mirroring Mixtral's keys.
 
-    model = MixtralForCausalLM(config)          # random init (or build on the meta device)
+    model = MoEForCausalLM(config)                # random init (or build on the meta device)
     out = model(input_ids, position_ids, labels)  # out.loss, out.logits, out.aux_loss
 
 Packed rows: `position_ids` restart at 0 at each example; the attention mask is derived from them so no
-token attends across an example boundary. Routing is Mixtral's: softmax over all experts in fp32, top-k,
-renormalised, cast back. Experts are stacked per layer (`w1`, `w3`: (E, I, H); `w2`: (E, H, I)) and run
-through `mixtune.kernels.moe_experts`.
+token attends across an example boundary. Routing: softmax over all experts in fp32, top-k, renormalised when
+the config says so (Mixtral, Qwen3: norm_topk_prob), cast back. Experts are stacked per layer (`w1`, `w3`:
+(E, I, H); `w2`: (E, H, I)) and run through `mixtune.kernels.moe_experts`. The family's variants: biases on
+the attention projections, q/k RMSNorm per head (Qwen3) or over the whole projection (OLMoE), q/k/v clipping,
+a shared expert with a sigmoid gate (Qwen2-MoE), and dense SwiGLU layers (`mlp`) where the config says so.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .config import MixtralConfig
+from .config import MoEConfig
 
 
 @dataclass
@@ -72,7 +74,7 @@ def apply_rope(q, k, cos, sin):
 class KVCache:
     """Pre-allocated per-layer key/value cache for decoding. Shapes (B, n_kv, max_len, head_dim)."""
 
-    def __init__(self, config: MixtralConfig, batch: int, max_len: int, device, dtype):
+    def __init__(self, config: MoEConfig, batch: int, max_len: int, device, dtype):
         self.k = [torch.zeros(batch, config.num_key_value_heads, max_len, config.head_dim, device=device, dtype=dtype)
                   for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
@@ -90,25 +92,43 @@ class KVCache:
         return self.k[layer][:, :, :s + T], self.v[layer][:, :, :s + T]
 
 
-class MixtralAttention(nn.Module):
-    def __init__(self, config: MixtralConfig, layer_idx: int):
+class MoEAttention(nn.Module):
+    def __init__(self, config: MoEConfig, layer_idx: int):
         super().__init__()
+        fam = config.family
         self.layer_idx = layer_idx
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = config.head_dim
         H = config.hidden_size
-        self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=False)
+        bias = {n: config.attention_bias and n in fam.bias_on for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=bias["q_proj"])
+        self.k_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=bias["k_proj"])
+        self.v_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=bias["v_proj"])
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=bias["o_proj"])
+        self.qk_norm = fam.qk_norm
+        if fam.qk_norm == "head":  # Qwen3: over head_dim, each head alike
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        elif fam.qk_norm == "proj":  # OLMoE: over the whole projection
+            self.q_norm = RMSNorm(self.n_heads * self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.n_kv * self.head_dim, config.rms_norm_eps)
+        self.clip_qkv = config.clip_qkv if fam.has_clip_qkv else None
 
     def forward(self, x, cos, sin, attn, kv_cache: Optional[KVCache] = None):
         """x (B, T, H); attn: an `AttentionSpec` built once per forward."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, d)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, d)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, nh*d), (B, T, nkv*d) x2
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, d)
+        k = k.view(B, T, self.n_kv, self.head_dim)  # (B, T, nkv, d)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, d), (B, nkv, T, d)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, d)
@@ -116,11 +136,11 @@ class MixtralAttention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-class MixtralExperts(nn.Module):
+class MoEExperts(nn.Module):
     """E stacked SwiGLU experts: y = w2 (silu(w1 x) * (w3 x)). Weights are frozen (Parameters with
     requires_grad=False, or NF4Weight submodules); `lora` is an optional ExpertLoRA (see mixtune.lora)."""
 
-    def __init__(self, config: MixtralConfig):
+    def __init__(self, config: MoEConfig):
         super().__init__()
         E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
         self.num_experts, self.hidden_size, self.intermediate_size = E, H, I
@@ -139,13 +159,32 @@ class MixtralExperts(nn.Module):
                                    backend=self.backend, precision=self.precision if train else "bf16")
 
 
-class MixtralSparseMoeBlock(nn.Module):
-    def __init__(self, config: MixtralConfig):
+class SwiGLU(nn.Module):
+    """A dense SwiGLU MLP: down_proj(silu(gate_proj x) * up_proj x) (dense layers, Qwen2-MoE's shared expert)."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEBlock(nn.Module):
+    """Router (`gate`), routed experts, and (Qwen2-MoE) a shared expert scaled by sigmoid(shared_expert_gate x)."""
+
+    def __init__(self, config: MoEConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_local_experts
+        self.norm_topk = config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
-        self.experts = MixtralExperts(config)
+        self.experts = MoEExperts(config)
+        if config.family.shared_expert:
+            self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor):
         """x (B, T, H) -> (B, T, H), router stats for the load-balancing loss."""
@@ -154,16 +193,24 @@ class MixtralSparseMoeBlock(nn.Module):
         logits = self.gate(flat)  # (N, E)
         probs = logits.float().softmax(dim=-1)  # (N, E) fp32
         topk_w, topk_idx = probs.topk(self.top_k, dim=-1)  # (N, k)
-        topk_w = (topk_w / topk_w.sum(dim=-1, keepdim=True)).to(x.dtype)
-        y = self.experts(flat, topk_idx, topk_w)
+        if self.norm_topk:
+            topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
+        y = self.experts(flat, topk_idx, topk_w.to(x.dtype))
+        if hasattr(self, "shared_expert"):
+            y = y + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return y.view(B, T, H), (probs, topk_idx)
 
 
-class MixtralDecoderLayer(nn.Module):
-    def __init__(self, config: MixtralConfig, layer_idx: int):
+class MoEDecoderLayer(nn.Module):
+    """Attention, then the MoE block (`block_sparse_moe`) or, in a dense layer, a SwiGLU `mlp`."""
+
+    def __init__(self, config: MoEConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = MixtralAttention(config, layer_idx)
-        self.block_sparse_moe = MixtralSparseMoeBlock(config)
+        self.self_attn = MoEAttention(config, layer_idx)
+        if config.is_moe_layer(layer_idx):
+            self.block_sparse_moe = MoEBlock(config)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.dense_intermediate_size or config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -178,23 +225,26 @@ class MixtralDecoderLayer(nn.Module):
             x = x + torch.utils.checkpoint.checkpoint(self._attn_block, x, cos, sin, attn, use_reentrant=False)
         else:
             x = x + self._attn_block(x, cos, sin, attn, kv_cache)
-        y, router = self.block_sparse_moe(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if hasattr(self, "mlp"):  # a dense layer: no routing
+            return x + self.mlp(h), None
+        y, router = self.block_sparse_moe(h)
         return x + y, router
 
 
-class MixtralModel(nn.Module):
-    def __init__(self, config: MixtralConfig):
+class MoEModel(nn.Module):
+    def __init__(self, config: MoEConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(MixtralDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(MoEDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class MixtralForCausalLM(nn.Module):
-    def __init__(self, config: MixtralConfig):
+class MoEForCausalLM(nn.Module):
+    def __init__(self, config: MoEConfig):
         super().__init__()
         self.config = config
-        self.model = MixtralModel(config)
+        self.model = MoEModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.attn_implementation = "sdpa"
@@ -223,17 +273,20 @@ class MixtralForCausalLM(nn.Module):
     def set_moe_backend(self, backend: str, precision: str | None = None) -> None:
         """The experts' backend (kernels.MOE_BACKENDS) and, if given, their matmul precision (bf16 | fp8)."""
         for layer in self.model.layers:
-            layer.block_sparse_moe.experts.backend = backend
-            if precision is not None:
-                layer.block_sparse_moe.experts.precision = precision
+            if hasattr(layer, "block_sparse_moe"):
+                layer.block_sparse_moe.experts.backend = backend
+                if precision is not None:
+                    layer.block_sparse_moe.experts.precision = precision
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
-        """Random normal(0, std) matrices, unit norms (as transformers initialises Mixtral)."""
+        """Random normal(0, std) matrices, unit norms, zero biases (as transformers initialises these models)."""
         g = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
 
@@ -259,7 +312,7 @@ class MixtralForCausalLM(nn.Module):
                 h, router = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn, None, use_reentrant=False)
             else:
                 h, router = layer(h, cos, sin, attn, kv_cache)
-            if output_router_stats or (labels is not None and self.training):
+            if router is not None and (output_router_stats or (labels is not None and self.training)):
                 aux_parts.append(router)
         if kv_cache is not None:
             kv_cache.length += T
@@ -291,3 +344,8 @@ def load_balancing_loss(router_stats, num_experts: int, labels: Optional[torch.T
     frac = frac / n
     prob = prob / n
     return (frac * prob[None]).sum() * num_experts
+
+
+# the names every module used before the families (the same classes)
+MixtralForCausalLM = MoEForCausalLM
+MixtralExperts = MoEExperts

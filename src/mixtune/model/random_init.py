@@ -1,11 +1,12 @@
-"""A full-size Mixtral with random weights built directly in NF4 on the device, layer by layer.
+"""A full-size MoE of any family with random weights built directly in NF4 on the device, layer by layer.
 
-    model = build_random_nf4_model(MixtralConfig(), device="cuda", seed=0)   # Mixtral-8x7B geometry
+    model = build_random_nf4_model(MoEConfig(), device="cuda", seed=0)   # Mixtral-8x7B geometry
+    model = build_random_nf4_model(QWEN3_30B_A3B_CONFIG, device="cuda")   # any family's geometry
 
-Lets full-size speed and memory be measured without a 93 GB checkpoint: each weight is drawn as N(0, std²)
-in the compute dtype on the device and quantized right away (the same `NF4Weight` storage `load_model`
-produces: attention q/k/v/o as `NF4Linear`, expert stacks as `NF4Weight`), so at most one (E, I, H) expert
-stack is ever dense. Router, norms, embedding and lm_head stay in the compute dtype, as when loading.
+Lets full-size speed and memory be measured without a 60-280 GB checkpoint: each weight is drawn as N(0, std²)
+in the compute dtype on the device and quantized right away (the same storage `load_model` produces: attention
+and dense-MLP linears as `NF4Linear`, expert stacks as `NF4Weight`), so at most one (E, I, H) expert stack is
+ever dense. Router, norms, biases, embedding and lm_head stay in the compute dtype, as when loading.
 """
 
 from __future__ import annotations
@@ -15,18 +16,16 @@ import time
 import torch
 from torch import nn
 
-from .config import MixtralConfig
+from .config import MoEConfig
+from .layout import EXPERT_W, quantized_linear
 from .loading import build_model_on_meta
-from .modeling import MixtralForCausalLM
+from .modeling import MoEForCausalLM
 from .nf4 import NF4Linear, NF4Weight
-
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-EXPERTS = ("w1", "w3", "w2")
 
 
 @torch.no_grad()
-def build_random_nf4_model(config: MixtralConfig, device="cuda", seed: int = 0, dtype=torch.bfloat16,
-                           std: float = 0.02, quant: str = "nf4") -> MixtralForCausalLM:
+def build_random_nf4_model(config: MoEConfig, device="cuda", seed: int = 0, dtype=torch.bfloat16,
+                           std: float = 0.02, quant: str = "nf4") -> MoEForCausalLM:
     """Random-init model on `device`; quant="nf4" (default) or "none" (dense, for small tests)."""
     device = torch.device(device)
     t0 = time.perf_counter()
@@ -39,34 +38,30 @@ def build_random_nf4_model(config: MixtralConfig, device="cuda", seed: int = 0, 
     def param(t):
         return nn.Parameter(t, requires_grad=False)
 
-    m = model.model
-    m.embed_tokens.weight = param(randn(config.vocab_size, config.hidden_size))
-    m.norm.weight = param(torch.ones(config.hidden_size, device=device, dtype=dtype))
-    for layer in m.layers:
-        att = layer.self_attn
-        for name in ATTN:
-            lin = getattr(att, name)
-            w = randn(lin.out_features, lin.in_features)
-            if quant == "nf4":
-                setattr(att, name, NF4Linear(NF4Weight.quantize(w)))
+    for path, mod in list(model.named_modules()):
+        parent_path, _, leaf = path.rpartition(".")
+        if isinstance(mod, nn.Linear):
+            w = randn(mod.out_features, mod.in_features)
+            bias = None if mod.bias is None else param(torch.zeros(mod.out_features, device=device, dtype=dtype))
+            if quant == "nf4" and quantized_linear(path):
+                setattr(model.get_submodule(parent_path), leaf, NF4Linear(NF4Weight.quantize(w), bias))
             else:
-                lin.weight = param(w)
+                mod.weight = param(w)
+                mod.bias = bias
             del w
-        moe = layer.block_sparse_moe
-        moe.gate.weight = param(randn(config.num_local_experts, config.hidden_size))
-        ex = moe.experts
-        for name in EXPERTS:
-            shape = tuple(getattr(ex, name).shape)
-            w = randn(*shape)  # one (E, out, in) stack dense at a time
-            delattr(ex, name)
-            setattr(ex, name, NF4Weight.quantize(w) if quant == "nf4" else param(w))
-            del w
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            norm.weight = param(torch.ones(config.hidden_size, device=device, dtype=dtype))
+        elif isinstance(mod, nn.Embedding):
+            mod.weight = param(randn(*mod.weight.shape))
+        elif hasattr(mod, "eps") and isinstance(getattr(mod, "weight", None), nn.Parameter):  # RMSNorm
+            mod.weight = param(torch.ones(mod.weight.shape, device=device, dtype=dtype))
+        elif leaf == "experts" and hasattr(mod, "w1"):
+            for name in EXPERT_W:
+                shape = tuple(getattr(mod, name).shape)
+                w = randn(*shape)  # one (E, out, in) stack dense at a time
+                delattr(mod, name)
+                setattr(mod, name, NF4Weight.quantize(w) if quant == "nf4" else param(w))
+                del w
     if config.tie_word_embeddings:
-        model.lm_head.weight = m.embed_tokens.weight
-    else:
-        model.lm_head.weight = param(randn(config.vocab_size, config.hidden_size))
+        model.lm_head.weight = model.model.embed_tokens.weight
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"random init left tensors unfilled: {left[:5]}")

@@ -15,17 +15,17 @@ import shutil
 
 import torch
 
-from .config import TINY_CONFIG, MixtralConfig
+from .config import TINY_CONFIG, MoEConfig
 from .layout import iter_model_state
 from .safetensors_io import save_hf_checkpoint, shard_size_for
-from .modeling import MixtralForCausalLM
+from .modeling import MoEForCausalLM
 
 
-def make_tiny_checkpoint(out_dir: str, config: MixtralConfig = TINY_CONFIG, seed: int = 0, shards: int = 2,
+def make_tiny_checkpoint(out_dir: str, config: MoEConfig = TINY_CONFIG, seed: int = 0, shards: int = 2,
                          dtype: torch.dtype = torch.bfloat16, tokenizer: bool = True) -> str:
-    """Write a random Mixtral of `config` to out_dir in `shards` safetensors files (1 = a single
+    """Write a random model of `config` (any family) to out_dir in `shards` safetensors files (1 = a single
     model.safetensors, no index), stored in `dtype`, with the v1 tokenizer files when `tokenizer`."""
-    model = MixtralForCausalLM(config)
+    model = MoEForCausalLM(config)
     model.init_weights(seed)
     state = list(iter_model_state(model, dtype))
     limit = shard_size_for([t.numel() * t.element_size() for _, t in state], max(1, shards))
