@@ -79,7 +79,8 @@ class ModelConfig:
                                        "gradient_checkpointing, checkpoint_layers, checkpoint_attention and "
                                        "moe_backend, and is printed at the start. 0: use those keys.")
     tokenizer: str = _f("", "Tokenizer: empty = the model directory's own, else the Mixtral v1 tokenizer shipped "
-                           "in mistral-common; or a Hub id / local directory / 'mistral-common:v1'.")
+                           "in mistral-common; or a Hub id / local directory / 'mistral-common:v1' / "
+                           "'mistral-common:v3' (Mixtral-8x22B's, for data.template mixtral-v3-chat).")
     cache_dir: str = _f("", "Cache for the tiny default and prepared data (empty: $MIXTUNE_CACHE or "
                            "~/.cache/mixtune); when set, Hub downloads go under it too, else to the standard "
                            "Hugging Face cache (HF_HOME), where other tools' downloads are reused.")
@@ -110,11 +111,23 @@ class DataConfig:
     eval_fraction: float = _f(0.05, "Fraction of rows held out for evaluation when no eval split is given.")
     eval_max_rows: int = _f(0, "Cap on evaluation rows (0 = no cap).")
     max_rows: int = _f(0, "Cap on training rows read (0 = all).")
-    template: str = _f("backtranslate", "Prompt format: backtranslate (the reference recipe), mixtral-chat, "
-                                        "alpaca, chat-template (the tokenizer's own).",
-                       ("backtranslate", "mixtral-chat", "alpaca", "chat-template"))
+    template: str = _f("backtranslate", "Prompt format: backtranslate (the reference recipe), mixtral-chat "
+                                        "(mistral-common v1), mixtral-v3-chat (mistral-common v3, Mixtral-8x22B), "
+                                        "alpaca, chat-template (the tokenizer's own; ids = transformers' "
+                                        "apply_chat_template), text (raw text: continued pretraining, loss on "
+                                        "every token, eos after each document).",
+                       ("backtranslate", "mixtral-chat", "mixtral-v3-chat", "alpaca", "chat-template", "text"))
     columns: dict = _f({}, "Column mapping, e.g. {prompt: question, response: answer}; keys: prompt, response, "
-                           "source, instruction, input, output, messages.")
+                           "source, instruction, input, output, messages (OpenAI chat), conversations "
+                           "(ShareGPT from/value), tools, text.")
+    chat_template_kwargs: dict = _f({}, "Extra variables for the chat template (chat-template), as "
+                                        "apply_chat_template takes them, e.g. {enable_thinking: false}.")
+    datasets: list[dict] = _f([], "A mixture instead of source/path: [{path: a.jsonl, weight: 2}, {source: "
+                                  "org/ds, template: text, columns: {text: body}, max_rows: 1000}]; keys source|path, "
+                                  "split, template, columns, weight (> 0, the share of training tokens), max_rows. "
+                                  "Mixed by weight without repeating rows (the scarcest source is used whole).")
+    streaming: bool = _f(False, "Read Hub datasets as a stream (datasets' streaming=True): rows are read as "
+                                "needed (max_rows stops early) instead of downloading the whole split first.")
     train_on_prompt: bool = _f(False, "Compute the loss on the whole text (the recipe) instead of the answer + eos.")
     max_seq_length: int = _f(256, "Packed row length (tokens).")
     packing: bool = _f(True, "Pack examples into rows of max_seq_length with per-example attention.")
@@ -271,6 +284,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if origin is list and typing.get_args(tp) == (dict,):  # a list of mappings (data.datasets)
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value) if value.strip() else []
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{key}: expected a list of mappings like '[{{path: a.jsonl, weight: 1}}]' ({e})") from None
+        if isinstance(value, (list, tuple)) and all(isinstance(v, dict) for v in value):
+            return [{str(k): v for k, v in v.items()} for v in value]
+        raise ConfigError(f"{key}: expected a list of mappings like '[{{path: a.jsonl, weight: 1}}]', got {value!r}")
     if tp is list or origin is list:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]

@@ -21,15 +21,17 @@ from typing import Optional
 
 import torch
 
+from .mixture import resolve_parts, select_by_weight
 from .packing import pack_examples, single_rows
-from .sources import BadRow, DataError, resolve_sources
-from .templates import TEMPLATES, column_map, detect_schema, render_example, to_conversation
+from .records import read_examples
+from .sources import DataError
+from .templates import TEMPLATES
 from .tokenize import IGNORE, fit_length, tokenize_example
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 _KEY_FIELDS = ("source", "path", "train_split", "eval_split", "eval_fraction", "eval_max_rows", "max_rows",
                "template", "columns", "train_on_prompt", "max_seq_length", "packing", "overlong",
-               "skip_bad_rows", "seed")
+               "skip_bad_rows", "seed", "chat_template_kwargs", "datasets", "streaming")
 
 
 @dataclass
@@ -67,13 +69,15 @@ def cache_dir(cfg) -> str:
     return os.path.join(base, "data")
 
 
-def cache_key(cfg, train_src, eval_src, tokenizer) -> str:
+def cache_key(cfg, sources: list, tokenizer) -> str:
+    """Every data.* setting that changes the result (data.datasets entries included), the content of every
+    source (`sources`: the parts of mixture.resolve_parts), the tokenizer and this package's code."""
     d = cfg.data
-    parts = {k: getattr(d, k) for k in _KEY_FIELDS}
+    parts = {k: getattr(d, k, None) for k in _KEY_FIELDS}
     if parts["path"]:
         parts["path"] = os.path.abspath(parts["path"])
-    parts["train_fp"] = train_src.fingerprint()
-    parts["eval_fp"] = eval_src.fingerprint() if eval_src is not None else None
+    parts["sources"] = [[p.train.fingerprint(), p.eval.fingerprint() if p.eval is not None else None,
+                         p.template, p.columns, p.weight, p.max_rows] for p in sources]
     parts["tokenizer"] = tokenizer.identity()
     parts["code"] = _code_version()
     parts["format"] = CACHE_FORMAT
@@ -121,53 +125,6 @@ def _load_cache(path: str) -> Optional[PreparedData]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_records(src, data_cfg, tokenizer, counts: dict, bad_msgs: list, limit: int = 0) -> tuple[list, str]:
-    """Valid rows of one source as [(text, Example, Conversation)] in source order, and the schema name."""
-    raw = []
-    for r in src.rows():
-        raw.append(r)
-        if limit and len(raw) >= limit:
-            break
-    if src.kind == "hub":
-        columns = set(src.dataset.column_names)
-    else:
-        columns = set()
-        for r in raw:
-            if isinstance(r.value, dict):
-                columns.update(r.value.keys())
-    cmap = column_map(data_cfg.columns)
-    if not raw:
-        raise DataError(f"{src.name}: no rows")
-    if not columns:  # not one row decoded: its own error says why (not "no known columns")
-        bad = [r.value for r in raw if isinstance(r.value, BadRow)]
-        if bad and not data_cfg.skip_bad_rows:
-            raise DataError(f"{bad[0]} (set --data.skip_bad_rows true to skip and count bad rows)")
-        if bad:
-            reasons = {}
-            for b in bad:
-                reasons[b.reason] = reasons.get(b.reason, 0) + 1
-            raise DataError(f"{src.name}: all {len(bad)} rows are bad {dict(sorted(reasons.items()))}; the "
-                            f"first: {bad[0]}")
-    first_row = next((r.number for r in raw if isinstance(r.value, dict)), 1)
-    schema = detect_schema(columns, cmap, src.name, first_row)
-    out = []
-    for r in raw:
-        try:
-            if isinstance(r.value, BadRow):
-                raise r.value
-            conv = to_conversation(r.value, schema, cmap, r.where, r.number)
-        except BadRow as e:
-            if not data_cfg.skip_bad_rows:
-                raise DataError(f"{e} (set --data.skip_bad_rows true to skip and count bad rows)") from None
-            counts[e.reason] = counts.get(e.reason, 0) + 1
-            if len(bad_msgs) < 5:
-                bad_msgs.append(str(e))
-            continue
-        ex = render_example(data_cfg.template, conv, data_cfg.train_on_prompt, tokenizer)
-        out.append(ex)
-    return out, schema
-
-
 def _percentiles(lengths: list) -> dict:
     if not lengths:
         return {"p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0.0}
@@ -179,84 +136,162 @@ def _percentiles(lengths: list) -> dict:
     return {"p50": q(50), "p90": q(90), "p99": q(99), "max": s[-1], "mean": round(sum(s) / len(s), 1)}
 
 
-def _build(cfg, tokenizer, train_src, eval_src) -> PreparedData:
-    d = cfg.data
+@dataclass
+class _PartData:
+    """One part read, held out, tokenized and fitted to data.max_seq_length."""
+    schema: str
+    counts: dict                 # bad rows by reason
+    read: list                   # every valid Example in source order (train file, then eval file)
+    train_ex: list               # those kept for training (held-out ones removed)
+    eval_ex: list
+    eval_note: str = ""          # why there is no evaluation data ("" when there is)
+    tok_of: dict = field(default_factory=dict)
+    train_kept: list = field(default_factory=list)  # [(ids, labels)] after fit_length
+    eval_kept: list = field(default_factory=list)
+    eval_kept_idx: list = field(default_factory=list)  # eval_kept[j] is eval_ex[eval_kept_idx[j]]
+    eval_records: list = field(default_factory=list)
+    fit: dict = field(default_factory=dict)
+
+
+def _read_part(part, k: int, d, tokenizer, bad_msgs: list) -> _PartData:
     counts: dict = {}
-    bad_msgs: list = []
-    train_ex, schema = _read_records(train_src, d, tokenizer, counts, bad_msgs, d.max_rows)
-    n_read_valid = len(train_ex)
-    order = list(range(len(train_ex)))
-    if eval_src is not None:
-        eval_ex, _ = _read_records(eval_src, d, tokenizer, counts, bad_msgs)
-        n_read_valid += len(eval_ex)  # read, whether or not eval_max_rows keeps them all
-        eval_how = eval_src.name
-        eval_idx: list = []
+    train_ex, schema = read_examples(part.train, template=part.template, columns=part.columns, data_cfg=d,
+                                     tokenizer=tokenizer, counts=counts, bad_msgs=bad_msgs, limit=part.max_rows)
+    if part.eval is not None:
+        eval_ex, _ = read_examples(part.eval, template=part.template, columns=part.columns, data_cfg=d,
+                                   tokenizer=tokenizer, counts=counts, bad_msgs=bad_msgs)
+        note = "" if eval_ex else f"{part.eval.name} has no valid rows"
+        return _PartData(schema, counts, train_ex + eval_ex, train_ex, eval_ex, note)
+    n_eval, note = 0, ""
+    if d.eval_fraction > 0 and len(train_ex) >= 2:
+        n_eval = min(len(train_ex) - 1, max(1, round(d.eval_fraction * len(train_ex))))
+    elif d.eval_fraction > 0:
+        note = (f"{part.train.name} has {len(train_ex)} usable row{'s' if len(train_ex) != 1 else ''}: "
+                f"data.eval_fraction {d.eval_fraction:g} holds out none (one row must stay for training); add "
+                f"rows or give an evaluation file with data.eval_split")
     else:
-        eval_ex, eval_how = [], "held out"
-        n_eval = 0
-        if d.eval_fraction > 0 and len(train_ex) >= 2:
-            n_eval = min(len(train_ex) - 1, max(1, round(d.eval_fraction * len(train_ex))))
-        g = torch.Generator().manual_seed(int(d.seed))
-        eval_idx = sorted(torch.randperm(len(train_ex), generator=g)[:n_eval].tolist())
-        held = set(eval_idx)
-        eval_ex = [train_ex[i] for i in eval_idx]
-        order = [i for i in range(len(train_ex)) if i not in held]
-    if 0 < d.eval_max_rows < len(eval_ex):
+        note = "data.eval_fraction is 0 and no data.eval_split is set"
+    g = torch.Generator().manual_seed(int(d.seed) + 7919 * k)  # part 0: data.seed, as a single source always was
+    eval_idx = sorted(torch.randperm(len(train_ex), generator=g)[:n_eval].tolist())
+    held = set(eval_idx)
+    return _PartData(schema, counts, train_ex, [e for i, e in enumerate(train_ex) if i not in held],
+                     [train_ex[i] for i in eval_idx], note)
+
+
+def _fit(toks: list, d) -> tuple[list, dict, list]:
+    """-> ([(ids, labels)] of the examples that fit, counts, their indices in `toks`)."""
+    kept, c, idx = [], {"dropped": 0, "truncated": 0, "no_label": 0}, []
+    for n, tok in enumerate(toks):
+        t = fit_length(tok, d.max_seq_length, d.overlong)
+        if t is None:
+            c["dropped"] += 1
+            continue
+        if t.truncated and all(x == IGNORE for x in t.labels):
+            c["no_label"] += 1  # truncation cut the whole answer: a full row of compute with nothing to learn
+            continue
+        c["truncated"] += t.truncated
+        kept.append((t.input_ids, t.labels))
+        idx.append(n)
+    return kept, c, idx
+
+
+def _sample_eval(items: list, d) -> list:
+    if 0 < d.eval_max_rows < len(items):
         # a seeded sample kept in source order, not the first rows: a split sorted by source (instruct-v3 mixes
         # several) would otherwise be evaluated on whichever source comes first
         g = torch.Generator().manual_seed(int(d.seed) + 1)
-        keep = sorted(torch.randperm(len(eval_ex), generator=g)[: d.eval_max_rows].tolist())
-        eval_ex = [eval_ex[i] for i in keep]
-    all_ex = train_ex + (eval_ex if eval_src is not None else [])
-    toks = [tokenize_example(ex, tokenizer) for ex in all_ex]  # source order (train file, then eval file)
-    tok_of = {id(ex): t for ex, t in zip(all_ex, toks)}
+        keep = sorted(torch.randperm(len(items), generator=g)[: d.eval_max_rows].tolist())
+        return [items[i] for i in keep]
+    return items
 
-    def fit(exs):
-        kept, dropped, truncated, no_label = [], 0, 0, 0
-        for ex in exs:
-            t = fit_length(tok_of[id(ex)], d.max_seq_length, d.overlong)
-            if t is None:
-                dropped += 1
-                continue
-            if t.truncated and all(x == IGNORE for x in t.labels):
-                no_label += 1  # truncation cut the whole answer: a full row of compute with nothing to learn
-                continue
-            truncated += t.truncated
-            kept.append((t.input_ids, t.labels))
-        return kept, dropped, truncated, no_label
 
-    train_kept, train_dropped, train_trunc, train_nolab = fit([train_ex[i] for i in order])
-    eval_kept, eval_dropped, eval_trunc, eval_nolab = fit(eval_ex)
-    if not train_kept:
-        raise DataError(f"{train_src.name}: no training examples left ({sum(counts.values())} bad rows, "
-                        f"{train_dropped} longer than data.max_seq_length={d.max_seq_length} dropped, "
-                        f"{train_nolab} truncated to no answer token)")
+def _prepare_part(part, k: int, d, tokenizer, bad_msgs: list, mixture: bool) -> _PartData:
+    pd = _read_part(part, k, d, tokenizer, bad_msgs)
+    if not mixture:  # a mixture samples its eval rows after mixing
+        pd.eval_ex = _sample_eval(pd.eval_ex, d)
+    pd.tok_of = {id(ex): tokenize_example(ex, tokenizer) for ex in pd.read}
+    pd.train_kept, ct, _ = _fit([pd.tok_of[id(ex)] for ex in pd.train_ex], d)
+    pd.eval_kept, ce, pd.eval_kept_idx = _fit([pd.tok_of[id(ex)] for ex in pd.eval_ex], d)
+    pd.fit = {"train": ct, "eval": ce}
+    if pd.eval_ex and not pd.eval_kept:
+        pd.eval_note = (f"all {len(pd.eval_ex)} held-out examples of {part.train.name} were dropped "
+                        f"({ce['dropped']} longer than data.max_seq_length={d.max_seq_length} with data.overlong "
+                        f"drop, {ce['no_label']} truncated to no answer token)")
+    pd.eval_records = [{"prompt": ex.prompt, "reference": ex.reference, "prompt_ids": pd.tok_of[id(ex)].prompt_ids}
+                       for ex in pd.eval_ex]
+    if not pd.train_kept:
+        raise DataError(f"{part.train.name}: no training examples left ({sum(pd.counts.values())} bad rows, "
+                        f"{ct['dropped']} longer than data.max_seq_length={d.max_seq_length} dropped, "
+                        f"{ct['no_label']} truncated to no answer token)")
+    return pd
+
+
+def _mix(parts: list, pds: list, d) -> tuple[list, list, list, list]:
+    """-> (train [(ids, labels)], eval [(ids, labels)], eval records, per-part kept train indices)."""
+    if len(parts) == 1:
+        pd = pds[0]
+        return pd.train_kept, pd.eval_kept, pd.eval_records, [list(range(len(pd.train_kept)))]
+    weights = [p.weight for p in parts]
+    keep_t, _ = select_by_weight([[len(i) for i, _ in pd.train_kept] for pd in pds], weights, d.seed)
+    keep_e, _ = select_by_weight([[len(i) for i, _ in pd.eval_kept] for pd in pds], weights, d.seed + 1)
+    train = [pd.train_kept[i] for pd, keep in zip(pds, keep_t) for i in keep]
+    evals = [(pd.eval_kept[i], k, i) for k, (pd, keep) in enumerate(zip(pds, keep_e)) for i in keep]
+    evals = _sample_eval(evals, d)
+    records = [pds[k].eval_records[pds[k].eval_kept_idx[i]] for _, k, i in evals]
+    return train, [e for e, _, _ in evals], records, keep_t
+
+
+def _build(cfg, tokenizer, parts: list) -> PreparedData:
+    d = cfg.data
+    bad_msgs: list = []
+    pds = [_prepare_part(part, k, d, tokenizer, bad_msgs, len(parts) > 1) for k, part in enumerate(parts)]
+    train_kept, eval_kept, eval_records, keep_t = _mix(parts, pds, d)
     pack = (lambda exs: pack_examples(exs, d.max_seq_length, tokenizer.pad_id)) if d.packing else single_rows
     train_rows, pstats = pack(train_kept)
     eval_rows, estats = pack(eval_kept) if eval_kept else ([], {"rows": 0, "real_tokens": 0})
-    lengths = [len(tok_of[id(train_ex[i])].input_ids) for i in order]
-    eval_examples = [{"prompt": ex.prompt, "reference": ex.reference,
-                      "prompt_ids": tok_of[id(ex)].prompt_ids} for ex in eval_ex]
+    counts: dict = {}
+    for pd in pds:
+        for key, v in pd.counts.items():
+            counts[key] = counts.get(key, 0) + v
+    fit = {key: sum(pd.fit["train"][key] + pd.fit["eval"][key] for pd in pds)
+           for key in ("dropped", "truncated", "no_label")}
+    lengths = [len(pd.tok_of[id(ex)].input_ids) for pd in pds for ex in pd.train_ex]
+    notes = [pd.eval_note for pd in pds if pd.eval_note]
+    first = parts[0]
+    mixture = len(parts) > 1
     stats = {
-        "source": train_src.name, "schema": schema, "template": d.template, "tokenizer": tokenizer.name,
-        "train_on_prompt": d.train_on_prompt,
-        "rows_read": n_read_valid + sum(counts.values()),
+        "source": first.train.name if not mixture else f"mixture of {len(parts)}: "
+                                                        + ", ".join(p.train.name for p in parts),
+        "schema": pds[0].schema if not mixture else ",".join(pd.schema for pd in pds),
+        "template": d.template if not mixture else ",".join(p.template for p in parts),
+        "tokenizer": tokenizer.name, "train_on_prompt": d.train_on_prompt,
+        "rows_read": sum(len(pd.read) for pd in pds) + sum(counts.values()),
         "rows_bad": sum(counts.values()), "rows_bad_by_reason": dict(sorted(counts.items())),
         "bad_row_examples": bad_msgs,
-        "train_examples": len(train_kept), "eval_examples": len(eval_kept), "eval_from": eval_how,
-        "eval_seed": d.seed if eval_src is None else None,
-        "dropped_overlong": train_dropped + eval_dropped, "truncated": train_trunc + eval_trunc,
-        "dropped_no_labels": train_nolab + eval_nolab,
+        "train_examples": len(train_kept), "eval_examples": len(eval_kept),
+        "eval_from": first.eval.name if first.eval is not None and not mixture else "held out",
+        "eval_seed": d.seed if first.eval is None else None,
+        "eval_note": "" if eval_kept else ("; ".join(notes) or "no evaluation examples"),
+        "dropped_overlong": fit["dropped"], "truncated": fit["truncated"], "dropped_no_labels": fit["no_label"],
         "overlong": d.overlong, "max_seq_length": d.max_seq_length,
-        "tokens": pstats["real_tokens"], "label_tokens": sum(sum(1 for x in lab if x != IGNORE)
-                                                            for _, lab in train_kept),
+        "tokens": pstats["real_tokens"],
+        "label_tokens": sum(sum(1 for x in lab if x != IGNORE) for _, lab in train_kept),
         "eval_tokens": estats["real_tokens"],
         "length": _percentiles(lengths),
         "packing": d.packing, "train_rows": pstats["rows"], "eval_rows": estats["rows"],
         "packing_efficiency": pstats.get("packing_efficiency"), "examples_per_row": pstats.get("examples_per_row"),
     }
-    examples = [(ex.text, t) for ex, t in zip(all_ex, toks)]
-    return PreparedData(train_rows, eval_rows, eval_examples, stats, examples)
+    if mixture:
+        total = max(1, sum(len(pd.train_kept[i][0]) for pd, keep in zip(pds, keep_t) for i in keep))
+        stats["sources"] = [{
+            "name": p.train.name, "template": p.template, "schema": pd.schema, "weight": p.weight,
+            "rows_read": len(pd.read) + sum(pd.counts.values()), "rows_bad": sum(pd.counts.values()),
+            "train_examples": len(keep), "tokens": sum(len(pd.train_kept[i][0]) for i in keep),
+            "token_share": round(sum(len(pd.train_kept[i][0]) for i in keep) / total, 4),
+            "weight_share": round(p.weight / sum(q.weight for q in parts), 4),
+        } for p, pd, keep in zip(parts, pds, keep_t)]
+    examples = [(ex.text, pd.tok_of[id(ex)]) for pd in pds for ex in pd.read]
+    return PreparedData(train_rows, eval_rows, eval_records, stats, examples)
 
 
 def prepare_data(cfg, tokenizer, *, use_cache: bool = True) -> PreparedData:
@@ -273,14 +308,14 @@ def prepare_data(cfg, tokenizer, *, use_cache: bool = True) -> PreparedData:
     for name in ("max_rows", "eval_max_rows"):  # 0 = no cap; a negative cap read one row ("limit" is truthy)
         if getattr(cfg.data, name) < 0:
             raise DataError(f"data.{name}: must be 0 (no cap) or positive, got {getattr(cfg.data, name)}")
-    train_src, eval_src = resolve_sources(cfg.data)
-    path = os.path.join(cache_dir(cfg), cache_key(cfg, train_src, eval_src, tokenizer) + ".pt")
+    parts = resolve_parts(cfg.data)
+    path = os.path.join(cache_dir(cfg), cache_key(cfg, parts, tokenizer) + ".pt")
     if use_cache and os.path.isfile(path):
         hit = _load_cache(path)
         if hit is not None:
             hit.stats.update(cached=True, cache_path=path, seconds=round(time.time() - t0, 3))
             return hit
-    prepared = _build(cfg, tokenizer, train_src, eval_src)
+    prepared = _build(cfg, tokenizer, parts)
     prepared.stats.update(cached=False, cache_path=path)
     try:
         _save_cache(path, prepared)

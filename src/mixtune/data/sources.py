@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -52,7 +53,8 @@ class Source:
     kind: str  # bundled | file | hub
     path: Optional[str] = None
     split: Optional[str] = None
-    dataset: Any = None  # a datasets.Dataset for hub sources
+    dataset: Any = None  # a datasets.Dataset (or IterableDataset when streaming) for hub sources
+    stream_fp: Optional[str] = None  # streaming: the builder's hash (changes with the Hub revision / files)
 
     def fingerprint(self) -> str:
         if self.kind in ("bundled", "file"):
@@ -61,8 +63,15 @@ class Source:
                 with open(self.path, "rb") as fh:  # small files: hash the content (robust to touch/copies)
                     return "sha256:" + hashlib.sha256(fh.read()).hexdigest()
             return f"stat:{os.path.abspath(self.path)}:{st.st_size}:{st.st_mtime_ns}"
+        if self.stream_fp is not None:
+            return f"hub-stream:{self.name}:{self.stream_fp}"
         fp = getattr(self.dataset, "_fingerprint", None)
         return f"hub:{self.name}:{fp or len(self.dataset)}"
+
+    def column_names(self) -> Optional[list]:
+        """The columns a Hub dataset declares (None when a stream does not know them before reading)."""
+        names = getattr(self.dataset, "column_names", None) if self.kind == "hub" else None
+        return list(names) if names else None
 
     def rows(self) -> Iterator[RawRow]:
         if self.kind == "hub":
@@ -82,6 +91,9 @@ def _local_source(path: str, option: str) -> Source:
         raise DataError(f"{option}: file not found: {path}")
     if os.path.isdir(path):
         raise DataError(f"{option}: {path} is a directory; give a .jsonl, .json, .csv or .parquet file")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO, device or socket: read twice (hash, rows) it hangs
+        raise DataError(f"{option}: {path} is not a regular file (a pipe, device or socket); mixtune reads "
+                        f"the data twice (to key its cache, then the rows): save it to a file first")
     ext = os.path.splitext(path)[1].lower()
     if ext not in LOCAL_TYPES:
         raise DataError(f"{option}: {path}: unsupported file type {ext or '(none)'!r}; "
@@ -89,44 +101,50 @@ def _local_source(path: str, option: str) -> Source:
     return Source(name=path, kind="file", path=path)
 
 
-def _hub_source(source: str, split: str, option: str) -> Source:
-    """`datasets.load_dataset(source, split=split)`; a local dataset directory or script works the same way."""
+def _hub_source(source: str, split: str, option: str, streaming: bool = False) -> Source:
+    """`datasets.load_dataset(source, split=split)`; a local dataset directory or script works the same way.
+    streaming: an IterableDataset, read row by row as the rows are needed (nothing downloaded whole)."""
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
         raise DataError(f"{option}: the `datasets` package is needed for Hub dataset {source!r}") from None
+    stream_fp = None
     try:
-        ds = datasets.load_dataset(source, split=split)
+        ds = datasets.load_dataset(source, split=split, streaming=streaming)
+        if streaming:
+            stream_fp = datasets.load_dataset_builder(source).hash
     except Exception as e:  # noqa: BLE001 - network, missing split, bad id: all user-facing
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{option}: cannot load Hub dataset {source!r} split {split!r} ({first})") from None
-    return Source(name=f"{source}[{split}]", kind="hub", split=split, dataset=ds)
+    return Source(name=f"{source}[{split}]", kind="hub", split=split, dataset=ds, stream_fp=stream_fp)
+
+
+def resolve_source(source: str, path: str, split: str, streaming: bool, option: str) -> tuple[Source, Optional[str]]:
+    """One train source -> (Source, its Hub id or None). `option` names the key in errors."""
+    if path:
+        return _local_source(path, f"{option}path"), None
+    if source in BUNDLED:
+        return Source(name=source, kind="bundled", path=bundled_path(source)), None
+    if source:
+        if os.path.exists(source) and not os.path.isdir(source) or \
+                os.path.splitext(source)[1].lower() in LOCAL_TYPES:
+            # a data file name (even a missing one) is never a Hub id: no network round trips for a typo
+            return _local_source(source, f"{option}source"), None
+        return _hub_source(source, split, f"{option}source", streaming), source
+    raise DataError(f"{option}source and {option}path are both empty: set one (e.g. --data.source bundled "
+                    f"or --data.path rows.jsonl)")
 
 
 def resolve_sources(data_cfg) -> tuple[Source, Optional[Source]]:
     """(train source, eval source or None) from the data config. Raises DataError for missing files etc."""
-    if data_cfg.path:
-        train = _local_source(data_cfg.path, "data.path")
-        hub_id = None
-    elif data_cfg.source in BUNDLED:
-        train = Source(name=data_cfg.source, kind="bundled", path=bundled_path(data_cfg.source))
-        hub_id = None
-    elif data_cfg.source:
-        src = data_cfg.source
-        if os.path.isfile(src) or os.path.splitext(src)[1].lower() in LOCAL_TYPES:
-            # a data file name (even a missing one) is never a Hub id: no network round trips for a typo
-            train, hub_id = _local_source(src, "data.source"), None
-        else:
-            train, hub_id = _hub_source(src, data_cfg.train_split, "data.source"), src
-    else:
-        raise DataError("data.source and data.path are both empty: set one (e.g. --data.source bundled "
-                        "or --data.path rows.jsonl)")
+    train, hub_id = resolve_source(data_cfg.source, data_cfg.path, data_cfg.train_split,
+                                   getattr(data_cfg, "streaming", False), "data.")
     ev = None
     if data_cfg.eval_split:
         if os.path.isfile(data_cfg.eval_split) or os.path.splitext(data_cfg.eval_split)[1].lower() in LOCAL_TYPES:
             ev = _local_source(data_cfg.eval_split, "data.eval_split")
         elif hub_id is not None:
-            ev = _hub_source(hub_id, data_cfg.eval_split, "data.eval_split")
+            ev = _hub_source(hub_id, data_cfg.eval_split, "data.eval_split", getattr(data_cfg, "streaming", False))
         else:
             raise DataError(f"data.eval_split: {data_cfg.eval_split!r} is neither a file nor a split of a Hub "
                             f"dataset (local and bundled data have no named splits; leave it empty to hold "
@@ -153,13 +171,61 @@ def read_local(path: str) -> Iterator[RawRow]:
         raise DataError(f"{path}: unsupported file type {ext!r}; use one of {', '.join(LOCAL_TYPES)}")
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """json object_pairs_hook: a key twice in one object is an error (json.loads would keep the last)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+class _Flagged(dict):
+    """An object that had a duplicate key (the .json reader's second pass finds which row holds it)."""
+    dup_key: Optional[str] = None
+
+
+def _flag_duplicates(pairs: list) -> dict:
+    out = _Flagged()
+    for k, v in pairs:
+        if k in out and out.dup_key is None:
+            out.dup_key = k
+        out[k] = v
+    return out
+
+
+def _find_flagged(value: Any) -> Optional[str]:
+    if isinstance(value, _Flagged) and value.dup_key is not None:
+        return value.dup_key
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for v in children:
+        k = _find_flagged(v)
+        if k is not None:
+            return k
+    return None
+
+
+def _duplicate_row(path: str, number: int, key: str) -> BadRow:
+    return BadRow("duplicate_key", f"{path}: row {number}: duplicate key {key!r} in one JSON object (only one "
+                                   f"value can be meant; JSON readers silently keep the last)")
+
+
 def _decode_json_line(path: str, number: int, raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return BadRow("bad_line", f"{path}: row {number}: line is not valid UTF-8 (byte {e.start})")
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        return _duplicate_row(path, number, e.key)
     except json.JSONDecodeError as e:
         return BadRow("bad_line", f"{path}: row {number}: not valid JSON ({e.msg} at column {e.colno})")
     if not isinstance(value, dict):
@@ -181,7 +247,7 @@ def _read_json(path: str) -> Iterator[RawRow]:
     with open(path, "rb") as fh:
         raw = fh.read()
     try:
-        value = json.loads(raw.decode("utf-8-sig"))  # -sig: a leading byte-order mark is not content
+        value = json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_flag_duplicates)  # -sig: BOM is no content
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
@@ -192,16 +258,20 @@ def _read_json(path: str) -> Iterator[RawRow]:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if isinstance(value, dict):
         lists = [v for v in value.values() if isinstance(v, list)]
-        if len(lists) == 1:  # {"data": [...]} / {"train": [...]}
+        if len(lists) == 1 and getattr(value, "dup_key", None) is None:  # {"data": [...]} / {"train": [...]}
             value = lists[0]
         else:
-            yield RawRow(path, 1, value)  # one object = one row
+            dup = _find_flagged(value)
+            yield RawRow(path, 1, _duplicate_row(path, 1, dup) if dup is not None else dict(value))  # one row
             return
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a JSON list of objects, got {type(value).__name__}")
     for i, item in enumerate(value):
         if not isinstance(item, dict):
             item = BadRow("not_object", f"{path}: row {i + 1}: expected a JSON object, got {type(item).__name__}")
+        else:
+            dup = _find_flagged(item)
+            item = _duplicate_row(path, i + 1, dup) if dup is not None else item
         yield RawRow(path, i + 1, item)
 
 
@@ -220,6 +290,12 @@ def _read_csv(path: str) -> Iterator[RawRow]:
         header = next(reader, None)
         if header is None:
             return
+        seen: dict = {}
+        for k, name in enumerate(header, start=1):
+            if name in seen:
+                raise DataError(f"{path}: header: duplicate column name {name!r} (columns {seen[name]} and {k}); "
+                                f"each row would keep only the last one's value: rename one")
+            seen[name] = k
         for number, fields in enumerate(reader, start=1):
             if not fields:
                 continue

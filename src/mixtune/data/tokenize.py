@@ -11,8 +11,9 @@ example's last token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-from .templates import Example
+from .templates import Conversation, Example, render_example
 
 IGNORE = -100
 
@@ -54,6 +55,17 @@ def _encode_segment(seg, tokenizer) -> tuple[list, list, list]:
     return full, flags, first
 
 
+def _special_id(tokenizer, piece: str) -> int:
+    i = tokenizer.special_id(piece) if hasattr(tokenizer, "special_id") else None
+    if i is None:
+        from .sources import DataError
+
+        raise DataError(f"data.template: tokenizer {getattr(tokenizer, 'name', '')} has no {piece} control token "
+                        f"(mixtral-v3-chat needs the v3 tokenizer: --model.tokenizer mistral-common:v3, or the "
+                        f"checkpoint's own)")
+    return i
+
+
 def tokenize_example(ex: Example, tokenizer) -> Tokenized:
     ids, flags, seg_ends, firsts = [], [], [], []
     for seg in ex.segments:
@@ -64,6 +76,10 @@ def tokenize_example(ex: Example, tokenizer) -> Tokenized:
         elif seg.kind == "eos":
             ids.append(tokenizer.eos_id)
             flags.append(seg.train)
+        elif seg.kind == "special":
+            for piece, train in seg.pieces:
+                ids.append(_special_id(tokenizer, piece))
+                flags.append(train)
         else:
             t, f, first = _encode_segment(seg, tokenizer)
             firsts.append((len(seg_ends), first))
@@ -95,3 +111,18 @@ def fit_length(tok: Tokenized, max_len: int, overlong: str) -> Tokenized | None:
     if overlong == "drop":
         return None
     return Tokenized(tok.input_ids[:max_len], tok.labels[:max_len], tok.prompt_ids, truncated=True)
+
+
+def encode_generation_prompt(template: str, text: str, tokenizer, template_kwargs: Optional[dict] = None) -> list:
+    """The ids a model trained with `template` is given for a raw user prompt: exactly the training prefix of
+    an answer (bos as an id where the tokenizer has one; control tokens as ids; specials of a chat template
+    parsed). For `text` (raw text) it is bos + the text's ids."""
+    if template == "text":
+        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        return bos + tokenizer.encode_content(text)
+    if template == "backtranslate":
+        conv = Conversation([("user", "x"), ("assistant", text)], "x", "", text)
+    else:
+        conv = Conversation([("user", text), ("assistant", "x")], text, "", "x")
+    ex = render_example(template, conv, False, tokenizer, template_kwargs, "prompt")
+    return list(tokenize_example(ex, tokenizer).prompt_ids)

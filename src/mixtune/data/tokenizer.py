@@ -2,6 +2,7 @@
 
     tok = load_tokenizer()                       # Mixtral v1 from mistral-common's package data
     tok = load_tokenizer("", model_dir="ckpt")   # the checkpoint's own tokenizer, else v1
+    tok = load_tokenizer("mistral-common:v3")    # Mixtral-8x22B's v3 SentencePiece model ([INST] = control id 3)
     tok.encode("hello")                          # [6312, 28709]  (never adds specials unless asked)
     tok.save_pretrained("ckpt")                  # HF files stock AutoTokenizer loads to the same ids
 
@@ -25,6 +26,9 @@ from typing import Optional
 from ..config import ConfigError
 
 V1_SPEC = "mistral-common:v1"
+V3_SPEC = "mistral-common:v3"
+# the SentencePiece models shipped in mistral-common's package data
+_MC_FILES = {V1_SPEC: "tokenizer.model.v1", V3_SPEC: "mistral_instruct_tokenizer_240323.model.v3"}
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Set in tokenizer_config.json by `save_pretrained` of a SentencePiece tokenizer: the files are an exact HF
 # rendering of tokenizer.model, so mixtune may load that directory through SentencePiece again (same ids,
@@ -34,11 +38,17 @@ SP_MARKER = "mixtune_sentencepiece_exact"
 
 def v1_model_path() -> str:
     """Path of the Mixtral v1 SentencePiece model shipped inside the `mistral-common` package."""
+    return mistral_common_model_path(V1_SPEC)
+
+
+def mistral_common_model_path(spec: str) -> str:
+    """Path of a SentencePiece model shipped inside the `mistral-common` package ('mistral-common:v1' / 'v3')."""
     import mistral_common
 
-    path = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+    name = _MC_FILES[spec]
+    path = os.path.join(os.path.dirname(mistral_common.__file__), "data", name)
     if not os.path.isfile(path):
-        raise ConfigError(f"mistral-common has no tokenizer.model.v1 at {path}; reinstall mistral-common")
+        raise ConfigError(f"mistral-common has no {name} at {path}; reinstall mistral-common")
     return path
 
 
@@ -118,6 +128,15 @@ class Tokenizer:
         if run:
             out.append(self._sp.decode(run))
         return "".join(out)
+
+    def special_id(self, piece: str) -> Optional[int]:
+        """The id of a control / special token by its string ("[INST]", "<|im_end|>"), or None if it has none."""
+        if self._sp is not None:
+            i = self._sp.piece_to_id(piece)  # unk for a piece it does not have
+            return int(i) if self._sp.id_to_piece(i) == piece and self._sp.is_control(i) else None
+        vocab = self._hf.get_vocab()
+        i = vocab.get(piece)
+        return int(i) if i is not None else None
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i)) if self._sp is not None else self._hf.convert_ids_to_tokens(int(i))
@@ -273,12 +292,14 @@ def load_tokenizer(spec: str = "", model_dir: Optional[str] = None) -> Tokenizer
     """Load a tokenizer.
 
     spec: "" (the model directory's own tokenizer if it has one, else Mixtral v1 from mistral-common),
-    "mistral-common:v1", a local directory (HF files or a bare tokenizer.model), a `.model` SentencePiece file,
+    "mistral-common:v1", "mistral-common:v3" (Mixtral-8x22B), a local directory (HF files or a bare tokenizer.model), a `.model` SentencePiece file,
     or a Hub id. model_dir: a local checkpoint directory, or a Hub id (its tokenizer is fetched when spec is "").
     """
     spec = (spec or "").strip()
     if spec in (V1_SPEC, "v1", "mixtral-v1"):
         return _sp_tokenizer(v1_model_path(), V1_SPEC)
+    if spec in (V3_SPEC, "v3", "mixtral-v3"):
+        return _sp_tokenizer(mistral_common_model_path(V3_SPEC), V3_SPEC)
     if spec:
         if os.path.isdir(spec):
             tok = _from_dir(spec)
