@@ -215,3 +215,30 @@ TINY_FAMILY_CONFIGS = {
         norm_topk_prob=False, attention_bias=True, decoder_sparse_step=1, mlp_only_layers=[2],
         router_aux_loss_coef=0.001, bos_token_id=1, eos_token_id=2),
 }
+
+# Published geometries of the models people fine-tune (the Hub config.json values), for `mixtune bench
+# --geometry` and the random full-size builder; `inspect` reads the same numbers from a real config.json.
+GEOMETRIES = {
+    "mixtral-8x7b": MIXTRAL_8X7B_CONFIG,
+    "mixtral-8x22b": MoEConfig(
+        vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56, num_attention_heads=48,
+        num_key_value_heads=8, max_position_embeddings=65536, rope_theta=1e6, rms_norm_eps=1e-5,
+        num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.001),
+    "qwen3-30b-a3b": MoEConfig(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=768,
+        dense_intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6, num_local_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, router_aux_loss_coef=0.001, bos_token_id=None,
+        eos_token_id=151645),
+    "olmoe-1b-7b": MoEConfig(
+        model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096, rope_theta=10000.0,
+        rms_norm_eps=1e-5, num_local_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
+        router_aux_loss_coef=0.01, bos_token_id=None, eos_token_id=50279),
+    "qwen2-57b-a14b": MoEConfig(
+        model_type="qwen2_moe", vocab_size=151936, hidden_size=3584, intermediate_size=2560,
+        dense_intermediate_size=18944, shared_expert_intermediate_size=20480, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1e6,
+        rms_norm_eps=1e-6, num_local_experts=64, num_experts_per_tok=8, norm_topk_prob=False, attention_bias=True,
+        router_aux_loss_coef=0.001, bos_token_id=None, eos_token_id=151643),
+}
