@@ -115,7 +115,8 @@ class DataConfig:
                                         "(mistral-common v1), mixtral-v3-chat (mistral-common v3, Mixtral-8x22B), "
                                         "alpaca, chat-template (the tokenizer's own; ids = transformers' "
                                         "apply_chat_template), text (raw text: continued pretraining, loss on "
-                                        "every token, eos after each document).",
+                                        "every token, eos after each document, a document longer than "
+                                        "max_seq_length split into rows, not truncated).",
                        ("backtranslate", "mixtral-chat", "mixtral-v3-chat", "alpaca", "chat-template", "text"))
     columns: dict = _f({}, "Column mapping, e.g. {prompt: question, response: answer}; keys: prompt, response, "
                            "source, instruction, input, output, messages (OpenAI chat), conversations "

@@ -104,7 +104,7 @@ def select_by_weight(pools: list, weights: list, seed: int) -> tuple[list, list]
     live = [k for k in range(len(pools)) if totals[k] > 0]
     if not live:
         return [[] for _ in pools], [0 for _ in pools]
-    n = min(totals[k] / shares[k] for k in live) if len(live) == len(pools) else 0.0
+    n = min(totals[k] / shares[k] for k in live)  # a source with nothing (no eval rows) contributes nothing
     kept, budgets = [], []
     for k, lengths in enumerate(pools):
         budget = shares[k] * n

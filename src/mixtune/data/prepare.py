@@ -1,4 +1,9 @@
-"""Data preparation end to end: read -> validate -> hold out -> format -> tokenize -> pack -> cache -> stats.
+"""Data preparation end to end: read -> validate -> hold out -> format -> tokenize -> (mix) -> pack -> cache -> stats.
+
+The data is one or more parts (mixture.py): data.source / data.path, or the entries of data.datasets, each read
+with its own template and columns, held out, tokenized and fitted to data.max_seq_length, then mixed by weight
+(stats["sources"]: rows and tokens per source). Raw text (data.template text) splits an overlong document into
+rows instead of truncating it. When evaluation was asked for and there is none, a notice says why.
 
     prepared = prepare_data(cfg, tokenizer)    # .train_rows .eval_rows .eval_examples .stats
     stats = prepare_main(cfg, json_out=False, dump_text=None, dump_tokens=None)   # `mixtune prepare`
@@ -26,7 +31,7 @@ from .packing import pack_examples, single_rows
 from .records import read_examples
 from .sources import DataError
 from .templates import TEMPLATES
-from .tokenize import IGNORE, fit_length, tokenize_example
+from .tokenize import IGNORE, fit_length, split_document, tokenize_example
 
 CACHE_FORMAT = 3
 _KEY_FIELDS = ("source", "path", "train_split", "eval_split", "eval_fraction", "eval_max_rows", "max_rows",
@@ -170,7 +175,7 @@ def _read_part(part, k: int, d, tokenizer, bad_msgs: list) -> _PartData:
                 f"data.eval_fraction {d.eval_fraction:g} holds out none (one row must stay for training); add "
                 f"rows or give an evaluation file with data.eval_split")
     else:
-        note = "data.eval_fraction is 0 and no data.eval_split is set"
+        note = "data.eval_fraction is 0 and no data.eval_split is set (set one to evaluate)"
     g = torch.Generator().manual_seed(int(d.seed) + 7919 * k)  # part 0: data.seed, as a single source always was
     eval_idx = sorted(torch.randperm(len(train_ex), generator=g)[:n_eval].tolist())
     held = set(eval_idx)
@@ -178,10 +183,17 @@ def _read_part(part, k: int, d, tokenizer, bad_msgs: list) -> _PartData:
                      [train_ex[i] for i in eval_idx], note)
 
 
-def _fit(toks: list, d) -> tuple[list, dict, list]:
-    """-> ([(ids, labels)] of the examples that fit, counts, their indices in `toks`)."""
-    kept, c, idx = [], {"dropped": 0, "truncated": 0, "no_label": 0}, []
+def _fit(toks: list, d, split: bool = False) -> tuple[list, dict, list]:
+    """-> ([(ids, labels)] of the examples that fit, counts, their indices in `toks`). split (raw text): an
+    overlong document is split into max_seq_length pieces instead of data.overlong's truncate / drop."""
+    kept, c, idx = [], {"dropped": 0, "truncated": 0, "no_label": 0, "split": 0}, []
     for n, tok in enumerate(toks):
+        if split and len(tok.input_ids) > d.max_seq_length:
+            pieces = split_document(tok, d.max_seq_length)
+            c["split"] += 1
+            kept += [(t.input_ids, t.labels) for t in pieces]
+            idx += [n] * len(pieces)
+            continue
         t = fit_length(tok, d.max_seq_length, d.overlong)
         if t is None:
             c["dropped"] += 1
@@ -210,8 +222,9 @@ def _prepare_part(part, k: int, d, tokenizer, bad_msgs: list, mixture: bool) -> 
     if not mixture:  # a mixture samples its eval rows after mixing
         pd.eval_ex = _sample_eval(pd.eval_ex, d)
     pd.tok_of = {id(ex): tokenize_example(ex, tokenizer) for ex in pd.read}
-    pd.train_kept, ct, _ = _fit([pd.tok_of[id(ex)] for ex in pd.train_ex], d)
-    pd.eval_kept, ce, pd.eval_kept_idx = _fit([pd.tok_of[id(ex)] for ex in pd.eval_ex], d)
+    split = part.template == "text"
+    pd.train_kept, ct, _ = _fit([pd.tok_of[id(ex)] for ex in pd.train_ex], d, split)
+    pd.eval_kept, ce, pd.eval_kept_idx = _fit([pd.tok_of[id(ex)] for ex in pd.eval_ex], d, split)
     pd.fit = {"train": ct, "eval": ce}
     if pd.eval_ex and not pd.eval_kept:
         pd.eval_note = (f"all {len(pd.eval_ex)} held-out examples of {part.train.name} were dropped "
@@ -237,7 +250,12 @@ def _mix(parts: list, pds: list, d) -> tuple[list, list, list, list]:
     train = [pd.train_kept[i] for pd, keep in zip(pds, keep_t) for i in keep]
     evals = [(pd.eval_kept[i], k, i) for k, (pd, keep) in enumerate(zip(pds, keep_e)) for i in keep]
     evals = _sample_eval(evals, d)
-    records = [pds[k].eval_records[pds[k].eval_kept_idx[i]] for _, k, i in evals]
+    seen, records = set(), []
+    for _, k, i in evals:  # one record per example (a split raw-text document has several kept pieces)
+        j = pds[k].eval_kept_idx[i]
+        if (k, j) not in seen:
+            seen.add((k, j))
+            records.append(pds[k].eval_records[j])
     return train, [e for e, _, _ in evals], records, keep_t
 
 
@@ -254,7 +272,7 @@ def _build(cfg, tokenizer, parts: list) -> PreparedData:
         for key, v in pd.counts.items():
             counts[key] = counts.get(key, 0) + v
     fit = {key: sum(pd.fit["train"][key] + pd.fit["eval"][key] for pd in pds)
-           for key in ("dropped", "truncated", "no_label")}
+           for key in ("dropped", "truncated", "no_label", "split")}
     lengths = [len(pd.tok_of[id(ex)].input_ids) for pd in pds for ex in pd.train_ex]
     notes = [pd.eval_note for pd in pds if pd.eval_note]
     first = parts[0]
@@ -273,6 +291,7 @@ def _build(cfg, tokenizer, parts: list) -> PreparedData:
         "eval_seed": d.seed if first.eval is None else None,
         "eval_note": "" if eval_kept else ("; ".join(notes) or "no evaluation examples"),
         "dropped_overlong": fit["dropped"], "truncated": fit["truncated"], "dropped_no_labels": fit["no_label"],
+        "split_documents": fit["split"],
         "overlong": d.overlong, "max_seq_length": d.max_seq_length,
         "tokens": pstats["real_tokens"],
         "label_tokens": sum(sum(1 for x in lab if x != IGNORE) for _, lab in train_kept),
@@ -314,6 +333,7 @@ def prepare_data(cfg, tokenizer, *, use_cache: bool = True) -> PreparedData:
         hit = _load_cache(path)
         if hit is not None:
             hit.stats.update(cached=True, cache_path=path, seconds=round(time.time() - t0, 3))
+            _eval_notice(cfg, hit.stats)
             return hit
     prepared = _build(cfg, tokenizer, parts)
     prepared.stats.update(cached=False, cache_path=path)
@@ -323,7 +343,16 @@ def prepare_data(cfg, tokenizer, *, use_cache: bool = True) -> PreparedData:
         prepared.stats["cache_path"] = None
         print(f"warning: could not write the data cache {path} ({e})", file=sys.stderr)
     prepared.stats["seconds"] = round(time.time() - t0, 3)
+    _eval_notice(cfg, prepared.stats)
     return prepared
+
+
+def _eval_notice(cfg, stats: dict) -> None:
+    """Evaluation was asked for (eval_fraction > 0 or an eval split) and there is none: say why, once."""
+    if stats.get("eval_examples") or not (cfg.data.eval_fraction > 0 or cfg.data.eval_split):
+        return
+    print(f"mixtune: notice: no evaluation data: {stats.get('eval_note') or 'no evaluation examples'}; there "
+          f"will be no evaluation loss", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,9 +394,10 @@ def format_stats(s: dict) -> str:
         + (f", seed {s['eval_seed']}" if s.get("eval_seed") is not None else "") + ")",
         f"  overlong (>{s['max_seq_length']})  {s['truncated']:,} truncated, {s['dropped_overlong']:,} dropped"
         + (f", {s['dropped_no_labels']:,} dropped (truncation left no answer token)"
-           if s.get("dropped_no_labels") else ""),
+           if s.get("dropped_no_labels") else "")
+        + (f", {s['split_documents']:,} raw-text documents split" if s.get("split_documents") else ""),
         f"  train tokens      {s['tokens']:,} ({s['label_tokens']:,} with loss"
-        + (", whole text)" if s["train_on_prompt"] else ", answers + eos)"),
+        + (", whole text)" if s["train_on_prompt"] or s["template"] == "text" else ", answers + eos)"),
         f"  example length    p50 {L['p50']}  p90 {L['p90']}  p99 {L['p99']}  max {L['max']}  mean {L['mean']}",
     ]
     if s["packing"]:
@@ -375,6 +405,12 @@ def format_stats(s: dict) -> str:
                      f"efficiency {eff * 100:.1f}%, {s['examples_per_row']} examples/row")
     else:
         lines.append(f"  rows              {s['train_rows']:,} unpacked (eval {s['eval_rows']:,})")
+    for src in s.get("sources") or []:
+        lines.append(f"  source            {src['name']} ({src['schema']} -> {src['template']}): weight "
+                     f"{src['weight']:g} ({src['weight_share'] * 100:.1f}%), {src['rows_read']:,} rows read, "
+                     f"{src['train_examples']:,} examples, {src['tokens']:,} tokens ({src['token_share'] * 100:.1f}%)")
+    if not s["eval_examples"] and s.get("eval_note"):
+        lines.append(f"  no eval           {s['eval_note']}")
     for m in s.get("bad_row_examples") or []:
         lines.append(f"  skipped: {m}")
     lines.append(f"  cache             {s.get('cache_path')} ({'hit' if s.get('cached') else 'written'}, "

@@ -104,6 +104,19 @@ def tokenize_example(ex: Example, tokenizer) -> Tokenized:
     return Tokenized(ids, labels, prompt_ids)
 
 
+def split_document(tok: Tokenized, max_len: int) -> list:
+    """Raw text: a document longer than max_len becomes consecutive pieces of max_len tokens (every token kept;
+    each piece is its own document in a packed row, so its first token is not a label)."""
+    if len(tok.input_ids) <= max_len:
+        return [tok]
+    out = []
+    for k in range(0, len(tok.input_ids), max_len):
+        ids, labels = tok.input_ids[k:k + max_len], list(tok.labels[k:k + max_len])
+        labels[0] = IGNORE
+        out.append(Tokenized(ids, labels, tok.prompt_ids if k == 0 else []))
+    return out
+
+
 def fit_length(tok: Tokenized, max_len: int, overlong: str) -> Tokenized | None:
     """Truncate (keep the first max_len tokens) or drop (None) an example longer than max_len."""
     if len(tok.input_ids) <= max_len:

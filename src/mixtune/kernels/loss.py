@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..quant.nf4 import NF4Weight
+from .ce import ce_grad_inplace
 from .dequant import dequantize_nf4
 
 
@@ -31,12 +32,8 @@ class _LinearCE(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, n, chunk):
             hc, tc = h[s:s + chunk], tgt[s:s + chunk]
-            logits = (hc @ W.t()).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            p = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-            p[torch.arange(tc.numel(), device=p.device), tc] -= 1.0
-            p = p.to(h.dtype)  # (c, V) d loss / d logits
+            p = hc @ W.t()  # (c, V) logits in h's dtype
+            loss += ce_grad_inplace(p, tc).sum()  # p := softmax - onehot = d loss / d logits, in place
             dh[s:s + chunk] = p @ W
             if need_w:
                 dW += (p.t() @ hc).float()
