@@ -30,7 +30,7 @@ def eval_main(cfg, adapter: Optional[str] = None, json_out: bool = False) -> dic
     tokenizer = load_tokenizer(cfg.model.tokenizer, model_path)
     data = prepare_data(cfg, tokenizer)
     if not data.eval_rows:
-        raise ValueError("no evaluation rows: set data.eval_fraction > 0 or data.eval_split")
+        raise ValueError(f"no evaluation rows: {data.stats.get('eval_note') or 'set data.eval_fraction > 0 or data.eval_split'}")
     device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     bf16 = use_bf16(cfg, device, dtype)
