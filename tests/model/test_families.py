@@ -251,3 +251,36 @@ def test_config_contradicting_the_weights_is_refused(tmp_path, key, value, needl
         json.dump(c, fh)
     with pytest.raises(CheckpointError, match=needle):
         load_model(str(tmp_path), quant="none", report=None)
+
+
+def test_training_on_a_contradicting_checkpoint_writes_nothing(tmp_path):
+    from mixtune import train
+    from mixtune.config import ConfigError
+    ckpt = tmp_path / "ckpt"
+    make_tiny_checkpoint(str(ckpt), TINY_FAMILY_CONFIGS["qwen3_moe"], tokenizer=True)
+    with open(ckpt / "config.json") as fh:
+        c = json.load(fh)
+    c["moe_intermediate_size"] = 48  # the experts on disk are 32 wide
+    with open(ckpt / "config.json", "w") as fh:
+        json.dump(c, fh)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("mine")
+    cfg = load_config(None, ["--model.name_or_path", str(ckpt), "--train.output_dir", str(run)])
+    with pytest.raises(ConfigError, match="disagree"):
+        train.main(cfg)
+    assert sorted(os.listdir(run)) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "qwen2_moe"])
+def test_tiny_default_of_each_family_trains_offline(family, tmp_path):
+    from mixtune import train
+    cfg = load_config(None, ["--model.family", family, "--train.output_dir", str(tmp_path / "run"), "--train.max_steps",
+                             "4", "--train.eval_steps", "0", "--train.generate_after", "0", "--train.progress",
+                             "false", "--train.tensorboard", "false", "--data.max_rows", "60"])
+    r = train.main(cfg)
+    assert r["steps"] == 4 and r["eval_loss"] < r["eval_loss_before"]
+    from mixtune.lora import read_adapter
+    acfg, tensors, _ = read_adapter(r["adapter"])
+    moe = "block_sparse_moe" if family == "mixtral" else "mlp"
+    assert any(f".{moe}.experts.0.gate_proj.lora_A" in k for k in tensors)

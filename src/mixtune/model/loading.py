@@ -14,6 +14,8 @@ filled; anything else is a `CheckpointError` naming the keys. Locating a model i
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from typing import Callable, Optional
 
@@ -81,6 +83,56 @@ def _set_param(module: nn.Module, name: str, t: torch.Tensor) -> None:
     setattr(module, name, nn.Parameter(t, requires_grad=False))
 
 
+def check_checkpoint(path: str, shapes: bool = True) -> MoEConfig:
+    """The config of the model directory `path`, after checking that its safetensors hold exactly the keys its
+    config.json implies and (shapes=True) with the shapes it implies, from the file headers alone (no tensor is
+    read). A contradiction (expert count, head_dim, sizes) is a CheckpointError naming the keys: a run can call
+    this before it writes anything."""
+    from .safetensors_io import safe_open
+
+    config = load_config_only(path)
+    files = checkpoint_files(path)
+    internal = to_internal(config)
+    have = {k for ks in files.values() for k in ks}
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = sorted(set(internal) - have - optional, key=_natural)
+    unexpected = sorted(have - set(internal), key=_natural)
+    if missing or unexpected:
+        msg = [f"checkpoint {path} does not match its config.json ({config.model_type}, "
+               f"{config.num_local_experts} experts, head_dim {config.head_dim})"]
+        if missing:
+            msg.append(f"missing keys: {_some(missing)}")
+        if unexpected:
+            msg.append(f"unexpected keys: {_some(unexpected)}")
+        raise CheckpointError("; ".join(msg))
+    if shapes:
+        with torch.device("meta"):
+            want = {config.family.checkpoint_name(k): tuple(t.shape) for k, t in _meta_state(config).items()}
+        for fname, keys in files.items():
+            with safe_open(os.path.join(path, fname), framework="pt") as f:
+                for k in keys:
+                    got = tuple(f.get_slice(k).get_shape())
+                    if k in want and got != want[k]:
+                        raise CheckpointError(f"{k}: shape {got} in the checkpoint, {want[k]} expected from "
+                                              f"{os.path.join(path, 'config.json')} (config.json and the "
+                                              f"weights disagree)")
+    return config
+
+
+def _meta_state(config: MoEConfig) -> dict:
+    """Our key -> meta tensor of the right shape, experts split per expert (as checkpoint keys are)."""
+    model = MoEForCausalLM(config)
+    out = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        m = re.match(r"^(.*\.experts)\.(w[123])$", name)
+        if m:
+            for e in range(t.shape[0]):
+                out[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = t[e]
+        else:
+            out[name] = t
+    return out
+
+
 def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | str = torch.bfloat16,
                device="cpu", cache_dir: str = "", revision: Optional[str] = None, family: str = "mixtral",
                report: Optional[Callable[[str], None]] = print) -> MoEForCausalLM:
@@ -94,21 +146,8 @@ def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | st
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     dtype = resolve_dtype(dtype, device)
     path = resolve_model_path(name_or_path, cache_dir, revision, family=family)
-    config = load_config_only(path)
-    files = checkpoint_files(path)
+    config = check_checkpoint(path, shapes=False)
     internal = to_internal(config)  # {checkpoint key: our key}
-    want = list(internal)
-    have = {k for ks in files.values() for k in ks}
-    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = sorted(set(want) - have, key=_natural)
-    unexpected = sorted(have - set(want) - optional, key=_natural)
-    if missing or unexpected:
-        msg = [f"checkpoint {path} does not match its config.json"]
-        if missing:
-            msg.append(f"missing keys: {_some(missing)}")
-        if unexpected:
-            msg.append(f"unexpected keys: {_some(unexpected)}")
-        raise CheckpointError("; ".join(msg))
 
     model = build_model_on_meta(config, "none", dtype)
     E = config.num_local_experts
@@ -211,4 +250,4 @@ def _load_report(path, quant, dtype, device, s, seconds) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CheckpointError", "load_model", "build_model_on_meta", "human_bytes"]
+__all__ = ["CheckpointError", "load_model", "check_checkpoint", "build_model_on_meta", "human_bytes"]
