@@ -230,3 +230,29 @@ def test_mixtral_v3_chat_generation_prompt_and_wrong_tokenizer(v3):
     conv = _conv([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
     with pytest.raises(DataError, match=r"no \[INST\] control token.*mistral-common:v3"):
         tokenize_example(render_example("mixtral-v3-chat", conv, False), load_tokenizer())
+
+
+def test_chat_template_through_prepare_and_its_cache_key(tmp_path, chatml_dir, chatml):
+    import json
+
+    from mixtune.config import load_config
+    from mixtune.data import prepare_data
+
+    tok, hf = chatml
+    path = tmp_path / "chat.jsonl"
+    rows = [{"messages": SYSTEM_MULTI}, {"conversations": [{"from": "human", "value": "Hi"},
+                                                           {"from": "gpt", "value": "Hello."}]}]
+    path.write_text(json.dumps(rows[0]) + "\n")
+    base = ["--data.cache_dir", str(tmp_path / "c"), "--train.eval_steps", "0", "--data.path", str(path),
+            "--data.template", "chat-template", "--data.eval_fraction", "0", "--data.max_seq_length", "512"]
+    a = prepare_data(load_config(overrides=base), tok)
+    assert a.examples[0][1].input_ids == _ids(hf, SYSTEM_MULTI)
+    b = prepare_data(load_config(overrides=base + ["--data.chat_template_kwargs", "{enable_thinking: false}"]), tok)
+    assert b.stats["cached"] is False and b.stats["label_tokens"] < a.stats["label_tokens"]  # think block: prompt
+    assert prepare_data(load_config(overrides=base), tok).stats["cached"] is True
+    # a ShareGPT column whose turns use role/content keys reads too
+    path.write_text(json.dumps({"conversations": [{"role": "user", "content": "Hi"},
+                                                  {"role": "assistant", "content": "Hello."}]}) + "\n")
+    c = prepare_data(load_config(overrides=base), tok)
+    assert c.examples[0][1].input_ids == _ids(hf, [{"role": "user", "content": "Hi"},
+                                                   {"role": "assistant", "content": "Hello."}])

@@ -159,6 +159,8 @@ def _message(m, at: str, sharegpt: bool) -> dict:
     if not isinstance(m, dict):
         raise BadRow("bad_messages", f"{at}: expected an object with " + ("from and value" if sharegpt else
                                                                           "role and content"))
+    if "from" in m or "role" in m:  # each message's own keys decide (ShareGPT columns with role/content exist)
+        sharegpt = "from" in m
     if sharegpt:
         who = m.get("from")
         if who not in SHAREGPT_ROLES:
