@@ -13,7 +13,8 @@ PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 
 def test_presets_exist():
     names = {os.path.basename(p) for p in PRESETS}
-    assert {"tiny.yaml", "mixtral-8x7b-recipe.yaml", "mixtral-8x7b-qlora.yaml"} <= names
+    assert {"tiny.yaml", "mixtral-8x7b-recipe.yaml", "mixtral-8x7b-qlora.yaml", "qwen3-30b-a3b-qlora.yaml",
+            "olmoe-1b-7b-qlora.yaml", "mixtral-8x22b-qlora.yaml"} <= names  # the families: tests/test_presets.py
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)

@@ -94,3 +94,49 @@ def test_lora_dropout_counts_only_where_attention_keeps_its_activations(mixtral_
                                                lora_dropout=0.05) - base
     # kept by all 32 layers vs rebuilt for one layer at a time in backward
     assert growth[False] > 20 * growth[True] > 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])
+def test_nf4_bytes_by_name_agree_with_the_nf4_placeholders(family):
+    """memory_estimate of a model built without NF4 decides by name (model.layout.quantized_linear + expert
+    stacks) what the loader quantizes: the same bytes as the model built with NF4 placeholders, every family
+    (dense layers' and shared experts' SwiGLU 4-bit; router, shared-expert gate, norms, biases 16-bit)."""
+    from mixtune.memory_plan import param_counts
+    from mixtune.model.config import TINY_FAMILY_CONFIGS
+    c = TINY_FAMILY_CONFIGS[family]
+    lora = LoraConfig(r=4, alpha=4, targets=["q_proj", "v_proj", "experts", "lm_head"])
+    got = {}
+    for quant in ("none", "nf4"):
+        m = build_model_on_meta(c, quant, torch.bfloat16)
+        apply_lora(m, lora, 0, warn=False)
+        got[quant] = (memory_estimate(m), param_counts(m))
+    assert got["none"] == got["nf4"]
+    counts = got["nf4"][1]
+    n_moe = sum(c.is_moe_layer(l) for l in range(c.num_hidden_layers))
+    assert counts["by_part"]["experts"] == n_moe * c.num_local_experts * 3 * c.hidden_size * c.intermediate_size
+    assert counts["total"] - counts["active"] == \
+        n_moe * (c.num_local_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.intermediate_size
+    assert (counts["by_part"]["dense_mlp"] > 0) == (n_moe < c.num_hidden_layers)
+    assert (counts["by_part"]["shared_expert"] > 0) == c.family.shared_expert
+
+
+def test_each_layer_counts_as_its_kind():
+    """Dense MLP layers keep their SwiGLU activations, not the experts'; recomputing a dense layer saves what it
+    kept; grouped_lowmem recomputes nothing in a dense layer."""
+    from mixtune.model.config import MoEConfig
+    base = dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=768, dense_intermediate_size=6144,
+                num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                num_local_experts=128, num_experts_per_tok=8, vocab_size=151936)
+    sparse, dense0 = MoEConfig(**base), MoEConfig(**base, mlp_only_layers=[0])
+    pol = Policy(0, False, "grouped")
+    a = estimate_bytes(sparse, 0, 0, 1, 1024, 0, "adamw", pol)
+    b = estimate_bytes(dense0, 0, 0, 1, 1024, 0, "adamw", pol)
+    from mixtune.memory_plan import _per_token_layer
+    p = _per_token_layer(sparse, 0)
+    assert a - b == 1024 * (p["moe"] + p["h13"] - p["dense"])  # layer 0 keeps the dense set instead
+    # recomputing the first layer: drops that layer's kept set, whichever kind it is
+    full1 = Policy(1, False, "grouped")
+    assert estimate_bytes(dense0, 0, 0, 1, 1024, 0, "adamw", full1) < b
+    lowmem = Policy(0, False, "grouped_lowmem")  # (Qwen3's dense 6144 = top-8 x 768: the same forward work)
+    assert relative_work(dense0, lowmem) < relative_work(sparse, lowmem)
+    assert relative_work(dense0, full1) == relative_work(sparse, full1)

@@ -3,6 +3,8 @@ shapes, and pick the cheapest recomputation policy that fits a budget.
 
     est = estimate_bytes(config, weights_bytes, trainable, micro_batch, seq, r, optim, policy)
     policy, est = plan(budget_bytes, config, weights_bytes, trainable, micro_batch, seq, r, optim)
+    counts = param_counts(model)        # total / active per token / trainable, by part
+    mem = memory_estimate(model)        # weights (nf4 and bf16), adapter, gradients, AdamW state
 
 A policy is (full, attention, backend):
 - `full`: the first `full` layers recompute everything in backward;
@@ -12,7 +14,9 @@ A policy is (full, attention, backend):
 The estimate adds up:
 - the weights;
 - the adapter, its gradients and the optimizer's moments;
-- what autograd keeps per token and layer, counted tensor by tensor from the shapes below, bf16;
+- what autograd keeps per token and layer, counted tensor by tensor from the shapes below, bf16 — for every
+  family (model/family.py): the query width from head_dim, q/k norms, q/k/v clipping, a shared expert, and
+  dense MLP layers where the config has them (each layer counted as its kind);
 - the largest transient: one layer's backward buffers, the dequantized expert weights, a loss chunk; with
   `precision="fp8"` those weights take one byte each and the widest backward buffer gets an e4m3 copy.
 
@@ -31,6 +35,7 @@ import math
 
 from .lora import lora_parameters
 from .model.config import MixtralConfig
+from .model.layout import EXPERT_W, quantized_linear
 from .quant.nf4 import NF4Weight
 
 GiB = 2**30
@@ -59,22 +64,50 @@ class Policy:
 
 
 def _per_token_layer(c: MixtralConfig, r: int, lora_dropout: float = 0.0) -> dict:
-    """Bytes autograd keeps per token and layer, by part."""
+    """Bytes autograd keeps per token and layer, by part (every family: q/k/v widths from head_dim, q/k norms,
+    q/k/v clipping, a shared expert, dense MLP layers)."""
     H, I, k, E = c.hidden_size, c.intermediate_size, c.num_experts_per_tok, c.num_local_experts
+    fam = c.family
+    qd = c.num_attention_heads * c.head_dim  # query width (= H for Mixtral; Qwen3: independent of H)
     kv = c.num_key_value_heads * c.head_dim
     # LoRA dropout on q/k/v/o keeps each projection's dropped input (bf16) and its mask (1 byte)
-    dropout = 4 * H * (BF16 + 1) if lora_dropout > 0 else 0
+    dropout = (3 * H + qd) * (BF16 + 1) if lora_dropout > 0 else 0
+    # q/k RMSNorm keeps its input (bf16) and one fp32 rstd per normed row (per head, or per projection)
+    rows = c.num_attention_heads + c.num_key_value_heads if fam.qk_norm == "head" else 2
+    qk_norm = (qd + kv) * BF16 + 4 * rows if fam.qk_norm != "none" else 0
+    clip = (qd + 2 * kv) * BF16 if fam.has_clip_qkv and c.clip_qkv is not None else 0  # clamp keeps its input
+    Is = c.shared_expert_intermediate_size if fam.shared_expert else 0
+    Id = c.dense_intermediate_size or I
     return {
         # norm input, normed x (q/k/v input), q|k|v after RoPE, attention output (o_proj input), softmax stats,
         # the four LoRA inner products
-        "attention": BF16 * (4 * H + 2 * kv) + 4 * c.num_attention_heads + 4 * r * BF16 + dropout,
+        "attention": BF16 * (2 * H + 2 * qd + 2 * kv) + 4 * c.num_attention_heads + 4 * r * BF16 + dropout
+        + qk_norm + clip,
         "attention_recomputed": H * BF16,  # the block's input only
         # residual (norm input), normed x (router + experts input), router probs/ids, expert outputs y (k x H),
         # LoRA inner products
         "moe": 2 * H * BF16 + E * 4 * 2 + k * 10 + k * H * BF16 + k * 3 * r * BF16,
         "h13": k * 2 * I * BF16,  # the (tokens x 2I) pre-activations `grouped` keeps
+        # Qwen2-MoE's shared expert: gate and up outputs, silu(gate), their product (down_proj input), its output
+        # for the sigmoid gate's product, the gate (1 value); LoRA inner products
+        "shared_expert": (BF16 * (4 * Is + H + 1) + 4 + 3 * r * BF16) if Is else 0,
+        # a dense layer's MLP in place of the MoE block: residual, normed x, gate/up/silu/product, LoRA products
+        "dense": BF16 * (2 * H + 4 * Id) + 3 * r * BF16,
         "layer_recomputed": H * BF16,
     }
+
+
+def _moe_layers(c: MixtralConfig) -> list[bool]:
+    """Per decoder layer: whether it has the MoE block (else a dense MLP)."""
+    return [c.is_moe_layer(l) for l in range(c.num_hidden_layers)]
+
+
+def _kept(p: dict, moe: bool, attention: bool, lowmem: bool) -> float:
+    """Bytes per token a layer that is not fully recomputed keeps (see _per_token_layer)."""
+    attn = p["attention_recomputed"] if attention else p["attention"]
+    if not moe:
+        return attn + p["dense"]
+    return attn + p["moe"] + p["shared_expert"] + (0 if lowmem else p["h13"])
 
 
 def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro_batch: int, seq: int, r: int,
@@ -89,33 +122,59 @@ def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro
     fixed = weights_bytes + trainable * 4 * 2 + state  # + the fp32 adapter and its gradients
     p = _per_token_layer(c, r, lora_dropout)
     lowmem = policy.backend == "grouped_lowmem"
-    kept = (p["attention_recomputed"] if policy.attention else p["attention"]) + p["moe"] + (0 if lowmem else p["h13"])
+    kinds = _moe_layers(c)
     full = min(policy.full, L)
-    saved = T * (full * p["layer_recomputed"] + (L - full) * kept)
+    saved = T * (full * p["layer_recomputed"] + sum(_kept(p, moe, policy.attention, lowmem) for moe in kinds[full:]))
     # one layer's backward: [dh13 | du13], dg, [dy | du2] (per routed copy), plus — when that layer's
     # activations are rebuilt in backward — the layer's own saved set; the dequantized w1|w3 (+ LoRA columns);
-    # one 4096-token fp32 logits chunk of the loss
-    rebuilt = (p["attention"] + p["moe"] + p["h13"]) if (full > 0 or lowmem) else 0
+    # one 4096-token fp32 logits chunk of the loss. A dense layer (or a shared expert) holds one dequantized
+    # matrix and its (tokens x 3 x width) gradients instead: the larger of the layer kinds present counts.
     fp8 = precision == "fp8"
-    transient = (E * 2 * I * (H + 2 * r) * (1 if fp8 else BF16) + T * (k * (3 * I + H) * BF16 + rebuilt)
-                 + 4096 * c.vocab_size * 4 + (T * k * (2 * I + 2 * r) if fp8 else 0))
+    rebuild_moe = lowmem or any(kinds[:full])  # a recomputed MoE layer, or the low-memory backend's h13
+    rebuild_dense = not all(kinds[:full])  # a recomputed dense layer
+    Is = c.shared_expert_intermediate_size if c.family.shared_expert else 0
+    Id = c.dense_intermediate_size or I
+    layer_transients = []
+    if any(kinds):
+        rebuilt = (p["attention"] + p["moe"] + p["shared_expert"] + p["h13"]) if rebuild_moe else 0
+        moe_t = E * 2 * I * (H + 2 * r) * (1 if fp8 else BF16) + T * (k * (3 * I + H) * BF16 + rebuilt) \
+            + (T * k * (2 * I + 2 * r) if fp8 else 0)
+        if Is:
+            moe_t = max(moe_t, Is * H * BF16 + T * ((3 * Is + H) * BF16 + rebuilt))
+        layer_transients.append(moe_t)
+    if not all(kinds):
+        rebuilt = (p["attention"] + p["dense"]) if rebuild_dense else 0
+        layer_transients.append(Id * H * BF16 + T * ((3 * Id + H) * BF16 + rebuilt))
+    transient = max(layer_transients) + 4096 * c.vocab_size * 4
     return fixed + saved + transient
+
+
+def _layer_work(c: MixtralConfig) -> tuple[int, list[int], list[int]]:
+    """Multiply-adds per token: attention projections (each layer), each layer's MLP part (top-k experts +
+    shared expert, or the dense MLP), and what grouped_lowmem recomputes per layer (the experts' w1|w3)."""
+    H, I, k = c.hidden_size, c.intermediate_size, c.num_experts_per_tok
+    qd, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    A = H * (2 * qd + 2 * kv)  # q, k, v, o
+    Is = c.shared_expert_intermediate_size if c.family.shared_expert else 0
+    Id = c.dense_intermediate_size or I
+    kinds = _moe_layers(c)
+    X = [k * 3 * H * I + 3 * H * Is if moe else 3 * H * Id for moe in kinds]  # top-k experts' w1, w3, w2
+    R = [2 * H * I * k if moe else 0 for moe in kinds]  # = (2/3) of the routed experts' work
+    return A, X, R
 
 
 def relative_work(c: MixtralConfig, policy: Policy) -> float:
     """Matmul work of a step relative to no recomputation (1.0): recomputing a layer adds its forward, the
     attention block its share, and the low-memory MoE the w1|w3 product."""
-    H, I, k, L = c.hidden_size, c.intermediate_size, c.num_experts_per_tok, c.num_hidden_layers
-    kv = c.num_key_value_heads * c.head_dim
-    A = H * (2 * H + 2 * kv)  # q, k, v, o
-    X = k * 3 * H * I  # two experts' w1, w3, w2
-    base = 4 * (A + X) * L
+    L = c.num_hidden_layers
+    A, X, R = _layer_work(c)
+    base = 4 * sum(A + x for x in X)
     full = min(policy.full, L)
-    extra = full * 2 * (A + X)
+    extra = sum(2 * (A + x) for x in X[:full])
     if policy.attention:
         extra += (L - full) * 2 * A
     if policy.backend == "grouped_lowmem":
-        extra += L * 2 * (2 / 3) * X
+        extra += sum(2 * x for x in R)
     return (base + extra) / base
 
 
@@ -154,25 +213,90 @@ def _nf4_bytes(shape) -> int:
     return n // 2 + nb + 4 * math.ceil(nb / 256) + 4 * 256
 
 
-def memory_estimate(model, dtype_bytes: int = 2) -> dict:
-    """Bytes for weights (NF4 as mixtune stores it / all 16-bit), the fp32 adapter, its gradients and AdamW's
-    fp32 m and v. Activations are not included (they depend on batch, length and checkpointing)."""
+def _strip(path: str) -> str:
+    """A parameter / NF4 weight path without LoRA's `.base` and the trailing `.weight`: the module's path."""
+    parts = [x for x in path.split(".") if x != "base"]
+    if parts and parts[-1] == "weight":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _quantizable(path: str) -> bool:
+    """Whether mixtune stores this base tensor in NF4 under quant=nf4 (model.layout.quantized_linear, plus the
+    expert stacks)."""
+    module = _strip(path)
+    parent, _, leaf = module.rpartition(".")
+    if parent.endswith(".experts") and leaf in EXPERT_W:
+        return True
+    return quantized_linear(module)
+
+
+def _base_tensors(model):
+    """(path, shape, stored in NF4 under quant=nf4) of every base weight (adapter excluded; NF4 weights by their
+    logical shape; a tied lm_head once, under the embedding's name)."""
     adapter_ids = {id(p) for p in lora_parameters(model)}
-    trainable = sum(p.numel() for p in lora_parameters(model))
-    dense = quantizable = nf4 = 0
     for name, p in model.named_parameters():
-        if id(p) in adapter_ids:
-            continue
-        leaf = [x for x in name.split(".") if x not in ("base", "weight")][-1]
-        if leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"):
-            quantizable += p.numel()
-            nf4 += _nf4_bytes(p.shape)
-        else:
-            dense += p.numel()
+        if id(p) not in adapter_ids:
+            yield name, tuple(p.shape), _quantizable(name)
     for name, mod in model.named_modules():
         if isinstance(mod, NF4Weight):
-            quantizable += math.prod(mod.shape)
-            nf4 += _nf4_bytes(mod.shape)
+            yield name, tuple(mod.shape), True
+
+
+PARTS = ("embeddings", "attention", "router", "experts", "shared_expert", "dense_mlp", "norms", "lm_head")
+
+
+def _part(path: str) -> str:
+    m = _strip(path)
+    if m.startswith("model.embed_tokens"):
+        return "embeddings"
+    if m.startswith("lm_head"):
+        return "lm_head"
+    if ".self_attn." in m:
+        return "attention"  # q/k/v/o, their biases, q/k norms
+    if ".block_sparse_moe.experts." in m:
+        return "experts"
+    if ".block_sparse_moe.shared_expert" in m:
+        return "shared_expert"  # the shared expert and its sigmoid gate
+    if ".block_sparse_moe.gate" in m:
+        return "router"
+    if ".mlp." in m:
+        return "dense_mlp"
+    return "norms"  # layer norms and the final norm
+
+
+def param_counts(model) -> dict:
+    """Base parameters (elements; NF4 by logical shape; the LoRA adapter excluded, a tied lm_head counted once),
+    by part, and the ACTIVE count: what one token's forward uses — everything but the routed experts, which
+    count k of E (num_experts_per_tok of num_local_experts). Embeddings and lm_head count whole, as the
+    published "active" figures (Mixtral 13B/39B, Qwen3-30B-A3B 3.3B) count them.
+
+    -> {"total": int, "active": int, "trainable": int, "by_part": {part: int}, "active_by_part": {part: int}}"""
+    c = model.config
+    k, E = c.num_experts_per_tok, c.num_local_experts
+    by_part = dict.fromkeys(PARTS, 0)
+    for name, shape, _ in _base_tensors(model):
+        by_part[_part(name)] += math.prod(shape)
+    active = dict(by_part, experts=by_part["experts"] // E * k)  # each stack is (E, out, in): k of E
+    return {"total": sum(by_part.values()), "active": sum(active.values()),
+            "trainable": sum(p.numel() for p in lora_parameters(model)), "by_part": by_part,
+            "active_by_part": active}
+
+
+def memory_estimate(model, dtype_bytes: int = 2) -> dict:
+    """Bytes for weights (NF4 as mixtune stores it / all 16-bit), the fp32 adapter, its gradients and AdamW's
+    fp32 m and v. NF4 (whatever the model was built with): attention projections, expert stacks, and the dense
+    SwiGLU of dense layers and shared experts (model.layout.quantized_linear); the rest (embeddings, norms,
+    biases, router, shared-expert gate, lm_head) 16-bit. Activations are not included (they depend on batch,
+    length and checkpointing)."""
+    trainable = sum(p.numel() for p in lora_parameters(model))
+    dense = quantizable = nf4 = 0
+    for _, shape, quantized in _base_tensors(model):
+        if quantized:
+            quantizable += math.prod(shape)
+            nf4 += _nf4_bytes(shape)
+        else:
+            dense += math.prod(shape)
     weights_nf4 = nf4 + dense * dtype_bytes
     weights_16 = (quantizable + dense) * dtype_bytes
     adapter = trainable * 4
