@@ -154,8 +154,13 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    warmup_ratio: float = _f(0.05, "Fraction of steps spent warming up linearly (ignored if warmup_steps > 0).")
-    warmup_steps: int = _f(0, "Warm-up steps.")
+    warmup_ratio: float = _f(0.05, "Fraction of steps spent warming up linearly (ignored if warmup_steps > 0); "
+                                   "the ramp is (step + 1) / (warm-up steps + 1), never lr 0.")
+    warmup_steps: float = _f(0, "Warm-up steps (> 0 overrides warmup_ratio; 0 = use warmup_ratio, so set both to "
+                                "0 for none). A fraction below 1 is read as transformers 4.x read the tutorial's "
+                                "warmup_steps=0.03: no warm-up, the first step at lr 0, then decay over total - "
+                                "0.03 steps (4.x's exact schedule). transformers 5.x reads such a fraction as a "
+                                "ratio: that is warmup_ratio here.")
     lr_scheduler_type: str = _f("cosine", "Schedule after warm-up.", ("cosine", "linear", "constant"))
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
     logging_steps: int = _f(10, "Log every N optimizer steps.")
@@ -342,6 +347,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.learning_rate: must be positive, got {t.learning_rate}")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if t.warmup_steps > 1 and not float(t.warmup_steps).is_integer():
+        raise ConfigError(f"train.warmup_steps: a whole number of steps, or a fraction below 1 (transformers "
+                          f"4.x's reading of the tutorial's 0.03), got {t.warmup_steps}")
     if t.max_steps == 0 or t.max_steps < -1:
         raise ConfigError(f"train.max_steps: must be -1 (use num_train_epochs) or positive, got {t.max_steps}")
     if t.max_steps == -1 and t.num_train_epochs <= 0:

@@ -13,11 +13,18 @@ from typing import Callable, Optional
 from ..config import Config
 
 
-def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+def lr_lambda(kind: str, warmup: float, total: int) -> Callable[[int], float]:
     """Multiplier of the peak lr after `step` scheduler steps: linear warm-up over `warmup` steps, then
-    cosine decay to 0, linear decay to 0, or constant, until `total`."""
+    cosine decay to 0, linear decay to 0, or constant, until `total`.
+
+    A whole `warmup` ramps as (step + 1) / (warmup + 1), so no step runs at lr 0. A fraction 0 < warmup < 1
+    is transformers 4.x's arithmetic for a fractional `warmup_steps` (the tutorial's 0.03): step 0 gets
+    step / max(1, warmup) = 0, and later steps decay over total - warmup steps, e.g. linear
+    (total - step) / (total - warmup)."""
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
+            if warmup < 1:  # only step 0 gets here; transformers 4.x: step / max(1, warmup) = 0
+                return 0.0
             return (step + 1) / (warmup + 1)
         if kind == "constant":
             return 1.0
@@ -28,9 +35,13 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def warmup_steps(cfg: Config, total: int) -> int:
-    """train.warmup_steps when > 0, else ceil(train.warmup_ratio × total)."""
-    return cfg.train.warmup_steps if cfg.train.warmup_steps > 0 else int(math.ceil(cfg.train.warmup_ratio * total))
+def warmup_steps(cfg: Config, total: int) -> float:
+    """train.warmup_steps when > 0 (a whole number of steps, or a fraction below 1 kept as it is for
+    transformers 4.x's arithmetic), else ceil(train.warmup_ratio × total)."""
+    w = cfg.train.warmup_steps
+    if w > 0:
+        return int(w) if float(w).is_integer() else float(w)
+    return int(math.ceil(cfg.train.warmup_ratio * total))
 
 
 def total_optimizer_steps(cfg: Config, n_rows: int, per_epoch: Optional[int] = None, world: int = 1) -> int:
