@@ -97,3 +97,31 @@ def test_unsloth_bench_dry_run_on_cpu(tmp_path):
     for r in res["rows"]:
         assert r["masking"]["verdict"] == "document-masked" and r["masking"]["packed"] < 1e-3
         assert r["masking"]["causal_reference"] > 1e-2  # the check can tell a leak
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--steps", "-1"], "--steps: must be >= 1, got -1"),
+    (["--cpu-tiny", "--warmup", "-2"], "--warmup: must be >= 0"),
+    (["--seq", "0"], "--seq: must be >= 2"),
+    (["--layers", "0"], "--layers: must be >= 1"),
+    (["--settings", "mb=-1"], "--settings: mb must be >= 1"),
+    (["--settings", "mb=x"], "--settings: mb='x'"),
+    (["--cpu-tiny", "--device", "cuda"], "cannot be combined with --device cuda"),
+])
+def test_bad_numbers_are_one_line_errors(capsys, argv, msg):
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_gpu_sized_benchmark_is_refused_without_a_gpu(capsys, monkeypatch):
+    """Without --cpu-tiny the benchmark is Mixtral-8x7B-sized: on a CPU it is refused at once, naming the
+    small CPU mode (the issue: minutes and 9 GB of RSS before)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in ([], ["--device", "cpu"], ["--device", "cuda"]):
+        assert bench.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--cpu-tiny" in err and len(err.strip().splitlines()) == 1, err
+    from mixtune import cli
+    assert cli.main(["bench", "--steps", "3"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -113,3 +113,65 @@ def test_readme_config_reference_is_the_current_help():
     with open(os.path.join(ROOT, "README.md")) as fh:
         readme = fh.read()
     assert config_help() in readme, "README.md's config reference is stale: paste config_help() again"
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--lora.alpha", "0"], "lora.alpha: must be positive"),
+    (["--lora.alpha", "-16"], "lora.alpha: must be positive"),
+    (["--train.max_bad_steps", "0"], "train.max_bad_steps: must be at least 1"),
+    (["--train.output_dir", ""], "train.output_dir: empty"),
+    (["--data.columns", "{prompt: 3}"], "data.columns: 'prompt' must map to a column name"),
+    (["--data.columns", "{prompt: [a, b]}"], "got a list"),
+    (["--data.columns", "{prompt: q, prompt: r}"], "duplicate key 'prompt'"),
+])
+def test_validation_of_issue_11(args, msg):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, args)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_output_dir_empty_is_one_line_through_the_cli(capsys):
+    from mixtune import cli
+    assert cli.main(["train", "--output_dir", ""]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixtune: error: train.output_dir: empty") and len(err.strip().splitlines()) == 1
+
+
+ALIAS_BOMB = ('data:\n  columns:\n    a: &a ["x","x","x","x","x","x","x","x","x"]\n'
+              + "".join(f"    {n}: &{n} [{','.join([f'*{p}'] * 9)}]\n"
+                        for p, n in zip("abcdefgh", "bcdefghi")))
+
+
+@pytest.mark.parametrize("name, text, msg", [
+    ("bomb.yaml", ALIAS_BOMB, "once its aliases (*name) are expanded"),
+    ("deep.yaml", "train: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than 32 levels deep"),
+    ("dup.yaml", "train:\n  max_steps: 3\nlora:\n  r: 4\ntrain:\n  max_steps: 5\n",
+     "duplicate key 'train' at line 5 (first at line 1)"),
+    ("dupinner.yaml", "train:\n  max_steps: 3\n  max_steps: 5\n", "duplicate key 'max_steps' at line 3"),
+    ("dup.json", '{"train": {"max_steps": 3, "max_steps": 5}}', "duplicate key 'max_steps'"),
+])
+def test_hostile_yaml_fails_fast_with_one_line(tmp_path, name, text, msg):
+    import time
+    assert len(ALIAS_BOMB) < 400  # the issue's bomb was 354 bytes
+    p = tmp_path / name
+    p.write_text(text)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    assert time.perf_counter() - t0 < 5
+    assert msg in str(e.value) and name in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_yaml_merge_keys_may_override_and_non_utf8_names_the_file(tmp_path):
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("train:\n  <<: {max_steps: 3, logging_steps: 1}\n  max_steps: 5\n")
+    c = load_config(str(ok))
+    assert c.train.max_steps == 5 and c.train.logging_steps == 1
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("train:\n  output_dir: runs/caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(byte 0xe9"):
+        load_config(str(bad))
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ConfigError, match="big.yaml: refused: larger than 1 MiB"):
+        load_config(str(big))

@@ -125,3 +125,63 @@ def test_generate_main_chat_template_and_literal_specials(tiny_ckpt, tmp_path, c
     assert tok.eos_id not in ids[1:]
     assert res[0]["prompt_tokens"] == len(ids)
     capsys.readouterr()
+
+
+def test_context_rule_caps_new_tokens_with_a_notice_and_refuses_a_full_prompt(ours):
+    """prompt + new tokens never exceed max_position_embeddings: new tokens are capped (told through
+    `notice`); a prompt that fills the context alone is refused."""
+    import dataclasses
+
+    orig = ours.config
+    try:
+        ours.config = dataclasses.replace(orig, max_position_embeddings=12)
+        said = []
+        got = generate(ours, PROMPTS, max_new_tokens=10000, greedy=True, eos_id=-1, notice=said.append)
+        assert [len(p) + len(g) for p, g in zip(PROMPTS, got)] == [12, 12, 12]  # each row up to the limit
+        assert len(said) == 1 and "exceed the model's context of 12 tokens" in said[0] and "at most 2" in said[0]
+        ours.config = dataclasses.replace(ours.config, max_position_embeddings=10)
+        with pytest.raises(ValueError, match="a prompt of 10 tokens leaves no room in the model's context of 10"):
+            generate(ours, PROMPTS, max_new_tokens=1, greedy=True)
+    finally:
+        ours.config = orig
+    free = generate(ours, PROMPTS, max_new_tokens=6, greedy=True, eos_id=-1)
+    assert [len(g) for g in free] == [6, 6, 6]  # within the context: nothing capped
+
+
+def test_tiny_temperature_is_greedy_and_nan_logits_are_one_line(ours):
+    greedy = generate(ours, PROMPTS, max_new_tokens=4, greedy=True)
+    for t in (1e-45, 1e-30, 1e-6):
+        assert generate(ours, PROMPTS, max_new_tokens=4, greedy=False, temperature=t, top_p=0.95) == greedy
+    logits = torch.tensor([[1e30, -1e30, 0.0]])
+    assert sample_next(logits, greedy=False, temperature=1e-4, top_p=1.0, top_k=0,
+                       generator=torch.Generator().manual_seed(0)).item() == 0  # no overflow to nan
+    w = ours.lm_head.weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w[0, 0] = float("nan")
+        with pytest.raises(ValueError, match="non-finite logits"):
+            generate(ours, PROMPTS[:1], max_new_tokens=2, greedy=False, temperature=0.7)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+
+
+def test_cli_max_new_tokens_beyond_the_context_is_capped_with_a_notice(tiny_ckpt, tmp_path, capsys):
+    import shutil
+
+    from mixtune import cli
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(tiny_ckpt, ckpt)
+    with open(f"{ckpt}/config.json") as fh:
+        hf = json.load(fh)
+    hf["max_position_embeddings"] = 64
+    with open(f"{ckpt}/config.json", "w") as fh:
+        json.dump(hf, fh)
+    rc = cli.main(["generate", "--model", ckpt, "--model.device", "cpu", "--model.quant", "none", "--prompt", "Hi",
+                   "--max-new-tokens", "10000", "--generate.temperature", "1e-45", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    rec = json.loads(out.strip().splitlines()[-1])
+    assert rec["prompt_tokens"] + len(rec["token_ids"]) <= 64
+    assert "mixtune: generate: prompt + max_new_tokens" in err and "Traceback" not in err

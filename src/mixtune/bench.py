@@ -234,7 +234,16 @@ def parse_settings(spec: str):
             if key not in d:
                 raise ValueError(f"--settings: unknown key {key!r} in {part!r} (mb, accum, ckpt, backend, attn, opt, "
                                  "actk, gqa, prec)")
-            d[key] = val if key in ("backend", "attn", "opt", "prec") else int(val)
+            if key in ("backend", "attn", "opt", "prec"):
+                d[key] = val
+                continue
+            try:
+                d[key] = int(val)
+            except ValueError:
+                raise ValueError(f"--settings: {key}={val!r} in {part!r} is not an integer") from None
+            least = 1 if key in ("mb", "accum") else 0
+            if d[key] < least:
+                raise ValueError(f"--settings: {key} must be >= {least}, got {d[key]} in {part!r}")
         out.append(d)
     return out
 
@@ -335,7 +344,8 @@ def versions():
 
 def build_parser():
     p = argparse.ArgumentParser(prog="mixtune bench", description=__doc__.split("\n")[0])
-    p.add_argument("--cpu-tiny", action="store_true", help="tiny geometry on CPU (seconds): numerics + steps")
+    p.add_argument("--cpu-tiny", action="store_true", help="tiny geometry on CPU (seconds): numerics + steps. "
+                   "Without it the benchmark runs a real model's geometry and is refused without a CUDA GPU")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--layers", type=int, default=4, help="layers for the side-by-side comparison")
     p.add_argument("--seq", type=int, default=1024, help="packed row length")
@@ -354,26 +364,49 @@ def build_parser():
     return p
 
 
+def check_args(args) -> None:
+    """Refuse numbers out of range, and the real-geometry benchmark anywhere but on a CUDA GPU (on CPU it would
+    run for a long time in many GB of memory): --cpu-tiny is the CPU mode. ValueError with one line."""
+    for name, least in (("steps", 1), ("warmup", 0), ("layers", 1), ("seq", 2), ("full_layers", 0),
+                        ("check_tokens", 1)):
+        v = getattr(args, name)
+        if v < least:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= {least}, got {v}")
+    if args.cpu_tiny:
+        if args.device not in ("", "cpu"):
+            raise ValueError(f"--cpu-tiny runs on the CPU; it cannot be combined with --device {args.device}")
+        return
+    if args.device and args.device != "cpu" and not args.device.startswith("cuda"):
+        raise ValueError(f"--device: cuda, cuda:N or cpu, got {args.device!r}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        raise ValueError("the benchmark runs a real model's geometry (default Mixtral-8x7B) and needs a CUDA GPU"
+                         + ("" if args.device else " (none found)") + "; on a CPU run the small mode: "
+                         "mixtune bench --cpu-tiny")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU found; on a CPU run mixtune bench --cpu-tiny")
+
+
 def main(argv=None, stock_runner=None) -> int:
     """`mixtune bench`. stock_runner: the stock-stack timer (bench/train_throughput.py passes it)."""
     args = build_parser().parse_args(argv)
+    try:
+        settings = parse_settings(args.settings)
+        full = parse_settings(args.full)
+        stock = parse_settings(args.stock)
+        if stock and stock_runner is None:
+            raise ValueError("--stock runs from bench/train_throughput.py (it needs the benchmark's stock-stack "
+                             "module)")
+        check_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.cpu_tiny:
         device = "cpu"
         cfg = MixtralConfig(**TINY)
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         cfg = MixtralConfig()
-    try:
-        settings = parse_settings(args.settings)
-        full = parse_settings(args.full)
-        stock = parse_settings(args.stock)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if stock and stock_runner is None:
-        print("error: --stock runs from bench/train_throughput.py (it needs the benchmark's stock-stack module)",
-              file=sys.stderr)
-        return 2
     result = {"versions": versions(), "device": device, "geometry": {k: getattr(cfg, k) for k in TINY},
               "seq": args.seq, "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "targets": LORA_TARGETS}}
     ok = True

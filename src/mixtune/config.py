@@ -26,6 +26,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from ._yaml import YAMLRefused, parse_yaml, read_yaml_file
+
 
 class ConfigError(ValueError):
     """A user error in a configuration: the message names the key and says what is wrong."""
@@ -163,6 +165,10 @@ class TrainConfig:
                                 "ratio: that is warmup_ratio here.")
     lr_scheduler_type: str = _f("cosine", "Schedule after warm-up.", ("cosine", "linear", "constant"))
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    max_bad_steps: int = _f(3, "Divergence guard: a step whose loss or gradient norm is not finite updates "
+                               "nothing (the step still counts: its data is consumed, the lr schedule advances) "
+                               "and is logged in metrics.jsonl; this many such steps in a row stop the run with "
+                               "an error (the last good checkpoint stays, no adapter is written).")
     logging_steps: int = _f(10, "Log every N optimizer steps.")
     eval_steps: int = _f(20, "Evaluate every N optimizer steps (0 = only at the start and the end).")
     save_steps: int = _f(50, "Checkpoint every N optimizer steps (0 = only at the end).")
@@ -183,9 +189,11 @@ class TrainConfig:
 
 @dataclass
 class GenerateConfig:
-    max_new_tokens: int = _f(48, "Maximum tokens to generate per prompt.")
+    max_new_tokens: int = _f(48, "Maximum tokens to generate per prompt; capped, with a notice, so that prompt + "
+                                 "new tokens fit the model's max_position_embeddings (a prompt that fills the "
+                                 "context by itself is refused).")
     greedy: bool = _f(False, "Greedy decoding instead of sampling.")
-    temperature: float = _f(0.7, "Sampling temperature.")
+    temperature: float = _f(0.7, "Sampling temperature; below 1e-5 decoding is greedy (the limit of T -> 0).")
     top_p: float = _f(0.95, "Nucleus sampling threshold (1 = off).")
     top_k: int = _f(0, "Top-k sampling (0 = off).")
     seed: int = _f(0, "Sampling seed.")
@@ -293,9 +301,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin is list and typing.get_args(tp) == (dict,):  # a list of mappings (data.datasets)
         if isinstance(value, str):
             try:
-                value = yaml.safe_load(value) if value.strip() else []
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{key}: expected a list of mappings like '[{{path: a.jsonl, weight: 1}}]' ({e})") from None
+                value = parse_yaml(value, key) if value.strip() else []
+            except YAMLRefused as e:
+                raise ConfigError(f"{e}; expected a list of mappings like '[{{path: a.jsonl, weight: 1}}]'") from None
         if isinstance(value, (list, tuple)) and all(isinstance(v, dict) for v in value):
             return [{str(k): v for k, v in v.items()} for v in value]
         raise ConfigError(f"{key}: expected a list of mappings like '[{{path: a.jsonl, weight: 1}}]', got {value!r}")
@@ -308,9 +316,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is dict or origin is dict:
         if isinstance(value, str):
             try:
-                value = yaml.safe_load(value) if value.strip() else {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{key}: expected a mapping like '{{a: b}}', got {value!r} ({e})") from None
+                value = parse_yaml(value, key) if value.strip() else {}
+            except YAMLRefused as e:
+                raise ConfigError(f"{e}; expected a mapping like '{{a: b}}'") from None
             value = value or {}
         if isinstance(value, dict):
             return {str(k): v for k, v in value.items()}
@@ -327,6 +335,15 @@ def _check_choices(cfg: Config) -> None:
                 raise ConfigError(f"{sname}.{f.name}: {getattr(section, f.name)!r} is not one of {', '.join(choices)}")
 
 
+def _check_columns(columns: dict) -> None:
+    """data.columns maps logical names to column names: str -> str (quote a numeric column name)."""
+    for k, v in columns.items():
+        if not isinstance(v, str) or not v:
+            got = repr(v) if isinstance(v, (str, int, float, bool, type(None))) else f"a {type(v).__name__}"
+            raise ConfigError(f"data.columns: {k!r} must map to a column name (a non-empty string; quote a "
+                              f"numeric name), got {got}")
+
+
 def validate(cfg: Config) -> Config:
     """Check values and combinations; raise ConfigError with one clear line."""
     _check_choices(cfg)
@@ -341,6 +358,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{name}: must be positive, got {v}")
     if not lo.targets:
         raise ConfigError("lora.targets: empty; name at least one module (e.g. q_proj,v_proj,experts)")
+    if lo.alpha <= 0:
+        raise ConfigError(f"lora.alpha: must be positive (the update is scaled by alpha / r), got {lo.alpha:g}")
     if not 0.0 <= lo.dropout < 1.0:
         raise ConfigError(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
     if t.learning_rate <= 0:
@@ -372,6 +391,11 @@ def validate(cfg: Config) -> Config:
                           "with model.moe_backend reference")
     if cfg.model.checkpoint_layers < -1:
         raise ConfigError(f"model.checkpoint_layers: must be -1 (all layers) or >= 0, got {cfg.model.checkpoint_layers}")
+    if t.max_bad_steps < 1:
+        raise ConfigError(f"train.max_bad_steps: must be at least 1, got {t.max_bad_steps}")
+    if not t.output_dir.strip():
+        raise ConfigError("train.output_dir: empty; name the run's directory (e.g. --output_dir runs/tiny)")
+    _check_columns(d.columns)
     if t.save_total_limit < 1:
         raise ConfigError(f"train.save_total_limit: must be at least 1, got {t.save_total_limit}")
     for name, v in [("train.logging_steps", t.logging_steps)]:
@@ -436,14 +460,11 @@ def apply_mapping(cfg: Config, mapping: dict, origin: str = "config") -> None:
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
+    """A config file's mapping, read within mixtune._yaml's budgets (size, depth, aliases; no duplicate keys)."""
     try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return data or {}
+        return read_yaml_file(path) or {}
+    except YAMLRefused as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:

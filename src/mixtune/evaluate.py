@@ -9,6 +9,7 @@ The measurement itself is `mixtune.loop.evaluation.evaluate_loss`, the same the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -43,6 +44,9 @@ def eval_main(cfg, adapter: Optional[str] = None, json_out: bool = False) -> dic
         from .lora import load_adapter
         load_adapter(model, adapter)
     metrics = evaluate_loss(model, data.eval_rows, cfg.train.per_device_eval_batch_size, autocast=bf16)
+    if not math.isfinite(metrics["eval_loss"]):  # finite weights whose products overflow (a diverged adapter)
+        print(f"mixtune: warning: the evaluation loss is {metrics['eval_loss']}: the model's outputs overflow "
+              f"(nan/inf){'; is the adapter from a diverged run?' if adapter else ''}", file=sys.stderr)
     result = {"model": cfg.model.name_or_path or "tiny-default", "adapter": adapter or None,
               "eval_rows": len(data.eval_rows), **metrics, "seconds": round(time.time() - t0, 2)}
     if json_out:

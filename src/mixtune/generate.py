@@ -18,7 +18,9 @@ def generate_main(cfg, prompts: list[str], adapter: Optional[str] = None, json_o
                   stream=None) -> list[dict]:
     """The `mixtune generate` verb: load cfg.model (+ the adapter), wrap each raw prompt with the data
     template, prepend bos, decode with cfg.generate, print each result (the text; with json_out one JSON
-    object per line: prompt, formatted_prompt, text, token_ids, prompt_tokens) and return them."""
+    object per line: prompt, formatted_prompt, text, token_ids, prompt_tokens) and return them.
+    Context rule (model.sampling.generate): new tokens are capped, with a notice on stderr, so that prompt + new
+    tokens fit the model's max_position_embeddings; a prompt that fills the context alone is refused."""
     from .data import format_generation_prompt, load_tokenizer
     from .model import load_model, resolve_model_path
 
@@ -45,7 +47,7 @@ def generate_main(cfg, prompts: list[str], adapter: Optional[str] = None, json_o
             ids = [tok.bos_id] + tok.encode_content(formatted)
         new = generate(model, [ids], max_new_tokens=gc.max_new_tokens, greedy=gc.greedy,
                        temperature=gc.temperature, top_p=gc.top_p, top_k=gc.top_k, seed=gc.seed,
-                       eos_id=tok.eos_id)[0]
+                       eos_id=tok.eos_id, notice=lambda msg: print(f"mixtune: {msg}", file=sys.stderr))[0]
         rec = {"prompt": text, "formatted_prompt": formatted, "text": tok.decode(new),
                "token_ids": new, "prompt_tokens": len(ids),
                "stopped_at_eos": bool(new) and new[-1] == tok.eos_id}

@@ -28,7 +28,8 @@ import torch
 
 from ._fs import publish_mode
 from .config import Config, ConfigError
-from .lora import adapter_deltas, adapter_scaling, merge_into_state_dict, read_adapter
+from .lora import adapter_deltas, merge_into_state_dict, read_adapter
+from .lora.merge import merge_scaling
 
 MARKER = "mixtune_merge.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -114,8 +115,8 @@ def merge_main(cfg: Config, adapter_dir: str, out_dir: str) -> dict:
     path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision)
     config = MixtralConfig.from_pretrained(path)
     acfg, tensors, _ = read_adapter(adapter_dir)
-    scaling = adapter_scaling(acfg)
     deltas = adapter_deltas(tensors)
+    scaling = merge_scaling(acfg, deltas)  # alpha / r; per weight when rank_pattern / alpha_pattern say so
     del tensors
     have = {k for ks in checkpoint_files(path).values() for k in ks}
     stray = sorted(set(deltas) - have)

@@ -195,7 +195,8 @@ def finish(cfg: Config, run: Run, fitted: Fitted, model, tokenizer, data, exampl
         "train": {"steps": fitted.step, "micro-batch × accumulation": f"{t.per_device_train_batch_size} × "
                   f"{t.gradient_accumulation_steps}" + (f" × {dist.world} ranks" if dist.enabled else ""),
                   "learning rate": t.learning_rate, "schedule": t.lr_scheduler_type,
-                  "final train loss": result["train_loss"], "wall time (s)": round(fitted.seconds, 1)},
+                  "final train loss": result["train_loss"], "wall time (s)": round(fitted.seconds, 1),
+                  **fitted.notes},
         "eval_before": eval_before, "eval_after": eval_after, "loss_png": "loss.png", "generation_scores": gen_scores,
         "generations": gens, "files": sorted(os.listdir(out_dir)) + ["report.md"]})
     run.say(f"mixtune: done in {result['seconds']}s; eval loss "

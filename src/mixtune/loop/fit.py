@@ -22,7 +22,8 @@ from .evaluation import evaluate_ranks
 from .metrics import MetricsLog, NoMetrics
 from .optim import make_optimizer
 from .schedule import lr_lambda, total_optimizer_steps, warmup_steps
-from .step import forward_backward, optimizer_step
+from .step import (DivergenceGuard, TrainingDiverged, forward_backward, optimizer_step, params_finite, reduce_step,
+                   skip_step)
 from .stream import batches_per_epoch, label_tokens, micro_batch_stream
 
 
@@ -53,6 +54,7 @@ class Fitted:
     total: int
     metrics: object                    # MetricsLog on rank 0, NoMetrics elsewhere
     seconds: float
+    notes: dict = field(default_factory=dict)  # report.md lines: skipped steps, a collapse warning
 
 
 def _restore(run: Run, model, optimizer, scheduler, total: int) -> tuple[int, int, int, dict]:
@@ -118,6 +120,14 @@ def fit(cfg: Config, run: Run, model, params: list, data, save_adapter_fn: Calla
                    mininterval=0.5)
     win = _Window()
     tokens_seen = history.get("tokens_seen", 0)
+    guard = DivergenceGuard(t.max_bad_steps, getattr(model.config, "vocab_size", 0), history)
+
+    def stop(err: TrainingDiverged) -> TrainingDiverged:  # what a diverged run leaves: metrics, no adapter
+        if bar is not None:
+            bar.close()
+        metrics.close()
+        return err
+
     while step < total:
         # [(epoch, consumed after it, batch (B, T))]: the step's micro-batches; rank r runs r, r + N, ...
         micro = [next(stream) for _ in range(accum * dist.world)]
@@ -126,21 +136,38 @@ def fit(cfg: Config, run: Run, model, params: list, data, save_adapter_fn: Calla
         step_loss, n_step, step_aux, n_in = forward_backward(
             model, [b for _, _, b in micro[dist.rank::dist.world]], run.device, run.bf16, t.router_aux_loss_coef,
             n_step=sum(label_tokens(b) for _, _, b in micro))
-        if dist.enabled:
-            dist.sum_grads(params)  # each rank's loss is already over the whole step's tokens: sum, not mean
-            step_loss, step_aux, n_in = dist.sum(step_loss, step_aux, n_in)
-            n_in = int(n_in)
-        grad_norm, lr = optimizer_step(params, optimizer, scheduler, t.max_grad_norm)
+        # summed over ranks (the same numbers, hence the same decisions, on every rank); the gradient norm
+        step_loss, step_aux, n_in, norm, grad_norm = reduce_step(dist, params, step_loss, step_aux, n_in)
         step += 1
         tokens_seen += n_in
         epoch, consumed = micro[-1][0], micro[-1][1]
-        win.add(step_loss, n_step, step_aux, n_in)
+        if guard.is_bad(step_loss, step_aux, grad_norm):  # skip the update, count it; a streak stops the run
+            lr = skip_step(optimizer, scheduler)
+            rec = guard.bad(step, step_loss, step_aux, grad_norm, lr)
+            metrics.log({**rec, "tokens_seen": tokens_seen})
+            if guard.stop:
+                raise stop(guard.diverged(lr, ckpt.find_latest_checkpoint(run.out_dir)))
+            run.say(f"mixtune: warning: step {step}: non-finite {' / '.join(rec['nonfinite'])}; update skipped "
+                    f"({rec['in_a_row']} in a row; train.max_bad_steps {t.max_bad_steps} in a row stop the run)", bar)
+        else:
+            lr = optimizer_step(params, optimizer, scheduler, t.max_grad_norm, norm)
+            if not _all_ranks(dist, params_finite(params)):
+                raise stop(TrainingDiverged(
+                    f"training diverged at step {step}: its update made adapter parameters non-finite (lr "
+                    f"{lr:.3g}); the run stopped without writing an adapter; last good checkpoint: "
+                    f"{ckpt.find_latest_checkpoint(run.out_dir) or 'none'}. Lower train.learning_rate"))
+            win.add(step_loss, n_step, step_aux, n_in)
+            warning = guard.good(step, step_loss / max(1, n_step), grad_norm)
+            if warning:
+                run.say(warning, bar)
+                metrics.log({"kind": "warning", "step": step, "message": warning})
         if bar is not None:
             bar.update(1)
 
-        if step % t.logging_steps == 0 or step == total:
+        if (step % t.logging_steps == 0 or step == total) and win.steps:
             rec = {"kind": "train", "step": step, "epoch": round(epoch + consumed / max(1, per_epoch), 4),
-                   **win.take(), "lr": lr, "grad_norm": grad_norm, "tokens_seen": tokens_seen}
+                   **win.take(), "lr": lr, "grad_norm": grad_norm, "tokens_seen": tokens_seen,
+                   **({"skipped_steps": guard.skipped} if guard.skipped else {})}
             metrics.log(rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -152,9 +179,10 @@ def fit(cfg: Config, run: Run, model, params: list, data, save_adapter_fn: Calla
             metrics.log({"kind": "eval", "step": step, **ev})
             run.say(f"step {step}: eval loss {ev['eval_loss']:.4f} perplexity {ev['eval_perplexity']:.2f}", bar)
 
-        if (t.save_steps and step % t.save_steps == 0) or step == total:
+        # no checkpoint right after a skipped step (the weights just gave a non-finite loss), except the last one
+        if ((t.save_steps and step % t.save_steps == 0) or step == total) and (not guard.in_a_row or step == total):
             state = {"epoch": epoch, "batches_in_epoch": consumed, "total_steps": total, "world_size": dist.world,
-                     "history": {"tokens_seen": tokens_seen}}
+                     "history": {"tokens_seen": tokens_seen, **guard.history()}}
             if dist.is_main:  # every rank holds the same adapter and optimizer state
                 ckpt.save_checkpoint(run.out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
                                      state=state, total_limit=t.save_total_limit, save_adapter_fn=save_adapter_fn)
@@ -163,7 +191,17 @@ def fit(cfg: Config, run: Run, model, params: list, data, save_adapter_fn: Calla
             on_step(step)
     if bar is not None:
         bar.close()
-    return Fitted(step=step, total=total, metrics=metrics, seconds=time.time() - run.t_start)
+    if guard.in_a_row:
+        run.say(f"mixtune: warning: the last {len(guard.in_a_row)} step(s) had non-finite values (updates skipped); "
+                f"the adapter holds the weights after step {guard.in_a_row[0] - 1}")
+    return Fitted(step=step, total=total, metrics=metrics, seconds=time.time() - run.t_start, notes=guard.notes())
+
+
+def _all_ranks(dist, ok: bool) -> bool:
+    """True when `ok` holds on every rank (one collective under torchrun)."""
+    if not dist.enabled:
+        return ok
+    return dist.sum(float(not ok))[0] == 0
 
 
 class _Window:

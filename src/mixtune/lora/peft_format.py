@@ -11,7 +11,9 @@ onto transformers 5.x (it fuses the experts itself).
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from typing import Iterable, Optional
@@ -194,13 +196,25 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, lora_cfg: LoraCon
     return out_dir
 
 
+def _no_duplicate_keys(pairs: list) -> dict:
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise ConfigError(f"duplicate key {k!r}")
+        seen[k] = v
+    return seen
+
+
 def _read_json_object(path: str, what: str) -> dict:
-    """A JSON object from `path`, or a ConfigError naming the file."""
+    """A JSON object from `path` (a key given twice is an error, not "the last wins"), or a ConfigError naming
+    the file."""
     try:
         with open(path) as fh:
-            obj = json.load(fh)
+            obj = json.load(fh, object_pairs_hook=_no_duplicate_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"adapter: {path} is not valid JSON ({e})") from None
+    except ConfigError as e:
+        raise ConfigError(f"adapter: {path}: {e}") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"adapter: {path} is not a JSON object ({what})")
     return obj
@@ -238,21 +252,108 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict, dict]:
     for key in ("use_dora", "use_rslora", "lora_bias"):
         if cfg.get(key):
             raise ConfigError(f"adapter: {cfg_path} sets {key}: true, which mixtune does not support")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise ConfigError(f"adapter: {cfg_path} sets {key}; per-module ranks are not supported")
-    if "r" not in cfg or "lora_alpha" not in cfg:
-        raise ConfigError(f"adapter: {cfg_path} lacks r or lora_alpha")
+    check_adapter(cfg, tensors, side, cfg_path, wpath)
     return cfg, tensors, side
 
 
-def adapter_scaling(cfg: dict) -> float:
-    return float(cfg["lora_alpha"]) / int(cfg["r"])
+# --------------------------------------------------------------------------------------------------
+# what an adapter claims against what it holds
+# --------------------------------------------------------------------------------------------------
+
+
+def _number(cfg: dict, key: str, cfg_path: str, integer: bool) -> float:
+    v = cfg.get(key)
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok or not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"adapter: {cfg_path}: {key} must be a positive {'integer' if integer else 'number'}, "
+                          f"got {v!r}")
+    return v
+
+
+def module_of(key: str) -> str:
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' -> 'model.layers.0.self_attn.q_proj'
+    (the module name peft matches rank_pattern / alpha_pattern against)."""
+    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    return name.split(".lora_", 1)[0]
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    """peft's rule: the first pattern key that matches the end of the module name (at a '.' boundary)."""
+    for pat, v in pattern.items():
+        if re.match(rf"(.*\.)?({pat})$", module):
+            return v
+    return default
+
+
+def module_rank_alpha(cfg: dict, module: str) -> tuple[int, float]:
+    """(r, alpha) of one adapted module: adapter_config.json's r / lora_alpha, or its rank_pattern /
+    alpha_pattern entry for that module."""
+    return (int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])),
+            float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])))
+
+
+def adapter_scaling(cfg: dict, module: Optional[str] = None) -> float:
+    """alpha / r: of the whole adapter, or of one module when rank_pattern / alpha_pattern say otherwise."""
+    if module is None:
+        return float(cfg["lora_alpha"]) / int(cfg["r"])
+    r, alpha = module_rank_alpha(cfg, module)
+    return alpha / r
+
+
+def check_adapter(cfg: dict, tensors: dict, side: dict, cfg_path: str, wpath: str) -> None:
+    """Refuse an adapter whose r / lora_alpha (and rank_pattern / alpha_pattern) disagree with its tensors or
+    with mixtune's sidecar, or that holds a non-finite value; every error names the key or the tensor."""
+    _number(cfg, "r", cfg_path, integer=True)
+    _number(cfg, "lora_alpha", cfg_path, integer=False)
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise ConfigError(f"adapter: {cfg_path}: {key} must be a mapping of module pattern -> value")
+        for pat in pattern:
+            _number(pattern, pat, f"{cfg_path} {key}", integer=key == "rank_pattern")
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ConfigError(f"adapter: {cfg_path}: {key} {pat!r} is not a valid pattern ({e})") from None
+    for key, name in (("r", "r"), ("alpha", "lora_alpha")):  # our notes, written with the same numbers
+        if isinstance(side.get(key), (int, float)) and not math.isclose(float(side[key]), float(cfg[name])):
+            raise ConfigError(f"adapter: {cfg_path} says {name}={cfg[name]} but {SIDECAR} next to it says "
+                              f"{key}={side[key]}: one of them was edited; the adapter was trained with one value")
+    ranks: dict[str, dict[str, int]] = {}
+    for key, t in tensors.items():
+        if not torch.is_tensor(t):
+            raise ConfigError(f"adapter: {wpath}: {key} is not a tensor ({type(t).__name__})")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ConfigError(f"adapter: {wpath}: tensor {key} has {bad} non-finite value(s) (nan/inf) of "
+                              f"{t.numel()}: the adapter is unusable (did its training diverge?)")
+        m = re.search(r"\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+        if m is None:
+            continue
+        if t.dim() != 2:
+            raise ConfigError(f"adapter: {wpath}: {key} has shape {tuple(t.shape)}; LoRA matrices are 2-D")
+        # lora_A (r, in), lora_B (out, r)
+        ranks.setdefault(module_of(key), {})[m.group(1)] = t.shape[0] if m.group(1) == "A" else t.shape[1]
+    for module, ab in sorted(ranks.items()):
+        r, _ = module_rank_alpha(cfg, module)
+        for which, got in sorted(ab.items()):
+            if got != r:
+                said = "rank_pattern gives" if r != cfg["r"] else "says"
+                raise ConfigError(f"adapter: {cfg_path} {said} r={r} for {module} but its lora_{which} has rank "
+                                  f"{got}: the config does not describe these tensors (merging or loading them "
+                                  f"would scale the update by alpha/{r} instead of alpha/{got})")
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, seed: int = 0) -> LoraReport:
     """Apply LoRA with the adapter's own config (r, alpha, targets) and load its weights into `model`."""
     cfg, tensors, side = read_adapter(adapter_dir)
+    own = sorted({(m, module_rank_alpha(cfg, m)) for m in map(module_of, tensors)
+                  if module_rank_alpha(cfg, m) != (int(cfg["r"]), float(cfg["lora_alpha"]))})
+    if own:  # our LoRA modules share one r and alpha
+        m, (r, alpha) = own[0]
+        raise ConfigError(f"adapter: {adapter_dir}: rank_pattern / alpha_pattern give {len(own)} module(s) their "
+                          f"own rank or alpha (e.g. {m}: r={r}, alpha={alpha:g}); eval and generate load one r "
+                          f"and alpha for all modules: fold it with `mixtune merge` and use the merged model")
     targets = side.get("adapted") or cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
