@@ -15,7 +15,7 @@ PKG = "mixtune"
 # bottom to top; a module may import from its own floor or below, never from above
 FLOORS = [
     ("foundations", ["mixtune", "mixtune.config", "mixtune._yaml", "mixtune.runtime", "mixtune._fs",
-                     "mixtune.distributed",
+                     "mixtune.runlock", "mixtune.distributed",
                      "mixtune.quant", "mixtune.quant.*"]),
     ("data and kernels", ["mixtune.data", "mixtune.data.*", "mixtune.kernels", "mixtune.kernels.*"]),
     ("model", ["mixtune.model", "mixtune.model.*"]),

@@ -43,7 +43,7 @@ def test_kill_and_resume_gives_the_same_adapter(tmp_path, optim):
     full = tmp_path / "full"
     train.main(_cfg(full))
     if optim == "adamw_8bit":  # the checkpoint really holds 8-bit moments (lm_head's LoRA B is large enough)
-        saved = torch.load(full / "checkpoints" / "step-6" / "optimizer.pt", weights_only=False)
+        saved = ckpt.load_state(str(full / "checkpoints" / "step-6"), "optimizer")
         flat = [v for st in saved["state"].values() for v in
                 (list(st.values()) + list(st.get("__bnb_optimizer_quant_state__", {}).values()))]
         assert any(torch.is_tensor(v) and v.dtype == torch.uint8 for v in flat)

@@ -11,12 +11,14 @@
 Every verb reads the same typed config (`mixtune.config`): defaults < CONFIG.yaml < dotted overrides
 (`--train.learning_rate 2e-5`, `--lora.targets q_proj,v_proj`). Short aliases: --model, --quant, --dtype,
 --max-new-tokens, --greedy, --out, --output_dir. A user error (unknown key, bad value, clashing options,
-missing file) exits with code 2 and one line `mixtune: error: ...` on stderr; MIXTUNE_DEBUG=1 shows the
-traceback instead.
+missing file) exits with code 2 and one line `mixtune: error: ...` on stderr; so does a failure of the system
+on a path (disk full, read-only or not permitted, a file or /dev/null where a directory belongs): the line names
+the path and the cause. MIXTUNE_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
@@ -308,6 +310,23 @@ def _sigterm_as_interrupt():
     return None
 
 
+_CAUSES = {errno.ENOSPC: "no space left on device (disk full)", errno.EDQUOT: "disk quota exceeded",
+           errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+           errno.EPERM: "operation not permitted", errno.ENOTDIR: "not a directory", errno.EISDIR: "is a directory",
+           errno.ENOENT: "no such file or directory", errno.EEXIST: "already exists"}
+
+
+def _os_line(e: OSError, verb: str = "") -> str:
+    """'PATH: cause' for a system failure on a path (its errno in words), plus what to do after a full disk."""
+    cause = _CAUSES.get(e.errno) if e.errno != errno.ELOOP else None
+    cause = cause or e.strerror or str(e)
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else ""
+    line = f"{where}: {cause}" if where else cause
+    if verb == "train" and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        line += "; the checkpoints already written stay resumable: free space, then rerun with --resume"
+    return line
+
+
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip() or type(e).__name__
     if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in msg:
@@ -345,10 +364,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         hint = "; continue with the same command plus --resume" if verb == "train" else ""
         print(f"mixtune: interrupted{hint}", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+    except ValueError as e:
         if os.environ.get("MIXTUNE_DEBUG"):
             raise
         print(f"mixtune: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # OSError, or a Rust writer's "... (os error 28)": the path and the cause
+        from ._fs import as_os_error
+        err = e if isinstance(e, OSError) and e.errno is None else as_os_error(e, "")
+        if err is None or os.environ.get("MIXTUNE_DEBUG"):
+            raise
+        line = _one_line(err) if err.errno is None else _os_line(err, verb)
+        print(f"mixtune: error: {line}", file=sys.stderr)
         return 2
 
 

@@ -20,13 +20,14 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from typing import Iterator, Optional
 
 import torch
 
-from ._fs import publish_mode
+from ._fs import as_os_error, publish_mode, writing
 from .config import Config, ConfigError
 from .lora import adapter_deltas, merge_into_state_dict, read_adapter
 from .lora.merge import merge_scaling
@@ -39,10 +40,17 @@ _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+
 _ATTN_RE = re.compile(r"^model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
 
 
-def _check_out_dir(out_dir: str) -> None:
-    """Refuse to replace a non-empty directory that is not an earlier mixtune merge."""
-    if os.path.isfile(out_dir):
-        raise ConfigError(f"merge.out: {out_dir} is a file")
+def _check_out_dir(out_dir: str, model: str = "") -> None:
+    """Refuse to replace a non-empty directory that is not an earlier mixtune merge, or the directory the base
+    model is read from (`model`, when it is a local directory; an earlier merge included)."""
+    if model and os.path.isdir(model):
+        a, b = os.path.realpath(out_dir), os.path.realpath(model)
+        if a == b or b.startswith(a + os.sep) or a.startswith(b + os.sep):
+            raise ConfigError(f"merge.out: {out_dir} is {'inside ' if a.startswith(b + os.sep) else ''}the "
+                              f"directory the base model is read from ({model}); a merge never writes there: "
+                              f"choose another --out")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"merge.out: {out_dir} exists and is not a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, MARKER)):
         raise ConfigError(f"merge.out: {out_dir} exists and is not an earlier mixtune merge; choose another "
                           f"directory or remove it")
@@ -111,8 +119,9 @@ def merge_main(cfg: Config, adapter_dir: str, out_dir: str) -> dict:
 
     t0 = time.perf_counter()
     out_dir = os.path.abspath(os.fspath(out_dir))
-    _check_out_dir(out_dir)
+    _check_out_dir(out_dir, cfg.model.name_or_path)
     path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision)
+    _check_out_dir(out_dir, path)  # the resolved base too (the tiny default, a Hub snapshot)
     config = MixtralConfig.from_pretrained(path)
     acfg, tensors, _ = read_adapter(adapter_dir)
     deltas = adapter_deltas(tensors)
@@ -145,8 +154,10 @@ def merge_main(cfg: Config, adapter_dir: str, out_dir: str) -> dict:
             yield key, out
 
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".merge-tmp-", dir=parent)
+    with writing(parent):
+        os.makedirs(parent, exist_ok=True)
+    _remove_stale_temporaries(parent)
+    tmp, held = _locked_temporary(parent)
     try:
         files = save_hf_checkpoint(merged_stream(), tmp, config, max_shard_size=cfg.merge.max_shard_size)
         missing = sorted(set(deltas) - consumed)
@@ -165,9 +176,15 @@ def merge_main(cfg: Config, adapter_dir: str, out_dir: str) -> dict:
         with open(os.path.join(tmp, MARKER), "w") as fh:
             json.dump(summary, fh, indent=2)
         _swap_into_place(tmp, out_dir)
+    except Exception as e:  # disk full, read-only, permission: one OSError naming the output
+        err = as_os_error(e, out_dir)
+        if err is None:
+            raise
+        raise err from None
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+        os.close(held)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     return summary
 
@@ -207,6 +224,39 @@ def _copy_tokenizer(cfg: Config, model_dir: str, out_dir: str) -> list[str]:
         tok = load_tokenizer(cfg.model.tokenizer, model_dir)
         copied += list(tok.save_pretrained(out_dir) or [])
     return copied
+
+
+def _locked_temporary(parent: str) -> tuple[str, int]:
+    """A fresh `.merge-tmp-*` directory in `parent` and the flock that marks it live (see
+    `_remove_stale_temporaries`): (path, fd to close when done)."""
+    from .runlock import try_lock_dir
+
+    while True:
+        tmp = tempfile.mkdtemp(prefix=".merge-tmp-", dir=parent)
+        fd = try_lock_dir(tmp)  # None: another merge's clean-up took it in between (it was unlocked): again
+        if fd is not None and os.path.isdir(tmp):
+            return tmp, fd
+        if fd is not None:
+            os.close(fd)
+
+
+def _remove_stale_temporaries(parent: str) -> None:
+    """Remove the `.merge-tmp-*` / `.merge-old-*` directories of merges that died (a live merge holds a flock
+    on its temporary; the kernel drops it when the process dies)."""
+    from .runlock import try_lock_dir
+
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if not name.startswith((".merge-tmp-", ".merge-old-")) or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        fd = try_lock_dir(path)
+        if fd is None:
+            continue  # a live merge's
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+        print(f"mixtune: removed {path}, left by a merge that did not finish", file=sys.stderr)
 
 
 def _swap_into_place(tmp: str, out_dir: str) -> None:

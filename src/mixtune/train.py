@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Callable, Optional
 
 import torch
 
+from . import runlock
+from ._fs import atomic_write, write_text_atomic, writing
 from .config import Config, ConfigError
 from .data import load_tokenizer, prepare_data
-from .distributed import setup as join_ranks
+from .distributed import setup as join_ranks, world_from_env
 from .lora import apply_lora, check_targets, save_adapter
 from .loop import checkpoint as ckpt
 from .loop.evaluation import evaluate_ranks, generate_texts, generation_metrics
@@ -39,38 +42,50 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     """Run one training job described by `cfg`; returns the final metrics. `on_step(step)` is called after
     every optimizer step (and its checkpoint), e.g. by tests that simulate a kill."""
     run = set_up(cfg)
-    model_path, tokenizer, data = prepare(cfg, run)
-    model, params, lora_report = build_model(cfg, run, model_path)
-    eval_before = evaluate_ranks(model, data.eval_rows, cfg.train.per_device_eval_batch_size, run.bf16,
-                                 run.dist) if data.eval_rows else None
-    examples = list(data.eval_examples[: cfg.train.generate_after]) if run.dist.is_main else []
-    before = generate_texts(model, tokenizer, examples, cfg.generate) if examples else []
-    base_name = cfg.model.name_or_path or model_path
-    fitted = fit(cfg, run, model, params, data, lambda d: save_adapter(model, d, cfg.lora, base_name),
-                 eval_before=eval_before, on_step=on_step)
-    return finish(cfg, run, fitted, model, tokenizer, data, examples, before, eval_before, lora_report,
-                  model_path, command)
+    with run.lock:  # the output dir has one writer until the run ends or fails
+        model_path, tokenizer, data = prepare(cfg, run)
+        model, params, lora_report = build_model(cfg, run, model_path)
+        eval_before = evaluate_ranks(model, data.eval_rows, cfg.train.per_device_eval_batch_size, run.bf16,
+                                     run.dist) if data.eval_rows else None
+        examples = list(data.eval_examples[: cfg.train.generate_after]) if run.dist.is_main else []
+        before = generate_texts(model, tokenizer, examples, cfg.generate) if examples else []
+        base_name = cfg.model.name_or_path or model_path
+        fitted = fit(cfg, run, model, params, data, lambda d: save_adapter(model, d, cfg.lora, base_name),
+                     eval_before=eval_before, on_step=on_step)
+        return finish(cfg, run, fitted, model, tokenizer, data, examples, before, eval_before, lora_report,
+                      model_path, command)
 
 
 def set_up(cfg: Config) -> Run:
-    """The output dir (refuse to mix a fresh run into an old one; the resume config check before anything is
-    rewritten), the ranks of a torchrun job, the device, config.yaml, the seeds."""
+    """The output dir: its lock first (one writer: a second run into it is refused before anything is written),
+    then refuse to mix a fresh run into an old one, check a resume against the config saved with its
+    checkpoint, remove a killed writer's temporaries; the ranks of a torchrun job, the device, config.yaml, the
+    seeds. The returned run holds the lock (`with run.lock:` releases it)."""
     t, out_dir = cfg.train, cfg.train.output_dir
-    resume_path = ckpt.resolve_resume(out_dir, t.resume)
-    if resume_path:
-        ckpt.check_resume_config(cfg, os.path.join(out_dir, "config.yaml"))
-    if t.merge_after:  # a merge.out that the final merge would refuse: say so now, not after training
-        from .merge import _check_out_dir
-        _check_out_dir(os.path.abspath(cfg.merge.out or os.path.join(out_dir, "merged")))
-    dist, device = join_ranks(resolve_device(cfg.model.device))  # torchrun: rank r -> cuda:LOCAL_RANK
-    run = Run(out_dir=out_dir, device=device, dist=dist, resume_path=resume_path, quiet=not dist.is_main)
-    dist.barrier()  # every rank has checked the output dir before rank 0 writes into it
-    if not resume_path and t.resume == "auto":  # allowed (a requeued job died before its first save); said
-        run.say(f"mixtune: --resume: no complete checkpoint in {ckpt.checkpoints_dir(out_dir)}; starting a fresh run")
-    if dist.is_main:
-        ckpt.remove_stale_temporaries(out_dir)
-        os.makedirs(out_dir, exist_ok=True)
-        cfg.save(os.path.join(out_dir, "config.yaml"))
+    rank0 = world_from_env()[1] == 0  # rank 0 alone writes (and locks), before joining the other ranks
+    lock = runlock.acquire(out_dir, lambda m: print(m, file=sys.stderr, flush=True)) if rank0 else runlock.RunLock()
+    try:
+        resume_path = ckpt.resolve_resume(out_dir, t.resume)
+        if resume_path:
+            ckpt.check_resume_config(cfg, resume_path)  # the config saved with the checkpoint, wherever it is
+            ckpt.verify_checkpoint(resume_path)  # damaged or unsafe files: refused before anything is rewritten
+        if t.merge_after:  # a merge.out that the final merge would refuse: say so now, not after training
+            from .merge import _check_out_dir
+            _check_out_dir(os.path.abspath(cfg.merge.out or os.path.join(out_dir, "merged")), cfg.model.name_or_path)
+        dist, device = join_ranks(resolve_device(cfg.model.device))  # torchrun: rank r -> cuda:LOCAL_RANK
+        run = Run(out_dir=out_dir, device=device, dist=dist, resume_path=resume_path, quiet=not dist.is_main,
+                  lock=lock)
+        dist.barrier()  # every rank has checked the output dir before rank 0 writes into it
+        if not resume_path and t.resume == "auto":  # allowed (a requeued job died before its first save); said
+            run.say(f"mixtune: --resume: no complete checkpoint in {ckpt.checkpoints_dir(out_dir)}; starting a "
+                    f"fresh run")
+        if dist.is_main:
+            for path in ckpt.remove_stale_temporaries(out_dir):
+                run.say(f"mixtune: removed {path}, a checkpoint left half-written by a killed run")
+            atomic_write(os.path.join(out_dir, "config.yaml"), cfg.save)
+    except BaseException:
+        lock.release()
+        raise
     seed_everything(t.seed)
     return run
 
@@ -164,7 +179,8 @@ def finish(cfg: Config, run: Run, fitted: Fitted, model, tokenizer, data, exampl
         fitted.metrics.log({"kind": "eval", "step": fitted.step, **eval_after})
     fitted.metrics.close()
     adapter_dir = os.path.join(out_dir, "adapter")
-    save_adapter(model, adapter_dir, cfg.lora, cfg.model.name_or_path or model_path)
+    with writing(adapter_dir):  # disk full, read-only: one OSError naming the adapter dir
+        save_adapter(model, adapter_dir, cfg.lora, cfg.model.name_or_path or model_path)
     gens, gen_scores = _generations(cfg, run, model, tokenizer, examples, before)
     merged_dir = None
     if t.merge_after:
@@ -198,7 +214,8 @@ def finish(cfg: Config, run: Run, fitted: Fitted, model, tokenizer, data, exampl
                   "final train loss": result["train_loss"], "wall time (s)": round(fitted.seconds, 1),
                   **fitted.notes},
         "eval_before": eval_before, "eval_after": eval_after, "loss_png": "loss.png", "generation_scores": gen_scores,
-        "generations": gens, "files": sorted(os.listdir(out_dir)) + ["report.md"]})
+        "generations": gens,
+        "files": sorted({f for f in os.listdir(out_dir) if not f.startswith(".")} | {"report.md"})})
     run.say(f"mixtune: done in {result['seconds']}s; eval loss "
             f"{_fmt_opt(result['eval_loss_before'])} → {_fmt_opt(result['eval_loss'])}; adapter: {adapter_dir}; "
             f"report: {os.path.join(out_dir, 'report.md')}")
@@ -214,8 +231,7 @@ def _generations(cfg: Config, run: Run, model, tokenizer, examples, before) -> t
     refs = [g["reference"] for g in gens]
     scores = {"before": generation_metrics([g["before"] for g in gens], refs),
               "after": generation_metrics([g["after"] for g in gens], refs)} if gens else {}
-    with open(os.path.join(run.out_dir, "generations.jsonl"), "w") as fh:
-        fh.writelines(json.dumps(g) + "\n" for g in gens)
+    write_text_atomic(os.path.join(run.out_dir, "generations.jsonl"), "".join(json.dumps(g) + "\n" for g in gens))
     if gens:
         run.say(side_by_side(gens))
     return gens, scores

@@ -1,25 +1,33 @@
-"""Training checkpoints: written atomically, found safely, restored exactly.
+"""Training checkpoints: written atomically, found safely, restored exactly, and never executed.
 
 A checkpoint is a directory `<output_dir>/checkpoints/step-N/` holding
 
     adapter/               the adapter in PEFT format (what a user would load)
     trainable.safetensors  every trainable tensor by its module name (what resume restores, bit-exact)
-    optimizer.pt           AdamW state
-    scheduler.pt           LR scheduler state
-    rng.pt                 python / torch CPU / CUDA random states
-    state.json             step, data position (epoch, micro-batches consumed), metrics so far
+    optimizer.json         the optimizer's state dict: its structure and numbers in JSON, each tensor a reference
+    optimizer.safetensors  ... into this file (AdamW moments and steps; AdamW8bit's uint8 states, qmaps, absmax)
+    scheduler.json         the LR scheduler's state dict (numbers only)
+    rng.json               python `random`, numpy, and (in rng.safetensors) torch CPU / CUDA generator states
+    state.json             step, data position (epoch, micro-batches consumed), rows, ranks, metrics so far
+    config.yaml            the resolved config the checkpoint was trained with (resume checks against it)
     COMPLETE               written last: a directory without it was interrupted and is never loaded
 
-It is written under a temporary name in the same directory and renamed into place, so a reader sees either
-no `step-N` or a complete one. The last `save_total_limit` complete checkpoints are kept.
+Nothing is pickled: tensors are safetensors, the rest is JSON (`loop.safe_state`). Checkpoints of older
+versions (optimizer.pt, scheduler.pt, rng.pt) are read with `torch.load(weights_only=True)`, which loads tensors
+and plain containers and refuses anything that could run code (a one-line CheckpointError).
 
-    path = save_checkpoint(out_dir, step, model=..., optimizer=..., scheduler=..., state={...})
+It is written under a temporary name in the same directory and renamed into place, so a reader sees either
+no `step-N` or a complete one; a failed write (disk full) removes its temporary and names the path. The last
+`save_total_limit` complete checkpoints are kept.
+
+    path = save_checkpoint(out_dir, step, model=..., optimizer=..., scheduler=..., state={...}, config=cfg)
     ckpt = load_checkpoint(find_latest_checkpoint(out_dir))
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -28,15 +36,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .._fs import publish_mode
+from .._fs import publish_mode, writing
 from ..config import Config, ConfigError, load_config
+from .safe_state import STATE_FORMAT, CheckpointError, check_state, load_state, save_state, unreadable_error
+
+__all__ = ["STATE_FORMAT", "CheckpointError", "load_state", "save_state"]  # re-exported: the checkpoint's API
 
 MARKER = "COMPLETE"
+CONFIG_NAME = "config.yaml"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (missing, incomplete, or from a different run)."""
 
 
 def checkpoints_dir(output_dir: str) -> str:
@@ -60,14 +68,20 @@ def capture_rng_state() -> dict:
     return state
 
 
-def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-        np.random.set_state(state["numpy"])
+def restore_rng_state(state: dict, source: str = "rng state") -> None:
+    """Set the python, torch CPU (and CUDA) and numpy generators; a malformed state is a CheckpointError."""
+    try:
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]) if isinstance(py, (list, tuple)) and len(py) == 3 else py)
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        if "numpy" in state:
+            import numpy as np
+            np.random.set_state(tuple(state["numpy"]))
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"checkpoint file {source} is not a valid random state ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:160]}); resume from an earlier checkpoint") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,38 +129,47 @@ def _fsync_dir(path: str) -> None:
 
 
 def save_checkpoint(output_dir: str, step: int, *, model: torch.nn.Module, optimizer, scheduler, state: dict,
-                    total_limit: int = 2, save_adapter_fn: Optional[Callable[[str], None]] = None) -> str:
+                    total_limit: int = 2, save_adapter_fn: Optional[Callable[[str], None]] = None,
+                    config: Optional[Config] = None) -> str:
     """Write checkpoint `step` atomically and prune old ones; returns its final path.
 
     `state` is JSON-serialisable (step, data position, metrics). `save_adapter_fn(dir)` writes the PEFT
-    adapter into `dir` (skipped when None)."""
+    adapter into `dir` (skipped when None); `config` is stored as the checkpoint's config.yaml. A failed write
+    (disk full, read-only) removes the temporary directory and raises an OSError naming the checkpoint."""
     from safetensors.torch import save_file
 
     root = checkpoints_dir(output_dir)
-    os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f".tmp-step-{step}-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    if save_adapter_fn is not None:
-        save_adapter_fn(os.path.join(tmp, "adapter"))
-    save_file(trainable_state_dict(model), os.path.join(tmp, "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-    torch.save(capture_rng_state(), os.path.join(tmp, "rng.pt"))
-    with open(os.path.join(tmp, "state.json"), "w") as fh:
-        json.dump(dict(state, step=step), fh, indent=2)
-    with open(os.path.join(tmp, MARKER), "w") as fh:
-        fh.write(f"step {step}\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if os.path.exists(final):  # a stale checkpoint of the same step (e.g. re-saved after resume)
-        shutil.rmtree(final)
-    publish_mode(tmp)
-    os.rename(tmp, final)
-    _fsync_dir(root)
+    try:
+        with writing(final):
+            os.makedirs(root, exist_ok=True)
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+            os.makedirs(tmp)
+            if save_adapter_fn is not None:
+                save_adapter_fn(os.path.join(tmp, "adapter"))
+            save_file(trainable_state_dict(model), os.path.join(tmp, "trainable.safetensors"))
+            save_state(optimizer.state_dict(), tmp, "optimizer")
+            save_state(scheduler.state_dict(), tmp, "scheduler")
+            save_state(capture_rng_state(), tmp, "rng")
+            with open(os.path.join(tmp, "state.json"), "w") as fh:
+                json.dump(dict(state, step=step), fh, indent=2)
+            if config is not None:
+                config.save(os.path.join(tmp, CONFIG_NAME))
+            with open(os.path.join(tmp, MARKER), "w") as fh:
+                fh.write(f"step {step}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            if os.path.exists(final):  # a stale checkpoint of the same step (e.g. re-saved after resume)
+                shutil.rmtree(final)
+            publish_mode(tmp)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     prune_checkpoints(output_dir, total_limit)
     return final
 
@@ -234,28 +257,131 @@ def resolve_resume(output_dir: str, resume: str) -> Optional[str]:
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """Read a complete checkpoint: {'path', 'state', 'trainable', 'optimizer', 'scheduler', 'rng'}."""
+    """Read a complete checkpoint: {'path', 'state', 'trainable', 'optimizer', 'scheduler', 'rng'}. Nothing in
+    it is unpickled; a damaged or unsafe file is a one-line CheckpointError naming it."""
     from safetensors.torch import load_file
 
     if not is_complete(path):
         raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER} marker); refusing to load it")
     out: dict[str, Any] = {"path": path}
-    def read_json(f):
-        with open(f) as fh:
-            return json.load(fh)
-    readers = [("state", "state.json", read_json),
-               ("trainable", "trainable.safetensors", load_file)]
-    readers += [(k, f"{k}.pt", lambda f: torch.load(f, map_location="cpu", weights_only=False))
-                for k in ("optimizer", "scheduler", "rng")]
-    for key, name, read in readers:
+    for key, name, read in (("state", "state.json", _read_state_json),
+                            ("trainable", "trainable.safetensors", load_file)):
         f = os.path.join(path, name)
         try:
             out[key] = read(f)
         except Exception as e:  # missing or damaged file despite the marker (disk trouble, manual edits)
-            raise CheckpointError(f"checkpoint file {f} cannot be read ({type(e).__name__}: "
-                                  f"{str(e).strip()[:200]}); resume from an earlier checkpoint with "
-                                  f"--resume DIR") from None
+            raise unreadable_error(f, e) from None
+    for key in ("optimizer", "scheduler", "rng"):
+        out[key] = load_state(path, key)
     return out
+
+
+def verify_checkpoint(path: str) -> None:
+    """Every file a resume reads, checked without loading the tensors' data (safetensors headers only), so a
+    damaged or unsafe checkpoint is refused in one line before the model is built or the run dir rewritten."""
+    from safetensors import safe_open
+
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER} marker); refusing to load it")
+    for name in ("state.json", "trainable.safetensors"):
+        f = os.path.join(path, name)
+        try:
+            if name == "state.json":
+                _read_state_json(f)
+            else:
+                with safe_open(f, framework="pt") as sf:
+                    sf.keys()
+        except Exception as e:
+            raise unreadable_error(f, e) from None
+    for key in ("optimizer", "scheduler"):
+        check_state(path, key)
+    current = capture_rng_state()  # the random state is small: try it for real, then put ours back
+    try:
+        restore_rng_state(load_state(path, "rng"), os.path.join(path, "rng.json"))
+    finally:
+        restore_rng_state(current)
+
+
+def _read_state_json(f: str) -> dict:
+    with open(f, "rb") as fh:
+        s = json.loads(fh.read().decode("utf-8"))
+    if not isinstance(s, dict):
+        raise ValueError("not a JSON object")
+    for k in ("step", "epoch", "batches_in_epoch", "total_steps", "world_size", "train_rows"):
+        if k in s and not (isinstance(s[k], int) and not isinstance(s[k], bool) and s[k] >= 0):
+            raise ValueError(f"{k} is {s[k]!r}, not a count")
+    if "step" not in s:
+        raise ValueError("no step")
+    if not isinstance(s.get("history", {}), dict):
+        raise ValueError("history is not an object")
+    return s
+
+
+def training_position(ckpt: dict) -> tuple[int, int, int]:
+    """(step, epoch, micro-batches consumed in it) of a loaded checkpoint; CheckpointError when state.json
+    lacks them."""
+    s = ckpt["state"]
+    if "epoch" not in s or "batches_in_epoch" not in s:
+        raise CheckpointError(f"checkpoint file {os.path.join(ckpt['path'], 'state.json')} has no data position "
+                              f"(epoch, batches_in_epoch); resume from an earlier checkpoint")
+    return s["step"], s["epoch"], s["batches_in_epoch"]
+
+
+def _compatible(saved: Any, now: Any) -> bool:
+    """Same kind of value: numbers with numbers, flags with flags, equal-length sequences of compatible items."""
+    def num(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    if num(now) or num(saved):
+        return num(now) and num(saved) or (now is None or saved is None)
+    if isinstance(now, (bool, type(None))) or isinstance(saved, (bool, type(None))):
+        return isinstance(saved, (bool, type(None))) and isinstance(now, (bool, type(None)))
+    if isinstance(now, (list, tuple)):
+        return type(saved) is type(now) and len(saved) == len(now) and all(map(_compatible, saved, now))
+    return type(saved) is type(now)
+
+
+def restore_optimizer(optimizer, sd: Any, source: str) -> None:
+    """optimizer.load_state_dict(sd) after checking it is this optimizer's kind of state: the same groups
+    and hyper-parameter types, moments of each parameter's shape. CheckpointError (naming `source`) if not."""
+    now = optimizer.state_dict()
+    try:
+        if not isinstance(sd, dict) or set(sd) != {"state", "param_groups"} or not isinstance(sd["state"], dict):
+            raise ValueError("not an optimizer state dict")
+        groups = sd["param_groups"]
+        if not isinstance(groups, list) or len(groups) != len(now["param_groups"]):
+            raise ValueError("a different number of parameter groups")
+        for g, h in zip(groups, now["param_groups"]):
+            if not isinstance(g, dict) or set(g) != set(h) or len(g["params"]) != len(h["params"]):
+                raise ValueError("parameter groups of another optimizer or adapter")
+            bad = [k for k in h if k != "params" and not _compatible(g[k], h[k])]
+            if bad:
+                raise ValueError(f"hyper-parameter {bad[0]} is {g[bad[0]]!r}")
+        ids = {i for h in now["param_groups"] for i in h["params"]}
+        if not set(sd["state"]) <= ids:
+            raise ValueError("state for parameters the optimizer does not have")
+        optimizer.load_state_dict(sd)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                st = dict(optimizer.state.get(p, {}))
+                st.update(st.pop("__bnb_optimizer_quant_state__", {}) or {})
+                for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "state1", "state2"):
+                    if k in st and (not torch.is_tensor(st[k]) or st[k].shape != p.shape):
+                        raise ValueError(f"{k} of shape {tuple(getattr(st[k], 'shape', ()))} for a parameter of "
+                                         f"shape {tuple(p.shape)}")
+    except (ValueError, TypeError, KeyError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint file {source} does not fit this run's optimizer "
+                              f"({' '.join(str(e).split())[:200]}); was it written with another train.optim or "
+                              f"other lora settings?") from None
+
+
+def restore_scheduler(scheduler, sd: Any, source: str) -> None:
+    """scheduler.load_state_dict(sd) after checking it holds the same entries, of the same kinds."""
+    now = scheduler.state_dict()
+    if not isinstance(sd, dict) or set(sd) != set(now) or not all(_compatible(sd[k], now[k]) for k in now) \
+            or any(f is not None for f in sd.get("lr_lambdas", [])):
+        raise CheckpointError(f"checkpoint file {source} is not a state of this run's LR scheduler; resume from "
+                              f"an earlier checkpoint")
+    scheduler.load_state_dict(sd)
 
 
 # keys that may differ between a run and its resumption: they change no trained weight (bookkeeping,
@@ -270,17 +396,36 @@ RESUME_MAY_CHANGE = {
 }
 
 
-def check_resume_config(cfg: Config, saved_path: str) -> None:
-    """A resumed run must train what the killed run trained: compare `cfg` with the run's saved config.yaml and
-    raise ConfigError naming every key that differs (except RESUME_MAY_CHANGE and the generate/merge
-    sections). Checked before anything in the output dir is rewritten, so the run's record stays intact."""
-    if not os.path.isfile(saved_path):
-        return
+def saved_config_path(checkpoint: str) -> Optional[str]:
+    """The config a checkpoint was trained with: its own config.yaml; for a checkpoint of an older version,
+    the run's (<run>/checkpoints/step-N -> <run>/config.yaml). A file path is taken as the config itself."""
+    if os.path.isfile(checkpoint):
+        return checkpoint
+    own = os.path.join(checkpoint, CONFIG_NAME)
+    if os.path.isfile(own):
+        return own
+    parent = os.path.dirname(os.path.abspath(checkpoint))
+    run_cfg = os.path.join(os.path.dirname(parent), CONFIG_NAME)
+    if os.path.basename(parent) == "checkpoints" and os.path.isfile(run_cfg):
+        return run_cfg
+    return None
+
+
+def check_resume_config(cfg: Config, checkpoint: str) -> None:
+    """A resumed run must train what the killed run trained: compare `cfg` with the config saved with the
+    checkpoint (`saved_config_path`) and raise ConfigError naming every key that differs (except
+    RESUME_MAY_CHANGE and the generate/merge sections). Checked before anything in the output dir is
+    rewritten, so the run's record stays intact. A checkpoint with no config anywhere is refused."""
+    saved_path = saved_config_path(checkpoint)
+    if saved_path is None:
+        raise CheckpointError(f"--resume: {checkpoint} has no {CONFIG_NAME} (written by an older mixtune) and "
+                              f"none was found in its run directory, so the settings it was trained with cannot "
+                              f"be checked; copy that run's {CONFIG_NAME} into {checkpoint} and resume again")
     saved = load_config(saved_path).to_dict()
     now = cfg.to_dict()
     diff = [f"{s}.{k} {saved[s][k]!r} -> {now[s][k]!r}" for s in now if s not in ("generate", "merge")
             for k in now[s] if f"{s}.{k}" not in RESUME_MAY_CHANGE and now[s][k] != saved[s].get(k)]
     if diff:
-        raise ConfigError(f"--resume: the config differs from the run's {saved_path}: {'; '.join(diff)}; resume "
-                          f"with the same settings (e.g. `mixtune train {saved_path} --resume`) or start a new "
-                          f"--output_dir")
+        raise ConfigError(f"--resume: the config differs from the one saved with the checkpoint ({saved_path}): "
+                          f"{'; '.join(diff)}; resume with the same settings (e.g. `mixtune train {saved_path} "
+                          f"--resume {checkpoint}`) or start a new --output_dir")

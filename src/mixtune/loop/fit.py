@@ -34,6 +34,7 @@ class Run:
     device: torch.device
     dist: object                       # mixtune.distributed.Dist
     resume_path: Optional[str] = None
+    lock: object = None                # the output dir's runlock.RunLock (held by rank 0 for the whole run)
     bf16: bool = False
     quiet: bool = False                # ranks other than 0 print nothing
     t_start: float = field(default_factory=time.time)
@@ -57,26 +58,32 @@ class Fitted:
     notes: dict = field(default_factory=dict)  # report.md lines: skipped steps, a collapse warning
 
 
-def _restore(run: Run, model, optimizer, scheduler, total: int) -> tuple[int, int, int, dict]:
+def _restore(run: Run, model, optimizer, scheduler, total: int, train_rows: Optional[int] = None
+             ) -> tuple[int, int, int, dict]:
     """Adapter, optimizer, scheduler, RNG and data position from run.resume_path -> (step, epoch, consumed,
-    history). Refuses a checkpoint of another number of ranks or another planned length."""
-    state = ckpt.load_checkpoint(run.resume_path)
-    ckpt.load_trainable_state_dict(model, state["trainable"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    ckpt.restore_rng_state(state["rng"])
+    history). Refuses a checkpoint of another number of ranks, another planned length or other data."""
+    path = run.resume_path
+    state = ckpt.load_checkpoint(path)  # JSON + safetensors only: nothing in a checkpoint is executed
     s = state["state"]
+    step, epoch, consumed = ckpt.training_position(state)
     if s.get("world_size", 1) != run.dist.world:
         raise ckpt.CheckpointError(
-            f"--resume: {run.resume_path} was trained on {s.get('world_size', 1)} rank(s), this run has "
+            f"--resume: {path} was trained on {s.get('world_size', 1)} rank(s), this run has "
             f"{run.dist.world}; an optimizer step takes micro-batch x accumulation x ranks rows, so resume with "
             f"the same number of ranks")
     if s.get("total_steps") not in (None, total):
-        raise ckpt.CheckpointError(f"--resume: {run.resume_path} belongs to a run of {s['total_steps']} steps, "
+        raise ckpt.CheckpointError(f"--resume: {path} belongs to a run of {s['total_steps']} steps, "
                                    f"this config plans {total}; resume with the same config")
-    run.say(f"mixtune: resuming from {run.resume_path} (step {s['step']}/{total}, epoch {s['epoch']}, "
-            f"micro-batch {s['batches_in_epoch']})")
-    return s["step"], s["epoch"], s["batches_in_epoch"], s.get("history", {})
+    if train_rows is not None and s.get("train_rows") not in (None, train_rows):
+        raise ckpt.CheckpointError(f"--resume: {path} was trained on {s['train_rows']} packed rows, this run "
+                                   f"prepared {train_rows}: the data changed, so its data position does not "
+                                   f"apply; resume with the same data or start a new --output_dir")
+    ckpt.load_trainable_state_dict(model, state["trainable"])
+    ckpt.restore_optimizer(optimizer, state["optimizer"], f"{path}/optimizer.json")
+    ckpt.restore_scheduler(scheduler, state["scheduler"], f"{path}/scheduler.json")
+    ckpt.restore_rng_state(state["rng"], f"{path}/rng.json")
+    run.say(f"mixtune: resuming from {path} (step {step}/{total}, epoch {epoch}, micro-batch {consumed})")
+    return step, epoch, consumed, s.get("history", {})
 
 
 def fit(cfg: Config, run: Run, model, params: list, data, save_adapter_fn: Callable[[str], None], *,
@@ -98,7 +105,7 @@ def fit(cfg: Config, run: Run, model, params: list, data, save_adapter_fn: Calla
     step, epoch, consumed, history = 0, 0, 0, {}
     torch.manual_seed(t.seed)
     if run.resume_path:
-        step, epoch, consumed, history = _restore(run, model, optimizer, scheduler, total)
+        step, epoch, consumed, history = _restore(run, model, optimizer, scheduler, total, len(data.train_rows))
     metrics = MetricsLog(run.out_dir, t.tensorboard, step if run.resume_path else None) if dist.is_main \
         else NoMetrics()
     if eval_before is not None and not run.resume_path:
@@ -182,10 +189,11 @@ def fit(cfg: Config, run: Run, model, params: list, data, save_adapter_fn: Calla
         # no checkpoint right after a skipped step (the weights just gave a non-finite loss), except the last one
         if ((t.save_steps and step % t.save_steps == 0) or step == total) and (not guard.in_a_row or step == total):
             state = {"epoch": epoch, "batches_in_epoch": consumed, "total_steps": total, "world_size": dist.world,
-                     "history": {"tokens_seen": tokens_seen, **guard.history()}}
-            if dist.is_main:  # every rank holds the same adapter and optimizer state
+                     "train_rows": len(data.train_rows), "history": {"tokens_seen": tokens_seen, **guard.history()}}
+            if dist.is_main:  # every rank holds the same adapter and optimizer state; config.yaml beside it
                 ckpt.save_checkpoint(run.out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                     state=state, total_limit=t.save_total_limit, save_adapter_fn=save_adapter_fn)
+                                     state=state, total_limit=t.save_total_limit, save_adapter_fn=save_adapter_fn,
+                                     config=cfg)
             dist.barrier()
         if on_step is not None:
             on_step(step)

@@ -11,21 +11,23 @@ import math
 import os
 from typing import Optional
 
+from .._fs import open_append, write_text_atomic
 from .report import read_metrics
 
 
 class MetricsLog:
     """metrics.jsonl + TensorBoard scalars under tb/. On resume, what the killed run logged after its last
-    checkpoint is dropped: it will be logged again."""
+    checkpoint is dropped: it will be logged again. The file is (re)created by an atomic rename, so a symlink
+    planted at its name is replaced, not written through; appends refuse a symlink (ELOOP)."""
 
     def __init__(self, out_dir: str, tensorboard: bool, resume_step: Optional[int]):
         self.path = os.path.join(out_dir, "metrics.jsonl")
-        if resume_step is not None and os.path.exists(self.path):
-            keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            with open(self.path, "w") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in keep)
+        if resume_step is not None and os.path.lexists(self.path):
+            keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] \
+                if not os.path.islink(self.path) else []
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         elif resume_step is None:
-            open(self.path, "w").close()
+            write_text_atomic(self.path, "")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -33,7 +35,7 @@ class MetricsLog:
                                     purge_step=resume_step + 1 if resume_step is not None else None)
 
     def log(self, record: dict) -> None:
-        with open(self.path, "a") as fh:
+        with open_append(self.path) as fh:
             fh.write(json.dumps(record) + "\n")
         if self.tb is not None:
             prefix = "eval" if record.get("kind") == "eval" else "train"

@@ -10,13 +10,24 @@ import json
 import os
 from typing import Any
 
+from .._fs import atomic_write, write_text_atomic
+
 
 def read_metrics(path: str) -> list[dict]:
-    """The rows of a metrics.jsonl file (missing file -> [])."""
+    """The rows of a metrics.jsonl file (missing file -> []; a line that is not a JSON object, e.g. cut off by a
+    kill or a full disk, is skipped)."""
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for line in fh:
+            try:
+                row = json.loads(line) if line.strip() else None
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
 
 
 def plot_losses(records: list[dict], path: str, title: str = "mixtune") -> str:
@@ -39,7 +50,7 @@ def plot_losses(records: list[dict], path: str, title: str = "mixtune") -> str:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))  # replaces a symlink, never follows it
     plt.close(fig)
     return path
 
@@ -96,8 +107,7 @@ def write_report(path: str, summary: dict[str, Any]) -> str:
                       ""]
     if summary.get("files"):
         lines += ["", "## Files", ""] + [f"- `{f}`" for f in summary["files"]]
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines).rstrip() + "\n")
+    write_text_atomic(path, "\n".join(lines).rstrip() + "\n")  # replaces a symlink, never writes through it
     return path
 
 
