@@ -31,7 +31,7 @@ import torch
 from .bench_checks import (FP8_MOE_MAX_ERR, LORA_ALPHA, LORA_R, LORA_TARGETS,  # noqa: F401 (FP8_MOE_MAX_ERR: bench/)
                            build_model, check_attention, check_fp8, check_model, check_moe, model_check_passes,
                            moe_check_passes, packed_batch)
-from .model.config import MixtralConfig
+from .model.config import GEOMETRIES, MixtralConfig
 
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
@@ -39,11 +39,13 @@ TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_l
 
 # ------------------------------------------------------------------------------------------ accounting
 def active_params(cfg: MixtralConfig, layers: int) -> int:
-    """Matmul parameters one token touches: attention + top-k experts per layer, plus the lm_head."""
+    """Matmul parameters one token touches in the first `layers` layers: attention + top-k experts (+ the shared
+    expert) in MoE layers, the dense MLP in dense layers, plus the lm_head."""
     H, d = cfg.hidden_size, cfg.head_dim
     attn = 2 * H * cfg.num_attention_heads * d + 2 * H * cfg.num_key_value_heads * d
-    expert = 3 * H * cfg.intermediate_size
-    return layers * (attn + cfg.num_experts_per_tok * expert) + cfg.vocab_size * H
+    moe = cfg.num_experts_per_tok * 3 * H * cfg.intermediate_size + 3 * H * cfg.shared_expert_intermediate_size
+    dense = 3 * H * (cfg.dense_intermediate_size or cfg.intermediate_size)
+    return sum(attn + (moe if cfg.is_moe_layer(l) else dense) for l in range(layers)) + cfg.vocab_size * H
 
 
 @dataclass
@@ -347,6 +349,8 @@ def build_parser():
     p.add_argument("--cpu-tiny", action="store_true", help="tiny geometry on CPU (seconds): numerics + steps. "
                    "Without it the benchmark runs a real model's geometry and is refused without a CUDA GPU")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--geometry", default="mixtral-8x7b", choices=sorted(GEOMETRIES),
+                   help="the model geometry benchmarked (random weights): any supported family")
     p.add_argument("--layers", type=int, default=4, help="layers for the side-by-side comparison")
     p.add_argument("--seq", type=int, default=1024, help="packed row length")
     p.add_argument("--settings", default="mb=8,ckpt=0,backend=grouped;mb=8,ckpt=1,backend=grouped",
@@ -406,8 +410,9 @@ def main(argv=None, stock_runner=None) -> int:
         cfg = MixtralConfig(**TINY)
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        cfg = MixtralConfig()
-    result = {"versions": versions(), "device": device, "geometry": {k: getattr(cfg, k) for k in TINY},
+        cfg = GEOMETRIES[args.geometry]
+    result = {"versions": versions(), "device": device, "model": cfg.model_type,
+              "geometry": {k: getattr(cfg, k) for k in TINY},
               "seq": args.seq, "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "targets": LORA_TARGETS}}
     ok = True
     t_start = time.perf_counter()

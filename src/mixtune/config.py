@@ -52,6 +52,9 @@ class ModelConfig:
     name_or_path: str = _f("", "Hub id (e.g. mistralai/Mixtral-8x7B-v0.1) or local HF directory. Empty: the "
                               "embedded tiny random Mixtral, built once and cached.")
     revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) when name_or_path is a Hub id.")
+    family: str = _f("mixtral", "With an empty name_or_path: which family's tiny random model to build and use "
+                                "offline (mixtral, qwen3_moe, olmoe, qwen2_moe). A real checkpoint's family is "
+                                "read from its config.json.", ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe"))
     quant: str = _f("nf4", "Base-weight storage: nf4 (4-bit NormalFloat, double-quantized, blocks of 64) or none.",
                     ("nf4", "none"))
     dtype: str = _f("auto", "Compute dtype: auto (bfloat16 where supported, else float32), bfloat16, float16, float32.",

@@ -27,7 +27,8 @@ def eval_main(cfg, adapter: Optional[str] = None, json_out: bool = False) -> dic
     t0 = time.time()
     if adapter and not os.path.isdir(adapter):
         raise FileNotFoundError(f"--adapter: directory not found: {adapter}")
-    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision)
+    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision,
+                                    family=cfg.model.family)
     tokenizer = load_tokenizer(cfg.model.tokenizer, model_path)
     data = prepare_data(cfg, tokenizer)
     if not data.eval_rows:

@@ -27,7 +27,7 @@ def generate_main(cfg, prompts: list[str], adapter: Optional[str] = None, json_o
     stream = stream or sys.stdout
     report = (lambda msg: print(msg, file=sys.stderr)) if json_out else print
     mc, gc = cfg.model, cfg.generate
-    path = resolve_model_path(mc.name_or_path, mc.cache_dir, mc.revision)
+    path = resolve_model_path(mc.name_or_path, mc.cache_dir, mc.revision, family=mc.family)
     device = resolve_device(mc.device)
     model = load_model(path, quant=mc.quant, dtype=resolve_dtype(mc.dtype, device), device=device,
                        cache_dir=mc.cache_dir, revision=mc.revision, report=report)

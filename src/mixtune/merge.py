@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -36,8 +35,6 @@ MARKER = "mixtune_merge.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "generation_config.json")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
-_ATTN_RE = re.compile(r"^model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
 
 
 def _check_out_dir(out_dir: str, model: str = "") -> None:
@@ -62,14 +59,15 @@ def _dequantized_stream(path: str, qdtype: torch.dtype, device: torch.device) ->
     Attention projections: quantized per matrix; experts: each layer's (E, out, in) stack quantized as one
     tensor (as load_model does: per-expert blocks, but the double-quantization statistics span the stack);
     everything else: cast to qdtype, as training saw it."""
-    from .model.config import MixtralConfig
-    from .model import iter_checkpoint
+    from .model import iter_checkpoint, load_config_only
+    from .model.layout import EXPERT_RE, quantized_linear, to_internal
     from .quant.nf4 import NF4Weight
 
-    E = MixtralConfig.from_pretrained(path).num_local_experts
+    config = load_config_only(path)
+    E, fam, internal = config.num_local_experts, config.family, to_internal(config)
     stacks: dict[tuple[int, str], list] = {}  # (layer, w) -> [stack (E, out, in) in qdtype, experts seen]
     for key, t in iter_checkpoint(path):
-        m = _EXPERT_RE.match(key)
+        m = EXPERT_RE.match(internal.get(key, key))  # our naming: ...block_sparse_moe.experts.{e}.w1.weight
         if m:
             l, e, w = int(m.group(1)), int(m.group(2)), m.group(3)
             slot = stacks.get((l, w))
@@ -80,12 +78,13 @@ def _dequantized_stream(path: str, qdtype: torch.dtype, device: torch.device) ->
             if len(slot[1]) == E:
                 q = NF4Weight.quantize(stacks.pop((l, w))[0])
                 for j in range(E):
-                    yield f"model.layers.{l}.block_sparse_moe.experts.{j}.{w}.weight", \
+                    yield fam.checkpoint_name(f"model.layers.{l}.block_sparse_moe.experts.{j}.{w}.weight"), \
                         q.dequantize_expert(j, torch.float32).cpu()
                 del q
             continue
         w = t.to(device=device, dtype=qdtype)
-        if _ATTN_RE.match(key):
+        mod, _, leaf = internal.get(key, key).rpartition(".")
+        if leaf == "weight" and quantized_linear(mod):
             yield key, NF4Weight.quantize(w).dequantize(torch.float32).cpu()
         else:
             yield key, w.float().cpu()
@@ -113,16 +112,16 @@ _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32
 def merge_main(cfg: Config, adapter_dir: str, out_dir: str) -> dict:
     """Merge `adapter_dir` into the base model `cfg.model.name_or_path`; write an HF checkpoint to `out_dir`.
     Returns a summary dict (JSON-serialisable)."""
-    from .model.config import MixtralConfig
-    from .model import checkpoint_files, iter_checkpoint, resolve_model_path, save_hf_checkpoint
+    from .model import checkpoint_files, load_config_only, iter_checkpoint, resolve_model_path, save_hf_checkpoint
     from .runtime import resolve_device, resolve_dtype
 
     t0 = time.perf_counter()
     out_dir = os.path.abspath(os.fspath(out_dir))
     _check_out_dir(out_dir, cfg.model.name_or_path)
-    path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision)
+    path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision,
+                              family=cfg.model.family)
     _check_out_dir(out_dir, path)  # the resolved base too (the tiny default, a Hub snapshot)
-    config = MixtralConfig.from_pretrained(path)
+    config = load_config_only(path)
     acfg, tensors, _ = read_adapter(adapter_dir)
     deltas = adapter_deltas(tensors)
     scaling = merge_scaling(acfg, deltas)  # alpha / r; per weight when rank_pattern / alpha_pattern say so

@@ -33,14 +33,14 @@ from .loop import checkpoint as ckpt
 from .loop.evaluation import evaluate_ranks, generate_texts, generation_metrics
 from .loop.fit import Fitted, Run, fit
 from .loop.report import plot_losses, read_metrics, side_by_side, write_report
-from .model import build_model_on_meta, load_model, resolve_model_path
-from .model.config import MixtralConfig
+from .model import build_model_on_meta, check_checkpoint, load_config_only, load_model, resolve_model_path
 from .runtime import resolve_device, resolve_dtype, seed_everything, use_bf16
 
 
 def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, command: str = "") -> dict:
     """Run one training job described by `cfg`; returns the final metrics. `on_step(step)` is called after
     every optimizer step (and its checkpoint), e.g. by tests that simulate a kill."""
+    preflight(cfg)
     run = set_up(cfg)
     with run.lock:  # the output dir has one writer until the run ends or fails
         model_path, tokenizer, data = prepare(cfg, run)
@@ -54,6 +54,17 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
                      eval_before=eval_before, on_step=on_step)
         return finish(cfg, run, fitted, model, tokenizer, data, examples, before, eval_before, lora_report,
                       model_path, command)
+
+
+def preflight(cfg: Config) -> None:
+    """Before anything is written: a local model directory must be a supported family whose config.json and
+    weights agree (keys and shapes, from the file headers), so such an error leaves the run directory as it was."""
+    name = cfg.model.name_or_path
+    if name and os.path.isdir(os.path.expanduser(name)):
+        path = os.path.abspath(os.path.expanduser(name))
+        # LoRA target errors first: they need only config.json (a damaged shard must not hide them)
+        check_targets(build_model_on_meta(load_config_only(path), cfg.model.quant), cfg.lora)
+        check_checkpoint(path)
 
 
 def set_up(cfg: Config) -> Run:
@@ -94,9 +105,10 @@ def prepare(cfg: Config, run: Run):
     """Model files, LoRA targets checked on the meta device, tokenizer, prepared data -> (model_path,
     tokenizer, data). Rank 0 goes first: it fills the caches the others then read."""
     with run.dist.main_first():
-        model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision)
+        model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision,
+                                        family=cfg.model.family)
         # LoRA target errors now, on the meta device, not after data preparation and loading the base (minutes)
-        check_targets(build_model_on_meta(MixtralConfig.from_pretrained(model_path), cfg.model.quant), cfg.lora)
+        check_targets(build_model_on_meta(load_config_only(model_path), cfg.model.quant), cfg.lora)
         tokenizer = load_tokenizer(cfg.model.tokenizer, model_path)
         data = prepare_data(cfg, tokenizer)
     if not data.train_rows:

@@ -24,7 +24,8 @@ from torch import nn
 from .._fs import publish_mode
 from ..config import ConfigError, LoraConfig
 from .modules import ExpertLoRA, LoRALinear
-from .targets import FUSED_EXPERT_NAMES, LINEAR_NAMES, PARAM_LINEAR_NAMES, LoraReport, _candidates, apply_lora
+from .targets import (FUSED_EXPERT_NAMES, LINEAR_NAMES, PARAM_LINEAR_NAMES, LoraReport, _candidates, apply_lora,
+                      family_of_model)
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -37,19 +38,26 @@ SIDECAR = "mixtune_adapter.json"  # our own notes next to the PEFT files (peft i
 # --------------------------------------------------------------------------------------------------
 
 
+def _expert_key(fam, exp_path: str, e: int, role: str, ab: str) -> str:
+    """The PEFT key of expert e's `role` (w1/w3/w2) matrix, in the family's checkpoint naming."""
+    return f"{PEFT_PREFIX}{fam.checkpoint_name(f'{exp_path}.{e}.{role}')}.lora_{ab}.weight"
+
+
 def _adapter_slots(model: nn.Module) -> dict[str, tuple[nn.Parameter, Optional[int]]]:
-    """PEFT key -> (our parameter, expert index or None). Expert keys address one expert's slice."""
+    """PEFT key -> (our parameter, expert index or None). Expert keys address one expert's slice. Keys use the
+    family's checkpoint names (Mixtral `block_sparse_moe.experts.{e}.w1`, Qwen `mlp.experts.{e}.gate_proj`)."""
+    fam = family_of_model(model)
     slots = {}
     for name, mod in model.named_modules():
         if isinstance(mod, LoRALinear):
-            slots[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (mod.lora_A, None)
-            slots[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (mod.lora_B, None)
+            slots[f"{PEFT_PREFIX}{fam.checkpoint_name(name)}.lora_A.weight"] = (mod.lora_A, None)
+            slots[f"{PEFT_PREFIX}{fam.checkpoint_name(name)}.lora_B.weight"] = (mod.lora_B, None)
         elif isinstance(mod, ExpertLoRA):
             exp_path = name.rsplit(".", 1)[0]  # ...block_sparse_moe.experts
             for w in mod.A:
                 for e in range(mod.num_experts):
-                    slots[f"{PEFT_PREFIX}{exp_path}.{e}.{w}.lora_A.weight"] = (mod.A[w], e)
-                    slots[f"{PEFT_PREFIX}{exp_path}.{e}.{w}.lora_B.weight"] = (mod.B[w], e)
+                    slots[_expert_key(fam, exp_path, e, w, "A")] = (mod.A[w], e)
+                    slots[_expert_key(fam, exp_path, e, w, "B")] = (mod.B[w], e)
     return slots
 
 
@@ -136,8 +144,9 @@ def _target_modules(model: nn.Module) -> tuple[list[str], list[str]]:
     f1, f2 = FUSED_EXPERT_NAMES
     if (f1 in ws) != (f2 in ws):  # peft fuses w1 and w3 into one parameter: it needs both or neither
         pad = [f2 if f1 in ws else f1]
-    names += sorted(set(ws) | set(pad))
-    return names, pad
+    fam = family_of_model(model)
+    names += sorted(fam.checkpoint_name_of_role(w) for w in set(ws) | set(pad))
+    return names, [fam.checkpoint_name_of_role(w) for w in pad]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,21 +168,22 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, lora_cfg: LoraCon
     target_modules, pad = _target_modules(model)
     if pad:  # zero A and B for the missing partner of w1/w3: stock peft can fuse them, the update stays exact
         f1, f2 = FUSED_EXPERT_NAMES
+        fam = family_of_model(model)
         for name, mod in model.named_modules():
             if isinstance(mod, ExpertLoRA):
-                src = f1 if f1 in mod.A else f2
+                src, dst = (f1, f2) if f1 in mod.A else (f2, f1)
                 exp_path = name.rsplit(".", 1)[0]
                 for e in range(mod.num_experts):
-                    a, b = sd[f"{PEFT_PREFIX}{exp_path}.{e}.{src}.lora_A.weight"], \
-                        sd[f"{PEFT_PREFIX}{exp_path}.{e}.{src}.lora_B.weight"]
-                    sd[f"{PEFT_PREFIX}{exp_path}.{e}.{pad[0]}.lora_A.weight"] = torch.zeros_like(a)
-                    sd[f"{PEFT_PREFIX}{exp_path}.{e}.{pad[0]}.lora_B.weight"] = torch.zeros_like(b)
+                    for ab in "AB":
+                        sd[_expert_key(fam, exp_path, e, dst, ab)] = \
+                            torch.zeros_like(sd[_expert_key(fam, exp_path, e, src, ab)])
     has_param_targets = any(isinstance(m, ExpertLoRA) for m in model.modules()) or any(
         n.rsplit(".", 1)[-1] in PARAM_LINEAR_NAMES for n, m in model.named_modules() if isinstance(m, LoRALinear))
     cfg = _peft_config_dict(lora_cfg, target_modules, base_model_name_or_path, has_param_targets)
     side = {"format": 1, "targets": list(lora_cfg.targets), "lora_dropout": float(lora_cfg.dropout),
             "r": int(lora_cfg.r), "alpha": float(lora_cfg.alpha), "zero_padding_targets": pad,
             "adapted": [t for t in target_modules if t not in pad],
+            "adapted_paths": _adapted_paths(model),
             "report": report.to_dict() if report is not None else None}
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
@@ -194,6 +204,21 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, lora_cfg: LoraCon
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _adapted_paths(model: nn.Module) -> list[str]:
+    """Every adapted matrix as a path `apply_lora` matches exactly: linear module paths, and expert stacks as
+    `<experts path>.<family name>` (so loading adapts exactly these, e.g. not a Qwen2-MoE shared expert's
+    gate_proj when only the routed experts' gate_proj was trained)."""
+    fam = family_of_model(model)
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            out.append(name)
+        elif isinstance(mod, ExpertLoRA):
+            exp_path = name.rsplit(".", 1)[0]
+            out += [f"{exp_path}.{fam.checkpoint_name_of_role(w)}" for w in mod.A]
+    return out
 
 
 def _no_duplicate_keys(pairs: list) -> dict:
@@ -354,7 +379,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, seed: int = 0
         raise ConfigError(f"adapter: {adapter_dir}: rank_pattern / alpha_pattern give {len(own)} module(s) their "
                           f"own rank or alpha (e.g. {m}: r={r}, alpha={alpha:g}); eval and generate load one r "
                           f"and alpha for all modules: fold it with `mixtune merge` and use the merged model")
-    targets = side.get("adapted") or cfg.get("target_modules") or []
+    targets = side.get("adapted_paths") or side.get("adapted") or cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
     pad = set(side.get("zero_padding_targets") or [])
