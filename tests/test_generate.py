@@ -185,3 +185,73 @@ def test_cli_max_new_tokens_beyond_the_context_is_capped_with_a_notice(tiny_ckpt
     rec = json.loads(out.strip().splitlines()[-1])
     assert rec["prompt_tokens"] + len(rec["token_ids"]) <= 64
     assert "mixtune: generate: prompt + max_new_tokens" in err and "Traceback" not in err
+
+
+def _captured_ids(monkeypatch):
+    """Record the prompt ids the model receives (mixtune.generate.generate stands in for the decoder)."""
+    import mixtune.generate as gen
+
+    seen = []
+
+    def fake(model, prompts, **kw):
+        seen.extend(prompts)
+        return [[] for _ in prompts]
+
+    monkeypatch.setattr(gen, "generate", fake)
+    return seen
+
+
+def _chatml_tokenizer(directory):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent / "data" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("_data_conftest", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.build_chatml_tokenizer(str(directory))
+
+
+def test_cli_raw_sends_exactly_bos_and_the_prompt_ids(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """--raw: no template; the model receives bos (the v1 tokenizer has one) + the prompt's own ids, and for a
+    tokenizer without bos (ChatML, as Qwen3) exactly the prompt's ids -- no None, no template text."""
+    from mixtune.cli import main
+    from mixtune.data import load_tokenizer
+
+    seen = _captured_ids(monkeypatch)
+    text = "Once upon a time </s> there"
+    base = ["generate", "--model", tiny_ckpt, "--quant", "none", "--model.device", "cpu", "--prompt", text]
+    assert main(base + ["--raw", "--json"]) == 0
+    tok = load_tokenizer("", tiny_ckpt)
+    assert seen[-1] == [1] + tok.encode_content(text) and seen[-1][1:] == tok.encode(text)
+    assert json.loads(capsys.readouterr().out)["formatted_prompt"] == text
+    _chatml_tokenizer(tmp_path / "chatml")
+    assert main(base + ["--raw", "--model.tokenizer", str(tmp_path / "chatml")]) == 0
+    chatml = load_tokenizer(str(tmp_path / "chatml"))
+    assert chatml.bos_id is None and seen[-1] == chatml.hf(text, add_special_tokens=False)["input_ids"]
+    assert main(base + ["--raw", "--chat"]) == 2
+    assert "--raw and --chat" in capsys.readouterr().err
+
+
+def test_cli_chat_equals_apply_chat_template_with_generation_prompt(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """--chat: the prompt as one user turn through the tokenizer's chat template, generation prompt added: the
+    ids equal transformers' apply_chat_template(add_generation_prompt=True); the default stays the training
+    template (mixtral-chat on the tiny default)."""
+    from mixtune.cli import main
+
+    seen = _captured_ids(monkeypatch)
+    hf = _chatml_tokenizer(tmp_path / "chatml")
+    base = ["generate", "--model", tiny_ckpt, "--quant", "none", "--model.device", "cpu",
+            "--model.tokenizer", str(tmp_path / "chatml"), "--prompt", "What is the capital of France?"]
+    assert main(base + ["--chat"]) == 0
+    want = hf.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert seen[-1] == list(want)
+    assert main(base + ["--chat", "--data.chat_template_kwargs", '{"enable_thinking": false}']) == 0
+    want = hf.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=True, return_dict=False,
+                                  enable_thinking=False)
+    assert seen[-1] == list(want)
+    assert main(base) == 0  # default: the training template (mixtral-chat), no bos for this tokenizer
+    assert seen[-1] != list(want) and None not in seen[-1]
+    capsys.readouterr()

@@ -4,7 +4,7 @@
     mixtune prepare  [CONFIG.yaml] [...] [--json] [--dump-text FILE] [--dump-tokens FILE]
     mixtune eval     [CONFIG.yaml] [...] [--adapter DIR] [--json]
     mixtune merge    [CONFIG.yaml] [...] --adapter DIR [--out DIR] [--json]
-    mixtune generate [CONFIG.yaml] [...] [--adapter DIR] --prompt TEXT [--prompt TEXT ...] [--json]
+    mixtune generate [CONFIG.yaml] [...] [--adapter DIR] [--raw | --chat] --prompt TEXT [--prompt TEXT ...] [--json]
     mixtune inspect  [CONFIG.yaml] [...] [--json]
     mixtune bench    [bench options]
 
@@ -42,6 +42,8 @@ VERB_OPTIONS = {
     "--adapter": (True, {"eval", "merge", "generate"}),
     "--prompt": (True, {"generate"}),
     "--json": (False, {"train", "prepare", "eval", "merge", "generate", "inspect"}),
+    "--raw": (False, {"generate"}),
+    "--chat": (False, {"generate"}),
     "--dump-text": (True, {"prepare"}),
     "--dump-tokens": (True, {"prepare"}),
     "--resume": (None, {"train"}),  # optional value: bare --resume means auto
@@ -67,6 +69,8 @@ _HELP_OPTIONS = """\
 verb options:
   --adapter DIR         adapter directory (PEFT format, e.g. runs/tiny/adapter)       [eval, merge, generate]
   --prompt TEXT         prompt text; repeat for several                                 [generate]
+  --raw                 no template: exactly bos (if the tokenizer has one) + the prompt  [generate]
+  --chat                the prompt as a user turn through the model's chat template     [generate]
   --json                machine-readable output: one JSON object per line on stdout
   --dump-text FILE      write {"text": ...} per formatted example, source order        [prepare]
   --dump-tokens FILE    write {"input_ids": [...], "labels": [...]} per example         [prepare]
@@ -89,6 +93,7 @@ class _Args:
         self.adapter: Optional[str] = None
         self.prompts: list[str] = []
         self.json = False
+        self.prompt_mode = "template"
         self.dump_text: Optional[str] = None
         self.dump_tokens: Optional[str] = None
         self.overrides: list[tuple[str, str]] = []
@@ -165,6 +170,10 @@ def parse_args(verb: str, argv: list[str]) -> _Args:
                 a.prompts.append(value)
             elif name == "--json":
                 a.json = True
+            elif name in ("--raw", "--chat"):
+                if a.prompt_mode not in ("template", name[2:]):
+                    raise ConfigError("clashing options: --raw and --chat (choose one prompt format)")
+                a.prompt_mode = name[2:]
             elif name == "--dump-text":
                 a.dump_text = value
             elif name == "--dump-tokens":
@@ -290,7 +299,7 @@ def run(verb: str, argv: list[str]) -> int:
         if args.adapter and not os.path.isdir(args.adapter):
             raise FileNotFoundError(f"--adapter: directory not found: {args.adapter}")
         from .generate import generate_main
-        generate_main(cfg, args.prompts, args.adapter, args.json)
+        generate_main(cfg, args.prompts, args.adapter, args.json, mode=args.prompt_mode)
     elif verb == "inspect":
         from .inspect_model import inspect_main
         inspect_main(cfg, json_out=args.json)
