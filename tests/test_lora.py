@@ -169,6 +169,26 @@ def test_unmatched_target_strict_and_nothing_matched(tiny_config):
     assert rep.adapted == ["q_proj", "k_proj", "v_proj", "o_proj", "gate", "w1", "w2", "w3"]
 
 
+def _assert_all_expert_matrices(out, tiny_config, targets):
+    """vLLM's pack_moe needs w1, w2 AND w3 for every expert: all three are written, the untrained ones as zeros,
+    and the sidecar lists those so mixtune's own load skips them."""
+    from safetensors.torch import load_file
+
+    t = load_file(os.path.join(out, "adapter_model.safetensors"))
+    side = json.load(open(os.path.join(out, "mixtune_adapter.json")))
+    trained = [w for w in ("w1", "w2", "w3") if w in targets or "experts" in targets]
+    assert sorted(side["zero_padding_targets"]) == sorted({"w1", "w2", "w3"} - set(trained))
+    for l in range(tiny_config.num_hidden_layers):
+        for e in range(tiny_config.num_local_experts):
+            for w in ("w1", "w2", "w3"):
+                key = f"base_model.model.model.layers.{l}.block_sparse_moe.experts.{e}.{w}.lora_"
+                a, b = t[key + "A.weight"], t[key + "B.weight"]
+                fin, fout = (tiny_config.intermediate_size, tiny_config.hidden_size) if w == "w2" else \
+                    (tiny_config.hidden_size, tiny_config.intermediate_size)
+                assert a.shape == (4, fin) and b.shape == (fout, 4)
+                assert (a.abs().sum() == 0 and b.abs().sum() == 0) == (w not in trained)
+
+
 def _peft_logits(ckpt, adapter_dir, ids, hf_model_from):
     import peft
 
@@ -179,7 +199,8 @@ def _peft_logits(ckpt, adapter_dir, ids, hf_model_from):
         return pm(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("targets,dropout", [(ALL, 0.0), (["q_proj", "o_proj", "w1", "w2"], 0.1)])
+@pytest.mark.parametrize("targets,dropout", [(ALL, 0.0), (["q_proj", "o_proj", "w1", "w2"], 0.1),
+                                             (["q_proj", "w1"], 0.0)])
 def test_stock_peft_loads_our_adapter(fp32_model_factory, tiny_ckpt, tiny_config, hf_model_from, tmp_path,
                                       targets, dropout):
     model = fp32_model_factory("none")
@@ -195,6 +216,7 @@ def test_stock_peft_loads_our_adapter(fp32_model_factory, tiny_ckpt, tiny_config
     cfg = json.load(open(os.path.join(out, "adapter_config.json")))
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["r"] == 4
     assert cfg["lora_dropout"] == 0.0  # peft refuses dropout on the router / expert (parameter) targets
+    _assert_all_expert_matrices(out, tiny_config, targets)
     import warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -214,7 +236,7 @@ def test_mixtune_round_trip_and_errors(fp32_model_factory, tiny_config, tmp_path
     out = str(tmp_path / "adapter")
     save_adapter(model, out, lcfg, "tiny", report=rep)
     cfg = json.load(open(os.path.join(out, "adapter_config.json")))
-    assert cfg["target_modules"] == ["q_proj", "v_proj", "lm_head", "gate", "w1", "w3"]  # w1: zero pad for peft
+    assert cfg["target_modules"] == ["q_proj", "v_proj", "lm_head", "gate", "w1", "w2", "w3"]  # w1, w2: zeros
     model.eval()
     ids = _ids(tiny_config.vocab_size)
     with torch.no_grad():
@@ -230,14 +252,14 @@ def test_mixtune_round_trip_and_errors(fp32_model_factory, tiny_config, tmp_path
     assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     # saving again over the same directory replaces the files
     save_adapter(model, out, lcfg, "tiny")
-    # without our sidecar (as a plain PEFT adapter): the zero w1 padding loads as a zero adapter, same logits
+    # without our sidecar (as a plain PEFT adapter): the zero w1/w2 padding loads as a zero adapter, same logits
     plain = str(tmp_path / "plain")
     import shutil
     shutil.copytree(out, plain)
     os.remove(os.path.join(plain, "mixtune_adapter.json"))
     fresh2 = fp32_model_factory("nf4")
     rep3 = load_adapter(fresh2, plain)
-    assert rep3.adapted == ["q_proj", "v_proj", "lm_head", "gate", "w1", "w3"]
+    assert rep3.adapted == ["q_proj", "v_proj", "lm_head", "gate", "w1", "w2", "w3"]
     fresh2.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh2(ids).logits, ours, rtol=0, atol=0)

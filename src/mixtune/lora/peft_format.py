@@ -24,7 +24,7 @@ from torch import nn
 from .._fs import publish_mode
 from ..config import ConfigError, LoraConfig
 from .modules import ExpertLoRA, LoRALinear
-from .targets import (FUSED_EXPERT_NAMES, LINEAR_NAMES, PARAM_LINEAR_NAMES, LoraReport, _candidates, apply_lora,
+from .targets import (EXPERT_NAMES, LINEAR_NAMES, PARAM_LINEAR_NAMES, LoraReport, _candidates, apply_lora,
                       family_of_model)
 
 PEFT_PREFIX = "base_model.model."
@@ -123,7 +123,9 @@ def _peft_config_dict(lora_cfg: LoraConfig, target_modules: list[str], base_mode
 
 
 def _target_modules(model: nn.Module) -> tuple[list[str], list[str]]:
-    """(target_modules for adapter_config.json, expert names added only so peft can fuse w1 with w3)."""
+    """(target_modules for adapter_config.json, expert roles written only as zeros). Whenever any expert matrix is
+    adapted, all three (w1/w2/w3) are written for every expert: vLLM's `pack_moe` needs all of them, and stock
+    peft fuses w1 with w3; the untrained ones are zeros, so the update stays exact."""
     linears, experts = _candidates(model)
     adapted_lin = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     adapted_exp = {}
@@ -140,13 +142,28 @@ def _target_modules(model: nn.Module) -> tuple[list[str], list[str]]:
         every = sorted(p for p in all_lin if p.rsplit(".", 1)[-1] == leaf)
         names += [leaf] if sorted(paths) == every else sorted(paths)
     ws = sorted({w for v in adapted_exp.values() for w in v})
-    pad = []
-    f1, f2 = FUSED_EXPERT_NAMES
-    if (f1 in ws) != (f2 in ws):  # peft fuses w1 and w3 into one parameter: it needs both or neither
-        pad = [f2 if f1 in ws else f1]
+    pad = sorted({w for v in adapted_exp.values() for w in EXPERT_NAMES if w not in v})
     fam = family_of_model(model)
     names += sorted(fam.checkpoint_name_of_role(w) for w in set(ws) | set(pad))
     return names, [fam.checkpoint_name_of_role(w) for w in pad]
+
+
+def _zero_padding(model: nn.Module, sd: dict) -> None:
+    """Add zero A and B for every expert matrix a module with expert LoRA does not adapt (see _target_modules)."""
+    fam = family_of_model(model)
+    for name, mod in model.named_modules():
+        if not isinstance(mod, ExpertLoRA):
+            continue
+        exp_path = name.rsplit(".", 1)[0]
+        experts = model.get_submodule(exp_path)
+        ref = next(iter(mod.A.values()))
+        for w in EXPERT_NAMES:
+            if w in mod.A:
+                continue
+            fout, fin = getattr(experts, w).shape[1:]
+            for e in range(mod.num_experts):
+                sd[_expert_key(fam, exp_path, e, w, "A")] = torch.zeros(mod.r, fin, dtype=ref.dtype)
+                sd[_expert_key(fam, exp_path, e, w, "B")] = torch.zeros(fout, mod.r, dtype=ref.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,17 +183,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, lora_cfg: LoraCon
     if not sd:
         raise ValueError("save_adapter: the model has no LoRA adapters")
     target_modules, pad = _target_modules(model)
-    if pad:  # zero A and B for the missing partner of w1/w3: stock peft can fuse them, the update stays exact
-        f1, f2 = FUSED_EXPERT_NAMES
-        fam = family_of_model(model)
-        for name, mod in model.named_modules():
-            if isinstance(mod, ExpertLoRA):
-                src, dst = (f1, f2) if f1 in mod.A else (f2, f1)
-                exp_path = name.rsplit(".", 1)[0]
-                for e in range(mod.num_experts):
-                    for ab in "AB":
-                        sd[_expert_key(fam, exp_path, e, dst, ab)] = \
-                            torch.zeros_like(sd[_expert_key(fam, exp_path, e, src, ab)])
+    if pad:  # zeros for the expert matrices not trained: vLLM and stock peft both load the adapter
+        _zero_padding(model, sd)
     has_param_targets = any(isinstance(m, ExpertLoRA) for m in model.modules()) or any(
         n.rsplit(".", 1)[-1] in PARAM_LINEAR_NAMES for n, m in model.named_modules() if isinstance(m, LoRALinear))
     cfg = _peft_config_dict(lora_cfg, target_modules, base_model_name_or_path, has_param_targets)
