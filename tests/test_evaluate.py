@@ -59,11 +59,23 @@ def test_generate_texts_uses_the_exact_prompt_ids(tiny_ckpt):
     assert a["text"] == tok.decode(a["token_ids"]) and a["prompt"] == text
 
 
-def test_generation_metrics():
-    from mixtune.loop.evaluation import generation_metrics, token_f1
-    assert token_f1("Explain the moon.", "explain the Moon") == 1.0
-    assert token_f1("a b", "c d") == 0.0
-    assert abs(token_f1("the cat sat", "the cat") - 0.8) < 1e-9
-    m = generation_metrics(["Explain the moon.", "x"], ["explain the moon", "y z"])
-    assert m == {"exact_match": 0.5, "word_f1": 0.5}
+def test_generation_metrics_are_the_libraries_values():
+    """chrF and BLEU are sacrebleu's corpus scores, ROUGE-L rouge-score's mean F-measure; exact match stays."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    from mixtune.loop.evaluation import generation_metrics
+
+    preds = ["Explain the moon.", "The cats are sitting on the mat today", "x"]
+    refs = ["explain the moon", "The cat is sitting on the mat", "y z"]
+    m = generation_metrics(preds, refs)
+    assert set(m) == {"exact_match", "chrf", "bleu", "rouge_l"}
+    assert abs(m["exact_match"] - 1 / 3) < 1e-12
+    assert m["chrf"] == sacrebleu.corpus_chrf(preds, [refs]).score
+    assert m["bleu"] == sacrebleu.corpus_bleu(preds, [refs]).score
+    sc = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    assert abs(m["rouge_l"] - sum(sc.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)) / 3) < 1e-12
+    assert 0 < m["chrf"] < 100 and 0 < m["bleu"] < 100 and 0 < m["rouge_l"] < 1
+    same = generation_metrics(refs, refs)
+    assert same["exact_match"] == 1.0 and abs(same["chrf"] - 100) < 1e-9 and abs(same["rouge_l"] - 1) < 1e-12
     assert generation_metrics([], []) == {}

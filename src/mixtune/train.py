@@ -189,11 +189,13 @@ def finish(cfg: Config, run: Run, fitted: Fitted, model, tokenizer, data, exampl
                 "rank": dist.rank}
     if eval_after is not None:
         fitted.metrics.log({"kind": "eval", "step": fitted.step, **eval_after})
-    fitted.metrics.close()
     adapter_dir = os.path.join(out_dir, "adapter")
     with writing(adapter_dir):  # disk full, read-only: one OSError naming the adapter dir
         save_adapter(model, adapter_dir, cfg.lora, cfg.model.name_or_path or model_path)
     gens, gen_scores = _generations(cfg, run, model, tokenizer, examples, before)
+    for when, sc in gen_scores.items():  # metrics.jsonl: {"kind": "generation", "when": "before"|"after", ...}
+        fitted.metrics.log({"kind": "generation", "step": fitted.step, "when": when, **sc})
+    fitted.metrics.close()
     merged_dir = None
     if t.merge_after:
         from .merge import merge_main

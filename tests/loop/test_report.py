@@ -14,10 +14,12 @@ def test_plot_report_and_side_by_side(tmp_path):
     gens = [{"prompt": "p", "reference": "ref | pipe", "before": "b " * 80, "after": "a"}]
     write_report(str(tmp_path / "report.md"), {
         "title": "t", "model": "m", "eval_before": recs[0], "eval_after": recs[-1], "loss_png": "loss.png",
-        "generations": gens, "generation_scores": {"before": {"exact_match": 0.0, "word_f1": 0.1},
-                                                   "after": {"exact_match": 1.0, "word_f1": 1.0}}})
+        "generations": gens, "generation_scores": {
+            "before": {"exact_match": 0.0, "chrf": 12.5, "bleu": 3.25, "rouge_l": 0.1},
+            "after": {"exact_match": 1.0, "chrf": 100.0, "bleu": 100.0, "rouge_l": 1.0}}})
     text = (tmp_path / "report.md").read_text()
     assert "| before training | 10.0000 |" in text and "| after training | 7.5000 |" in text
-    assert "ref \\| pipe" in text and "| after training | 1.00 | 1.000 |" in text
+    assert "ref \\| pipe" in text and "| after training | 1.00 | 100.0 | 100.0 | 1.000 |" in text
+    assert "| before training | 0.00 | 12.5 | 3.2 | 0.100 |" in text
     sbs = side_by_side(gens, width=60).splitlines()
     assert sbs[2].startswith("before training") and all(" | " in line for line in sbs[2:])

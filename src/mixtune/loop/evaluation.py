@@ -75,27 +75,23 @@ def _words(text: str) -> list[str]:
     return "".join(c.lower() if c.isalnum() else " " for c in text).split()
 
 
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD-style word-overlap F1 between two texts (lower-cased alphanumeric words), in [0, 1]."""
-    from collections import Counter
-
-    p, r = _words(prediction), _words(reference)
-    if not p or not r:
-        return float(p == r)
-    common = sum((Counter(p) & Counter(r)).values())
-    if common == 0:
-        return 0.0
-    prec, rec = common / len(p), common / len(r)
-    return 2 * prec * rec / (prec + rec)
-
-
 def generation_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Exact match (after whitespace/case normalisation) and mean word F1 of generations against references."""
+    """Scores of generations against their references, through the libraries everyone reports with:
+    exact_match (after whitespace/case/punctuation normalisation, mean over examples), chrf and bleu (sacrebleu's
+    corpus-level chrF and BLEU with its default settings, 0-100) and rouge_l (rouge-score's ROUGE-L F-measure with
+    its stemmer, mean over examples, 0-1)."""
     if not predictions:
         return {}
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
     em = [float(_words(p) == _words(r)) for p, r in zip(predictions, references)]
-    f1 = [token_f1(p, r) for p, r in zip(predictions, references)]
-    return {"exact_match": sum(em) / len(em), "word_f1": sum(f1) / len(f1)}
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rl = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    return {"exact_match": sum(em) / len(em),
+            "chrf": float(sacrebleu.corpus_chrf(predictions, [references]).score),
+            "bleu": float(sacrebleu.corpus_bleu(predictions, [references]).score),
+            "rouge_l": sum(rl) / len(rl)}
 
 
 def evaluate_ranks(model, rows: list, batch_size: int, bf16: bool, dist) -> dict:

@@ -38,7 +38,8 @@ class MetricsLog:
         with open_append(self.path) as fh:
             fh.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            prefix = "eval" if record.get("kind") == "eval" else "train"
+            kind = record.get("kind")
+            prefix = {"eval": "eval", "generation": f"generation_{record.get('when')}"}.get(kind, "train")
             for k, v in record.items():
                 if k not in ("step", "kind", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
                     name = k if k.startswith("eval_") else f"{prefix}/{k}"

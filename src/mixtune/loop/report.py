@@ -95,10 +95,12 @@ def write_report(path: str, summary: dict[str, Any]) -> str:
         lines += ["", "## Generations (held-out examples)", ""]
         scores = summary.get("generation_scores") or {}
         if scores.get("before") and scores.get("after"):
-            lines += ["| against the reference | exact match | word F1 |", "|---|---|---|"]
+            lines += ["| against the reference | exact match | chrF | BLEU | ROUGE-L |", "|---|---|---|---|---|"]
             for when in ("before", "after"):
                 sc = scores[when]
-                lines.append(f"| {when} training | {sc['exact_match']:.2f} | {sc['word_f1']:.3f} |")
+                lines.append(f"| {when} training | {sc['exact_match']:.2f} | {sc.get('chrf', 0.0):.1f} | "
+                             f"{sc.get('bleu', 0.0):.1f} | {sc.get('rouge_l', 0.0):.3f} |")
+            lines += ["", "chrF and BLEU: sacrebleu (corpus level, 0-100); ROUGE-L: rouge-score (F-measure, 0-1)."]
             lines.append("")
         for i, g in enumerate(gens, 1):
             lines += [f"### Example {i}", "", "Prompt:", "", "```", g["prompt"].strip()[-800:], "```", "",
