@@ -36,7 +36,7 @@ import math
 from .lora import lora_parameters
 from .model.config import MixtralConfig
 from .model.layout import EXPERT_W, quantized_linear
-from .quant.nf4 import NF4Weight
+from .quant.nf4 import NF4Weight, nf4_storage_ids
 
 GiB = 2**30
 BF16 = 2
@@ -111,15 +111,23 @@ def _kept(p: dict, moe: bool, attention: bool, lowmem: bool) -> float:
 
 
 def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro_batch: int, seq: int, r: int,
-                   optim: str, policy: Policy, lora_dropout: float = 0.0, precision: str = "bf16") -> float:
-    """Peak bytes of one training step (see the module doc). lora_dropout > 0 counts the dropped inputs that
-    LoRA on q/k/v/o keeps (an upper bound when fewer of them are targets); precision is the experts'
-    (model.expert_precision)."""
+                   optim: str, policy: Policy, lora_dropout: float = 0.0, precision: str = "bf16",
+                   ranks: int = 1, strategy: str = "ddp") -> float:
+    """Peak bytes of one training step on one GPU (see the module doc). lora_dropout > 0 counts the dropped
+    inputs that LoRA on q/k/v/o keeps (an upper bound when fewer of them are targets); precision is the experts'
+    (model.expert_precision). `ranks` GPUs under `strategy` fsdp: the decoder layers' weights, the adapter, its
+    gradients and the optimizer state are divided by `ranks`, plus two layers all-gathered whole (the running
+    one and the prefetched next) and the root (embeddings, lm_head), which FSDP2 keeps whole through the step;
+    activations are per GPU either way. ddp: every rank holds everything."""
     L = c.num_hidden_layers
     H, I, E, k = c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok
     T = micro_batch * seq
     state = trainable * 8 if optim == "adamw" else trainable * 2.02  # fp32 m, v | 8-bit m, v + block scales
     fixed = weights_bytes + trainable * 4 * 2 + state  # + the fp32 adapter and its gradients
+    if strategy == "fsdp" and ranks > 1:
+        root = c.vocab_size * H * BF16 * (1 if c.tie_word_embeddings else 2)
+        layer = max(0.0, weights_bytes - root) / L
+        fixed = root + (weights_bytes - root + trainable * 4 * 2 + state) / ranks + 2 * layer * (ranks - 1) / ranks
     p = _per_token_layer(c, r, lora_dropout)
     lowmem = policy.backend == "grouped_lowmem"
     kinds = _moe_layers(c)
@@ -127,7 +135,7 @@ def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro
     saved = T * (full * p["layer_recomputed"] + sum(_kept(p, moe, policy.attention, lowmem) for moe in kinds[full:]))
     # one layer's backward: [dh13 | du13], dg, [dy | du2] (per routed copy), plus — when that layer's
     # activations are rebuilt in backward — the layer's own saved set; the dequantized w1|w3 (+ LoRA columns);
-    # one 4096-token fp32 logits chunk of the loss. A dense layer (or a shared expert) holds one dequantized
+    # one 4096-token bf16 logits chunk of the loss. A dense layer (or a shared expert) holds one dequantized
     # matrix and its (tokens x 3 x width) gradients instead: the larger of the layer kinds present counts.
     fp8 = precision == "fp8"
     rebuild_moe = lowmem or any(kinds[:full])  # a recomputed MoE layer, or the low-memory backend's h13
@@ -145,7 +153,7 @@ def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro
     if not all(kinds):
         rebuilt = (p["attention"] + p["dense"]) if rebuild_dense else 0
         layer_transients.append(Id * H * BF16 + T * ((3 * Id + H) * BF16 + rebuilt))
-    transient = max(layer_transients) + 4096 * c.vocab_size * 4
+    transient = max(layer_transients) + 4096 * c.vocab_size * BF16  # logits := their gradient (kernels/ce.py)
     return fixed + saved + transient
 
 
@@ -179,9 +187,10 @@ def relative_work(c: MixtralConfig, policy: Policy) -> float:
 
 
 def plan(budget_bytes: float, c: MixtralConfig, weights_bytes: float, trainable: int, micro_batch: int, seq: int,
-         r: int, optim: str, lora_dropout: float = 0.0, precision: str = "bf16") -> tuple[Policy, float]:
-    """The policy with the least recomputation whose estimate fits `budget_bytes` -> (policy, estimate).
-    Raises ValueError naming the smallest estimate when nothing fits."""
+         r: int, optim: str, lora_dropout: float = 0.0, precision: str = "bf16", ranks: int = 1,
+         strategy: str = "ddp") -> tuple[Policy, float]:
+    """The policy with the least recomputation whose estimate fits `budget_bytes` (per GPU) -> (policy,
+    estimate). Raises ValueError naming the smallest estimate when nothing fits."""
     L = c.num_hidden_layers
     best = None
     smallest = None
@@ -190,7 +199,7 @@ def plan(budget_bytes: float, c: MixtralConfig, weights_bytes: float, trainable:
             for full in range(L + 1):
                 pol = Policy(full, attention and full < L, backend)
                 est = estimate_bytes(c, weights_bytes, trainable, micro_batch, seq, r, optim, pol, lora_dropout,
-                                     precision)
+                                     precision, ranks, strategy)
                 if smallest is None or est < smallest[1]:
                     smallest = (pol, est)
                 if est <= budget_bytes:
@@ -199,7 +208,7 @@ def plan(budget_bytes: float, c: MixtralConfig, weights_bytes: float, trainable:
                         best = (key, pol, est)
     if best is None:
         pol, est = smallest
-        raise ValueError(f"model.memory_budget_gib: nothing fits {budget_bytes / GiB:.1f} GiB at micro-batch "
+        raise ValueError(f"model.memory_budget_gib: nothing fits {budget_bytes / GiB:.1f} GiB per GPU at micro-batch "
                          f"{micro_batch} x {seq} tokens; the smallest estimate is {est / GiB:.1f} GiB "
                          f"({pol.describe(L)}, train.optim {optim}). Lower per_device_train_batch_size (and raise "
                          f"gradient_accumulation_steps), use train.optim adamw_8bit, or raise the budget")
@@ -234,7 +243,7 @@ def _quantizable(path: str) -> bool:
 def _base_tensors(model):
     """(path, shape, stored in NF4 under quant=nf4) of every base weight (adapter excluded; NF4 weights by their
     logical shape; a tied lm_head once, under the embedding's name)."""
-    adapter_ids = {id(p) for p in lora_parameters(model)}
+    adapter_ids = {id(p) for p in lora_parameters(model)} | nf4_storage_ids(model)  # NF4: by shape, below
     for name, p in model.named_parameters():
         if id(p) not in adapter_ids:
             yield name, tuple(p.shape), _quantizable(name)
