@@ -81,19 +81,37 @@ def single_rows(examples: list) -> tuple[list, dict]:
                   "examples_per_row": 1.0 if rows else 0.0}
 
 
+def real_token_mask(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """(T,) 1 on real tokens, 0 on the padding of a packed row: its trailing segment (from the last position id
+    0) when that segment has no label -- every kept example has at least one label (`dropped_no_labels`)."""
+    starts = (position_ids == 0).nonzero().flatten()
+    mask = torch.ones_like(labels)
+    if len(starts):
+        s = int(starts[-1])
+        if bool((labels[s:] == IGNORE).all()):
+            mask[s:] = 0
+    return mask
+
+
 def collate(rows: list, pad_id: int = 0) -> dict:
     """Stack rows into (B, T) LongTensors, right-padding to the longest (label -100, positions restarting at
-    0 so the padding is its own document)."""
+    0 so the padding is its own document). `attention_mask` (B, T): 1 on real tokens, 0 on padding (this right
+    padding and a packed row's tail; a row's own "attention_mask" is used where it has one); the model uses it
+    only to keep padding out of the router's load-balancing statistics."""
     T = max(len(r["input_ids"]) for r in rows)
-    out = {k: torch.empty(len(rows), T, dtype=torch.long) for k in ("input_ids", "labels", "position_ids")}
+    keys = ("input_ids", "labels", "position_ids", "attention_mask")
+    out = {k: torch.empty(len(rows), T, dtype=torch.long) for k in keys}
     for b, r in enumerate(rows):
         n = len(r["input_ids"])
         out["input_ids"][b, :n] = r["input_ids"]
         out["labels"][b, :n] = r["labels"]
         out["position_ids"][b, :n] = r["position_ids"]
+        out["attention_mask"][b, :n] = r["attention_mask"] if "attention_mask" in r else \
+            real_token_mask(r["labels"], r["position_ids"])
         out["input_ids"][b, n:] = pad_id
         out["labels"][b, n:] = IGNORE
         out["position_ids"][b, n:] = torch.arange(T - n)
+        out["attention_mask"][b, n:] = 0
     return out
 
 

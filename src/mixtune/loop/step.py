@@ -39,7 +39,8 @@ def forward_backward(model, batches: list[dict], device: torch.device, bf16: boo
     for batch in batches:
         b = batch_to(batch, device)  # (B, T) each
         with autocast_context(device, bf16):
-            out = model(b["input_ids"], b["position_ids"], b["labels"], return_logits=False)
+            out = model(b["input_ids"], b["position_ids"], b["labels"], return_logits=False,
+                        attention_mask=b.get("attention_mask"))  # padding stays out of the router aux loss
         loss = out.loss_sum / n_step
         share = int(out.n_tokens) / n_step
         if aux_coef > 0 and out.aux_loss is not None:

@@ -293,8 +293,12 @@ class MoEForCausalLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
-                return_logits: bool = True, output_router_stats: bool = False) -> CausalLMOutput:
-        """input_ids, position_ids, labels: (B, T). labels are unshifted with -100 where masked."""
+                return_logits: bool = True, output_router_stats: bool = False,
+                attention_mask: Optional[torch.Tensor] = None) -> CausalLMOutput:
+        """input_ids, position_ids, labels: (B, T). labels are unshifted with -100 where masked.
+        attention_mask (B, T), optional: 1 on real tokens, 0 on padding (the batch's `attention_mask` from
+        `data.collate`); it only keeps padding out of the router's load-balancing statistics (attention already
+        keeps padding to itself: it is its own document)."""
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
@@ -319,7 +323,7 @@ class MoEForCausalLM(nn.Module):
         h = self.model.norm(h)
         out = CausalLMOutput()
         if aux_parts:
-            out.aux_loss = load_balancing_loss(aux_parts, self.config.num_local_experts, labels)
+            out.aux_loss = load_balancing_loss(aux_parts, self.config.num_local_experts, attention_mask)
         if labels is not None:
             out.loss_sum, out.n_tokens = kernels.linear_cross_entropy(h, self.lm_head, labels)
             out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
@@ -328,19 +332,29 @@ class MoEForCausalLM(nn.Module):
         return out
 
 
-def load_balancing_loss(router_stats, num_experts: int, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mixtral's auxiliary loss over all layers' routing (as transformers computes it with no padding mask):
-    E * sum_e (fraction of top-k assignments to e) * (mean router probability of e), over all tokens of all
-    layers concatenated."""
-    k = router_stats[0][1].shape[1]
+def load_balancing_loss(router_stats, num_experts: int,
+                        attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mixtral's auxiliary loss over all layers' routing, as transformers' `load_balancing_loss_func` computes it:
+    E * sum_e (fraction of top-k assignments to e) * (mean router probability of e), over the tokens of all
+    layers concatenated. attention_mask (B, T) with 1 on real tokens: only those enter the two means (padding
+    does not); None counts every token."""
+    w = None
+    if attention_mask is not None:
+        w = attention_mask.reshape(-1).to(torch.float32)  # (N,) per layer, N = B * T
     frac = 0.0
     prob = 0.0
-    n = 0
+    n = 0.0
     for probs, idx in router_stats:  # probs (N, E) fp32, idx (N, k)
         onehot = F.one_hot(idx, num_experts).float()  # (N, k, E)
-        frac = frac + onehot.sum(0)  # (k, E)
-        prob = prob + probs.sum(0)  # (E,)
-        n += probs.shape[0]
+        if w is None:
+            frac = frac + onehot.sum(0)  # (k, E)
+            prob = prob + probs.sum(0)  # (E,)
+            n = n + probs.shape[0]
+        else:
+            ww = w.to(probs.device)
+            frac = frac + (onehot * ww[:, None, None]).sum(0)
+            prob = prob + (probs * ww[:, None]).sum(0)
+            n = n + ww.sum()
     frac = frac / n
     prob = prob / n
     return (frac * prob[None]).sum() * num_experts
