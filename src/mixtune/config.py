@@ -184,7 +184,14 @@ class TrainConfig:
                                          "0 with a frozen router).")
     resume: str = _f("", "'' (fresh run; refuses a non-empty output_dir with checkpoints), 'auto' (latest "
                          "checkpoint in output_dir if any) or a checkpoint directory.")
-    tensorboard: bool = _f(True, "Write TensorBoard event files under output_dir/tb.")
+    tensorboard: bool = _f(True, "Write TensorBoard event files under output_dir/tb (false = drop tensorboard "
+                                 "from train.report_to).")
+    report_to: list = _f(["tensorboard"], "Run trackers, any of: tensorboard (event files under output_dir/tb), "
+                                          "wandb (pip install 'mixtune[wandb]'; WANDB_MODE=offline keeps the run "
+                                          "under output_dir/wandb), mlflow (pip install 'mixtune[mlflow]'; "
+                                          "MLFLOW_TRACKING_URI, default file://OUTPUT_DIR/mlruns). wandb and mlflow "
+                                          "record the config, per-step and eval metrics, the loss plot and the "
+                                          "final adapter. '' (empty) = none.")
     merge_after: bool = _f(False, "Merge the adapter into a bf16/fp32 HF checkpoint at the end.")
     generate_after: int = _f(3, "Before/after generations on N held-out examples (0 = none).")
     progress: bool = _f(True, "Show a progress bar.")
@@ -347,6 +354,18 @@ def _check_columns(columns: dict) -> None:
                               f"numeric name), got {got}")
 
 
+def _check_report_to(t) -> None:
+    import importlib.util
+
+    for name in t.report_to:
+        if name not in ("tensorboard", "wandb", "mlflow"):
+            raise ConfigError(f"train.report_to: unknown tracker {name!r}; choose from tensorboard, wandb, mlflow")
+        if name != "tensorboard" and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"train.report_to: {name} is not installed: pip install 'mixtune[{name}]'")
+    if "tensorboard" not in t.report_to:  # train.tensorboard is the switch the training loop reads
+        t.tensorboard = False
+
+
 def validate(cfg: Config) -> Config:
     """Check values and combinations; raise ConfigError with one clear line."""
     _check_choices(cfg)
@@ -398,6 +417,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.max_bad_steps: must be at least 1, got {t.max_bad_steps}")
     if not t.output_dir.strip():
         raise ConfigError("train.output_dir: empty; name the run's directory (e.g. --output_dir runs/tiny)")
+    _check_report_to(t)
     _check_columns(d.columns)
     if t.save_total_limit < 1:
         raise ConfigError(f"train.save_total_limit: must be at least 1, got {t.save_total_limit}")

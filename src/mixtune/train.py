@@ -31,6 +31,7 @@ from .distributed import setup as join_ranks, world_from_env
 from .lora import apply_lora, check_targets, save_adapter
 from .loop import checkpoint as ckpt
 from .loop.evaluation import evaluate_ranks, generate_texts, generation_metrics
+from .loop import trackers
 from .loop.fit import Fitted, Run, fit
 from .loop.report import plot_losses, read_metrics, side_by_side, write_report
 from .model import build_model_on_meta, check_checkpoint, load_config_only, load_model, resolve_model_path
@@ -42,7 +43,7 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     every optimizer step (and its checkpoint), e.g. by tests that simulate a kill."""
     preflight(cfg)
     run = set_up(cfg)
-    with run.lock:  # the output dir has one writer until the run ends or fails
+    with run.lock, trackers.session(cfg, run.out_dir, run.dist.is_main):  # one writer; wandb/mlflow runs
         model_path, tokenizer, data = prepare(cfg, run)
         model, params, lora_report = build_model(cfg, run, model_path)
         eval_before = evaluate_ranks(model, data.eval_rows, cfg.train.per_device_eval_batch_size, run.bf16,
@@ -230,6 +231,7 @@ def finish(cfg: Config, run: Run, fitted: Fitted, model, tokenizer, data, exampl
         "eval_before": eval_before, "eval_after": eval_after, "loss_png": "loss.png", "generation_scores": gen_scores,
         "generations": gens,
         "files": sorted({f for f in os.listdir(out_dir) if not f.startswith(".")} | {"report.md"})})
+    trackers.finish(adapter_dir, os.path.join(out_dir, "loss.png"), result)
     run.say(f"mixtune: done in {result['seconds']}s; eval loss "
             f"{_fmt_opt(result['eval_loss_before'])} → {_fmt_opt(result['eval_loss'])}; adapter: {adapter_dir}; "
             f"report: {os.path.join(out_dir, 'report.md')}")

@@ -12,6 +12,7 @@ import os
 from typing import Optional
 
 from .._fs import open_append, write_text_atomic
+from . import trackers
 from .report import read_metrics
 
 
@@ -37,6 +38,7 @@ class MetricsLog:
     def log(self, record: dict) -> None:
         with open_append(self.path) as fh:
             fh.write(json.dumps(record) + "\n")
+        trackers.log(record)  # wandb / mlflow (train.report_to), when open
         if self.tb is not None:
             kind = record.get("kind")
             prefix = {"eval": "eval", "generation": f"generation_{record.get('when')}"}.get(kind, "train")
