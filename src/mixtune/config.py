@@ -193,6 +193,11 @@ class TrainConfig:
                                           "record the config, per-step and eval metrics, the loss plot and the "
                                           "final adapter. '' (empty) = none.")
     merge_after: bool = _f(False, "Merge the adapter into a bf16/fp32 HF checkpoint at the end.")
+    push_to_hub: str = _f("", "Hub repo id (user/name) to upload the adapter to at the end, with a model card naming "
+                              "the base model, data, config and final eval loss (huggingface_hub; needs HF_TOKEN or "
+                              "`hf auth login`, checked before training). Empty: no push.")
+    push_merged: bool = _f(False, "With push_to_hub: also merge the adapter and upload the merged model under "
+                                  "merged/ in the same repo.")
     generate_after: int = _f(3, "Before/after generations on N held-out examples (0 = none).")
     progress: bool = _f(True, "Show a progress bar.")
 

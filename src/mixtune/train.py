@@ -32,6 +32,7 @@ from .lora import apply_lora, check_targets, save_adapter
 from .loop import checkpoint as ckpt
 from .loop.evaluation import evaluate_ranks, generate_texts, generation_metrics
 from .loop import trackers
+from .loop.hub_push import check_credentials, push_run
 from .loop.fit import Fitted, Run, fit
 from .loop.report import plot_losses, read_metrics, side_by_side, write_report
 from .model import build_model_on_meta, check_checkpoint, load_config_only, load_model, resolve_model_path
@@ -60,6 +61,7 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
 def preflight(cfg: Config) -> None:
     """Before anything is written: a local model directory must be a supported family whose config.json and
     weights agree (keys and shapes, from the file headers), so such an error leaves the run directory as it was."""
+    check_credentials(cfg)  # train.push_to_hub without a Hub token: one line, nothing written
     name = cfg.model.name_or_path
     if name and os.path.isdir(os.path.expanduser(name)):
         path = os.path.abspath(os.path.expanduser(name))
@@ -81,7 +83,7 @@ def set_up(cfg: Config) -> Run:
         if resume_path:
             ckpt.check_resume_config(cfg, resume_path)  # the config saved with the checkpoint, wherever it is
             ckpt.verify_checkpoint(resume_path)  # damaged or unsafe files: refused before anything is rewritten
-        if t.merge_after:  # a merge.out that the final merge would refuse: say so now, not after training
+        if t.merge_after or t.push_merged:  # a merge.out that the final merge would refuse: say so now, not after training
             from .merge import _check_out_dir
             _check_out_dir(os.path.abspath(cfg.merge.out or os.path.join(out_dir, "merged")), cfg.model.name_or_path)
         dist, device = join_ranks(resolve_device(cfg.model.device))  # torchrun: rank r -> cuda:LOCAL_RANK
@@ -198,7 +200,7 @@ def finish(cfg: Config, run: Run, fitted: Fitted, model, tokenizer, data, exampl
         fitted.metrics.log({"kind": "generation", "step": fitted.step, "when": when, **sc})
     fitted.metrics.close()
     merged_dir = None
-    if t.merge_after:
+    if t.merge_after or t.push_merged:
         from .merge import merge_main
         merged_dir = cfg.merge.out or os.path.join(out_dir, "merged")
         merge_main(cfg, adapter_dir, merged_dir)
@@ -232,6 +234,9 @@ def finish(cfg: Config, run: Run, fitted: Fitted, model, tokenizer, data, exampl
         "generations": gens,
         "files": sorted({f for f in os.listdir(out_dir) if not f.startswith(".")} | {"report.md"})})
     trackers.finish(adapter_dir, os.path.join(out_dir, "loss.png"), result)
+    if t.push_to_hub:
+        result["hub"] = push_run(cfg, adapter_dir, merged_dir, result, cfg.model.name_or_path or model_path,
+                                 run.say)
     run.say(f"mixtune: done in {result['seconds']}s; eval loss "
             f"{_fmt_opt(result['eval_loss_before'])} → {_fmt_opt(result['eval_loss'])}; adapter: {adapter_dir}; "
             f"report: {os.path.join(out_dir, 'report.md')}")
