@@ -47,6 +47,7 @@ VERB_OPTIONS = {
     "--dump-text": (True, {"prepare"}),
     "--dump-tokens": (True, {"prepare"}),
     "--resume": (None, {"train"}),  # optional value: bare --resume means auto
+    "--nproc": (True, {"inspect"}),
 }
 
 # short aliases of config keys; a verb may map an alias to another key
@@ -75,6 +76,7 @@ verb options:
   --dump-text FILE      write {"text": ...} per formatted example, source order        [prepare]
   --dump-tokens FILE    write {"input_ids": [...], "labels": [...]} per example         [prepare]
   --resume [auto|DIR]   continue a killed run from its latest (or the given) checkpoint [train]
+  --nproc N             plan memory per GPU for N torchrun ranks (default: WORLD_SIZE or 1) [inspect]
 short aliases:
   --model M             = --model.name_or_path M   (Hub id or local HF directory; empty: the tiny default)
   --quant nf4|none      = --model.quant
@@ -96,6 +98,7 @@ class _Args:
         self.prompt_mode = "template"
         self.dump_text: Optional[str] = None
         self.dump_tokens: Optional[str] = None
+        self.nproc: Optional[int] = None
         self.overrides: list[tuple[str, str]] = []
         self.help = False
 
@@ -178,6 +181,10 @@ def parse_args(verb: str, argv: list[str]) -> _Args:
                 a.dump_text = value
             elif name == "--dump-tokens":
                 a.dump_tokens = value
+            elif name == "--nproc":
+                if not value.isdigit() or int(value) < 1:
+                    raise ConfigError(f"--nproc: {value!r} is not a number of ranks (an integer >= 1)")
+                a.nproc = int(value)
             elif name == "--resume":
                 put("train.resume", value, "--resume")
             continue
@@ -302,7 +309,7 @@ def run(verb: str, argv: list[str]) -> int:
         generate_main(cfg, args.prompts, args.adapter, args.json, mode=args.prompt_mode)
     elif verb == "inspect":
         from .inspect_model import inspect_main
-        inspect_main(cfg, json_out=args.json)
+        inspect_main(cfg, json_out=args.json, nproc=args.nproc)
     return 0
 
 

@@ -200,6 +200,10 @@ class TrainConfig:
                                   "merged/ in the same repo.")
     generate_after: int = _f(3, "Before/after generations on N held-out examples (0 = none).")
     progress: bool = _f(True, "Show a progress bar.")
+    distributed: str = _f("ddp", "Under torchrun: ddp (every rank holds the whole model, adapter and optimizer "
+                                 "state; gradients summed) or fsdp (FSDP2: the 4-bit base, the adapter, its "
+                                 "gradients and optimizer state sharded per decoder layer over the ranks). On one "
+                                 "process both are plain training.", ("ddp", "fsdp"))
 
 
 @dataclass

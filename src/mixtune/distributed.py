@@ -32,6 +32,7 @@ class Dist:
     def __init__(self, world: int = 1, rank: int = 0, local_rank: int = 0, device: torch.device | None = None):
         self.world, self.rank, self.local_rank = world, rank, local_rank
         self.device = device or torch.device("cpu")  # where collectives' tensors live
+        self.sharded = False  # train.distributed fsdp: the model is FSDP2-sharded (gradients reduced by FSDP)
 
     @property
     def enabled(self) -> bool:

@@ -18,6 +18,7 @@ as packed bytes), so the reference recipe's line can be checked: `trainable para
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import torch
 
@@ -28,8 +29,11 @@ from .memory_plan import memory_estimate, param_counts
 from .model import human_bytes as _human
 
 
-def inspect_main(cfg: Config, json_out: bool = False) -> dict:
-    """Print (or, with json_out, print as one JSON object) what fine-tuning `cfg.model` with `cfg.lora` means."""
+def inspect_main(cfg: Config, json_out: bool = False, nproc: Optional[int] = None) -> dict:
+    """Print (or, with json_out, print as one JSON object) what fine-tuning `cfg.model` with `cfg.lora` means.
+    nproc: torchrun ranks to plan for (default: WORLD_SIZE, else 1); with train.distributed fsdp the training
+    peak is per GPU with the weights and the adapter's state divided over them."""
+    from .distributed import world_from_env
     from .model import build_model_on_meta, load_config_only
 
     config = load_config_only(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision,
@@ -64,7 +68,7 @@ def inspect_main(cfg: Config, json_out: bool = False) -> dict:
            "family_targets": list(known_names(fam)),
            "matched_targets": report.matched, "unmatched_targets": report.unmatched,
            "unmatched_messages": report.messages, "adapted": report.adapted, "memory_bytes": mem,
-           "training_peak": training_peaks(cfg, config, mem)}
+           "training_peak": training_peaks(cfg, config, mem, nproc or world_from_env()[0])}
     if json_out:
         print(json.dumps(out))
         return out
@@ -93,7 +97,8 @@ def inspect_main(cfg: Config, json_out: bool = False) -> dict:
           f"{_human(mem['training_total_bf16'])} with bf16 weights")
     tp = out["training_peak"]
     print(f"estimated peak GPU memory of a training step (nf4, micro-batch {tp['micro_batch']} x {tp['seq']} "
-          f"tokens, train.optim {tp['optim']}, expert precision {tp['expert_precision']}; mixtune.memory_plan):")
+          f"tokens, train.optim {tp['optim']}, expert precision {tp['expert_precision']}"
+          f"{_per_gpu(tp)}; mixtune.memory_plan):")
     for row in tp["policies"]:
         print(f"  {row['policy']:<72} {_human(row['bytes'])}  (work x{row['relative_work']:.2f})")
     if "plan" in tp:
@@ -101,6 +106,14 @@ def inspect_main(cfg: Config, json_out: bool = False) -> dict:
         print(f"  model.memory_budget_gib {cfg.model.memory_budget_gib:g}: "
               + (f"{pl['policy']} ({_human(pl['bytes'])})" if "error" not in pl else pl["error"]))
     return out
+
+
+def _per_gpu(tp: dict) -> str:
+    if tp["ranks"] == 1:
+        return ""
+    what = ("weights, adapter, gradients and optimizer state sharded" if tp["strategy"] == "fsdp"
+            else "every rank holds everything")
+    return f"; per GPU of {tp['ranks']} ranks under {tp['strategy']}: {what}"
 
 
 def _variants(a: dict) -> list[str]:
@@ -121,9 +134,10 @@ def _variants(a: dict) -> list[str]:
     return out
 
 
-def training_peaks(cfg: Config, config, mem: dict) -> dict:
-    """Estimated peak memory of a training step under the main recomputation policies, at the config's
-    micro-batch, row length and optimizer; and the plan for model.memory_budget_gib when it is set."""
+def training_peaks(cfg: Config, config, mem: dict, ranks: int = 1) -> dict:
+    """Estimated peak memory of a training step on one GPU under the main recomputation policies, at the
+    config's micro-batch, row length and optimizer, for `ranks` ranks under train.distributed; and the plan for
+    model.memory_budget_gib (per GPU) when it is set."""
     from .memory_plan import GiB, Policy, estimate_bytes, plan, relative_work
     L = config.num_hidden_layers
     mb, seq, r, optim = (cfg.train.per_device_train_batch_size, cfg.data.max_seq_length, cfg.lora.r,
@@ -131,15 +145,18 @@ def training_peaks(cfg: Config, config, mem: dict) -> dict:
     prec = cfg.model.expert_precision
     trainable = mem["adapter_fp32"] // 4
     args = (config, mem["weights_nf4"], trainable)
-    out = {"micro_batch": mb, "seq": seq, "optim": optim, "expert_precision": prec, "policies": []}
+    dist = {"ranks": ranks, "strategy": cfg.train.distributed}
+    out = {"micro_batch": mb, "seq": seq, "optim": optim, "expert_precision": prec, **dist, "policies": []}
     for pol in (Policy(0, False, "grouped"), Policy(0, True, "grouped"), Policy(0, True, "grouped_lowmem"),
                 Policy(L, False, "grouped")):
         out["policies"].append({"policy": pol.describe(L),
-                                "bytes": int(estimate_bytes(*args, mb, seq, r, optim, pol, cfg.lora.dropout, prec)),
+                                "bytes": int(estimate_bytes(*args, mb, seq, r, optim, pol, cfg.lora.dropout, prec,
+                                                        **dist)),
                                 "relative_work": round(relative_work(config, pol), 3)})
     if cfg.model.memory_budget_gib > 0:
         try:
-            pol, est = plan(cfg.model.memory_budget_gib * GiB, *args, mb, seq, r, optim, cfg.lora.dropout, prec)
+            pol, est = plan(cfg.model.memory_budget_gib * GiB, *args, mb, seq, r, optim, cfg.lora.dropout, prec,
+                            **dist)
             out["plan"] = {"policy": pol.describe(L), "bytes": int(est), "full": pol.full,
                            "attention": pol.attention, "backend": pol.backend}
         except ValueError as e:

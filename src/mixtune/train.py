@@ -34,6 +34,7 @@ from .loop.evaluation import evaluate_ranks, generate_texts, generation_metrics
 from .loop import trackers
 from .loop.hub_push import check_credentials, push_run
 from .loop.fit import Fitted, Run, fit
+from .loop.fsdp import gather_adapter, shard_model
 from .loop.report import plot_losses, read_metrics, side_by_side, write_report
 from .model import build_model_on_meta, check_checkpoint, load_config_only, load_model, resolve_model_path
 from .runtime import resolve_device, resolve_dtype, seed_everything, use_bf16
@@ -50,6 +51,9 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
         eval_before = evaluate_ranks(model, data.eval_rows, cfg.train.per_device_eval_batch_size, run.bf16,
                                      run.dist) if data.eval_rows else None
         examples = list(data.eval_examples[: cfg.train.generate_after]) if run.dist.is_main else []
+        if examples and run.dist.sharded:  # rank 0 alone would decode through layers sharded over all ranks
+            run.say("mixtune: train.generate_after skipped under fsdp; run `mixtune generate` on the adapter")
+            examples = []
         before = generate_texts(model, tokenizer, examples, cfg.generate) if examples else []
         base_name = cfg.model.name_or_path or model_path
         fitted = fit(cfg, run, model, params, data, lambda d: save_adapter(model, d, cfg.lora, base_name),
@@ -83,6 +87,7 @@ def set_up(cfg: Config) -> Run:
         if resume_path:
             ckpt.check_resume_config(cfg, resume_path)  # the config saved with the checkpoint, wherever it is
             ckpt.verify_checkpoint(resume_path)  # damaged or unsafe files: refused before anything is rewritten
+            ckpt.check_world_size(resume_path, world_from_env()[0])
         if t.merge_after or t.push_merged:  # a merge.out that the final merge would refuse: say so now, not after training
             from .merge import _check_out_dir
             _check_out_dir(os.path.abspath(cfg.merge.out or os.path.join(out_dir, "merged")), cfg.model.name_or_path)
@@ -142,6 +147,8 @@ def build_model(cfg: Config, run: Run, model_path: str):
         raise ValueError("lora.targets: nothing is trainable (no target matched a module)")
     if cfg.model.memory_budget_gib > 0:
         _plan_recomputation(cfg, run, model, sum(p.numel() for p in params))
+    if cfg.train.distributed == "fsdp":
+        params = shard_model(model, run.dist, run.say)
     return model, params, lora_report
 
 
@@ -154,7 +161,7 @@ def _plan_recomputation(cfg: Config, run: Run, model, n_trainable: int) -> None:
     try:
         policy, est = plan(cfg.model.memory_budget_gib * GiB, model.config, memory_estimate(model)["weights_nf4"],
                            n_trainable, t.per_device_train_batch_size, cfg.data.max_seq_length, cfg.lora.r,
-                           t.optim, cfg.lora.dropout, cfg.model.expert_precision)
+                           t.optim, cfg.lora.dropout, cfg.model.expert_precision, run.dist.world, t.distributed)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     model.set_checkpointing(policy.full, policy.attention)
@@ -185,6 +192,7 @@ def finish(cfg: Config, run: Run, fitted: Fitted, model, tokenizer, data, exampl
     t, out_dir, dist = cfg.train, run.out_dir, run.dist
     eval_after = evaluate_ranks(model, data.eval_rows, t.per_device_eval_batch_size, run.bf16, dist) \
         if data.eval_rows else None
+    gather_adapter(model, dist)  # fsdp: every rank takes part, rank 0 keeps the whole adapter
     if not dist.is_main:  # rank 0 writes the adapter, generations, merge and report
         fitted.metrics.close()
         dist.close()

@@ -43,6 +43,7 @@ from .safe_state import STATE_FORMAT, CheckpointError, check_state, load_state, 
 __all__ = ["STATE_FORMAT", "CheckpointError", "load_state", "save_state"]  # re-exported: the checkpoint's API
 
 MARKER = "COMPLETE"
+SHARDED_DIR = "sharded"  # train.distributed fsdp: adapter + optimizer shards (torch.distributed.checkpoint)
 CONFIG_NAME = "config.yaml"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -130,12 +131,14 @@ def _fsync_dir(path: str) -> None:
 
 def save_checkpoint(output_dir: str, step: int, *, model: torch.nn.Module, optimizer, scheduler, state: dict,
                     total_limit: int = 2, save_adapter_fn: Optional[Callable[[str], None]] = None,
-                    config: Optional[Config] = None) -> str:
+                    config: Optional[Config] = None, sharded_fn: Optional[Callable[[str], None]] = None) -> str:
     """Write checkpoint `step` atomically and prune old ones; returns its final path.
 
     `state` is JSON-serialisable (step, data position, metrics). `save_adapter_fn(dir)` writes the PEFT
     adapter into `dir` (skipped when None); `config` is stored as the checkpoint's config.yaml. A failed write
-    (disk full, read-only) removes the temporary directory and raises an OSError naming the checkpoint."""
+    (disk full, read-only) removes the temporary directory and raises an OSError naming the checkpoint.
+    `sharded_fn(tmp)` (fsdp, `loop.fsdp`) writes the adapter and the sharded training state with the other
+    ranks instead of adapter/, trainable.safetensors and optimizer.*."""
     from safetensors.torch import save_file
 
     root = checkpoints_dir(output_dir)
@@ -147,10 +150,13 @@ def save_checkpoint(output_dir: str, step: int, *, model: torch.nn.Module, optim
             if os.path.exists(tmp):
                 shutil.rmtree(tmp)
             os.makedirs(tmp)
-            if save_adapter_fn is not None:
-                save_adapter_fn(os.path.join(tmp, "adapter"))
-            save_file(trainable_state_dict(model), os.path.join(tmp, "trainable.safetensors"))
-            save_state(optimizer.state_dict(), tmp, "optimizer")
+            if sharded_fn is not None:
+                sharded_fn(tmp)
+            else:
+                if save_adapter_fn is not None:
+                    save_adapter_fn(os.path.join(tmp, "adapter"))
+                save_file(trainable_state_dict(model), os.path.join(tmp, "trainable.safetensors"))
+                save_state(optimizer.state_dict(), tmp, "optimizer")
             save_state(scheduler.state_dict(), tmp, "scheduler")
             save_state(capture_rng_state(), tmp, "rng")
             with open(os.path.join(tmp, "state.json"), "w") as fh:
@@ -264,16 +270,34 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if not is_complete(path):
         raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER} marker); refusing to load it")
     out: dict[str, Any] = {"path": path}
+    sharded = is_sharded(path)
     for key, name, read in (("state", "state.json", _read_state_json),
-                            ("trainable", "trainable.safetensors", load_file)):
+                            ("trainable", "trainable.safetensors", load_file))[:1 if sharded else 2]:
         f = os.path.join(path, name)
         try:
             out[key] = read(f)
         except Exception as e:  # missing or damaged file despite the marker (disk trouble, manual edits)
             raise unreadable_error(f, e) from None
-    for key in ("optimizer", "scheduler", "rng"):
+    for key in ("scheduler", "rng") if sharded else ("optimizer", "scheduler", "rng"):
         out[key] = load_state(path, key)
     return out
+
+
+def is_sharded(path: str) -> bool:
+    """A checkpoint of an fsdp run: its adapter and optimizer state are shards under sharded/ (loop.fsdp)."""
+    return os.path.isdir(os.path.join(path, SHARDED_DIR))
+
+
+def check_world_size(path: str, world: int) -> None:
+    """A checkpoint resumes on the number of ranks it was trained on (a step takes micro-batch x accumulation x
+    ranks rows, and an fsdp checkpoint holds one shard per rank); CheckpointError naming both numbers."""
+    s = _read_state_json(os.path.join(path, "state.json"))
+    if s.get("world_size", 1) != world:
+        raise CheckpointError(
+            f"--resume: {path} was trained on {s.get('world_size', 1)} rank(s), this run has {world}; an "
+            f"optimizer step takes micro-batch x accumulation x ranks rows"
+            f"{' and its training state is sharded over those ranks' if is_sharded(path) else ''}, so resume "
+            f"with the same number of ranks")
 
 
 def verify_checkpoint(path: str) -> None:
@@ -283,7 +307,8 @@ def verify_checkpoint(path: str) -> None:
 
     if not is_complete(path):
         raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER} marker); refusing to load it")
-    for name in ("state.json", "trainable.safetensors"):
+    sharded = is_sharded(path)
+    for name in ("state.json",) if sharded else ("state.json", "trainable.safetensors"):
         f = os.path.join(path, name)
         try:
             if name == "state.json":
@@ -293,7 +318,9 @@ def verify_checkpoint(path: str) -> None:
                     sf.keys()
         except Exception as e:
             raise unreadable_error(f, e) from None
-    for key in ("optimizer", "scheduler"):
+    if sharded and not os.path.isfile(os.path.join(path, SHARDED_DIR, ".metadata")):
+        raise unreadable_error(os.path.join(path, SHARDED_DIR, ".metadata"), FileNotFoundError("missing"))
+    for key in ("scheduler",) if sharded else ("optimizer", "scheduler"):
         check_state(path, key)
     current = capture_rng_state()  # the random state is small: try it for real, then put ours back
     try:

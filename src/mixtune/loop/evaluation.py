@@ -96,7 +96,7 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict[st
 
 def evaluate_ranks(model, rows: list, batch_size: int, bf16: bool, dist) -> dict:
     """evaluate_loss over all `rows`; with several ranks each takes every N-th row and the token sums are added."""
-    if not dist.enabled:
+    if not dist.enabled or getattr(dist, "sharded", False):  # fsdp: every rank runs every batch (collectives)
         return evaluate_loss(model, rows, batch_size, autocast=bf16)
     part = evaluate_loss(model, rows[dist.rank::dist.world], batch_size, autocast=bf16)
     n = part["eval_tokens"]

@@ -18,6 +18,7 @@ import torch
 
 from ..config import Config
 from . import checkpoint as ckpt
+from . import fsdp
 from .evaluation import evaluate_ranks
 from .metrics import MetricsLog, NoMetrics
 from .optim import make_optimizer
@@ -66,11 +67,7 @@ def _restore(run: Run, model, optimizer, scheduler, total: int, train_rows: Opti
     state = ckpt.load_checkpoint(path)  # JSON + safetensors only: nothing in a checkpoint is executed
     s = state["state"]
     step, epoch, consumed = ckpt.training_position(state)
-    if s.get("world_size", 1) != run.dist.world:
-        raise ckpt.CheckpointError(
-            f"--resume: {path} was trained on {s.get('world_size', 1)} rank(s), this run has "
-            f"{run.dist.world}; an optimizer step takes micro-batch x accumulation x ranks rows, so resume with "
-            f"the same number of ranks")
+    ckpt.check_world_size(path, run.dist.world)
     if s.get("total_steps") not in (None, total):
         raise ckpt.CheckpointError(f"--resume: {path} belongs to a run of {s['total_steps']} steps, "
                                    f"this config plans {total}; resume with the same config")
@@ -78,8 +75,11 @@ def _restore(run: Run, model, optimizer, scheduler, total: int, train_rows: Opti
         raise ckpt.CheckpointError(f"--resume: {path} was trained on {s['train_rows']} packed rows, this run "
                                    f"prepared {train_rows}: the data changed, so its data position does not "
                                    f"apply; resume with the same data or start a new --output_dir")
-    ckpt.load_trainable_state_dict(model, state["trainable"])
-    ckpt.restore_optimizer(optimizer, state["optimizer"], f"{path}/optimizer.json")
+    if "trainable" in state:
+        ckpt.load_trainable_state_dict(model, state["trainable"])
+        ckpt.restore_optimizer(optimizer, state["optimizer"], f"{path}/optimizer.json")
+    else:  # an fsdp checkpoint: every rank reads its shards
+        fsdp.load_sharded(path, model, optimizer)
     ckpt.restore_scheduler(scheduler, state["scheduler"], f"{path}/scheduler.json")
     ckpt.restore_rng_state(state["rng"], f"{path}/rng.json")
     run.say(f"mixtune: resuming from {path} (step {step}/{total}, epoch {epoch}, micro-batch {consumed})")
@@ -190,7 +190,11 @@ def fit(cfg: Config, run: Run, model, params: list, data, save_adapter_fn: Calla
         if ((t.save_steps and step % t.save_steps == 0) or step == total) and (not guard.in_a_row or step == total):
             state = {"epoch": epoch, "batches_in_epoch": consumed, "total_steps": total, "world_size": dist.world,
                      "train_rows": len(data.train_rows), "history": {"tokens_seen": tokens_seen, **guard.history()}}
-            if dist.is_main:  # every rank holds the same adapter and optimizer state; config.yaml beside it
+            if dist.sharded:  # fsdp: every rank writes its shards, rank 0 the rest
+                fsdp.save_checkpoint(dist, run.out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     state=state, total_limit=t.save_total_limit, save_adapter_fn=save_adapter_fn,
+                                     config=cfg)
+            elif dist.is_main:  # every rank holds the same adapter and optimizer state; config.yaml beside it
                 ckpt.save_checkpoint(run.out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
                                      state=state, total_limit=t.save_total_limit, save_adapter_fn=save_adapter_fn,
                                      config=cfg)

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ..runtime import autocast_context, batch_to
+from .fsdp import is_dtensor, local
 from .stream import label_tokens
 
 
@@ -68,10 +69,10 @@ def reduce_step(dist, params: list, loss: float, aux: float, n_in: int
     gradient norm -> (loss, aux, n_in, norm () fp32, norm as float). Every rank ends with the same numbers and
     so takes the same skip / stop decision; whether any rank saw a non-finite norm is summed in as well, so
     ranks could not split even if their norms differed. Without torchrun: the norm only."""
-    if dist.enabled:
+    if dist.enabled and not getattr(dist, "sharded", False):  # (fsdp: its reduce-scatter already summed)
         dist.sum_grads(params)  # each rank's loss is already over the whole step's tokens: sum, not mean
-    norm = grad_norm_of(params)
-    grad_norm = float(norm)
+    norm = grad_norm_of(params)  # fsdp: a DTensor reduced over the shards, the global norm
+    grad_norm = float(norm.full_tensor() if is_dtensor(norm) else norm)
     if dist.enabled:
         loss, aux, n_in, bad_norms = dist.sum(loss, aux, n_in, float(not math.isfinite(grad_norm)))
         n_in = int(n_in)
@@ -112,7 +113,7 @@ def params_finite(params: list) -> bool:
     """True when every element of every parameter is finite (one device sync)."""
     if not params:
         return True
-    return bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all())
+    return bool(torch.stack([torch.isfinite(local(p.detach())).all() for p in params]).all())
 
 
 class TrainingDiverged(ValueError):

@@ -24,7 +24,7 @@ from ..config import ConfigError, LoraConfig
 from ..model.family import MIXTRAL, Family
 from ..model.modeling import MixtralExperts
 from ..model.nf4 import NF4Linear
-from ..quant.nf4 import NF4Weight
+from ..quant.nf4 import NF4Weight, nf4_storage_ids
 from .modules import ExpertLoRA, LoRALinear
 
 log = logging.getLogger("mixtune.lora")  # the package's name: warnings keep the logger they always had
@@ -200,8 +200,11 @@ def count_params(model: nn.Module) -> tuple[int, int, int]:
     NF4-stored weights count by their logical shape. "Packed" = every nn.Linear but lm_head on transformers 4.x
     (attention, router gate, experts), whatever mixtune itself quantizes."""
     adapter_ids = {id(p) for p in lora_parameters(model)}
+    storage = nf4_storage_ids(model)  # NF4 storage as parameters (FSDP): counted below, by logical shape
     trainable = total = packed = 0
     for path, p in model.named_parameters():
+        if id(p) in storage:
+            continue
         n = p.numel()
         total += n
         if id(p) in adapter_ids:

@@ -93,6 +93,20 @@ class NF4Weight(nn.Module):
         return F.QuantState(absmax=self.absmax, shape=self.shape, code=self.code, blocksize=BLOCK,
                             quant_type="nf4", dtype=self.orig_dtype, offset=self.offset, state2=state2)
 
+    SHARDABLE = ("packed", "absmax", "absmax2")  # 1-D, grow with the weight; code2/offset/code stay buffers
+
+    def as_parameters(self) -> "NF4Weight":
+        """Re-register the storage that grows with the weight (packed codes, absmax, absmax2) as frozen
+        Parameters, so FSDP2 shards and all-gathers it along dim 0 like any parameter (done just before
+        `fully_shard`; the small code tables stay replicated buffers). Counting code skips these parameters
+        (`nf4_storage_ids`): an NF4Weight counts once, by its logical shape."""
+        for name in self.SHARDABLE:
+            t = getattr(self, name)
+            if not isinstance(t, nn.Parameter):
+                del self._buffers[name]
+                self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+        return self
+
     # ------------------------------------------------------------------ reading
     @property
     def nbytes(self) -> int:
@@ -141,6 +155,12 @@ class NF4Weight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.shape)}, nf4, {self.nbytes / 2**20:.2f} MiB"
+
+
+def nf4_storage_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters that are NF4 storage (after `NF4Weight.as_parameters`): counted by the module's
+    logical shape, never as parameters of their own."""
+    return {id(p) for m in model.modules() if isinstance(m, NF4Weight) for p in m.parameters(recurse=False)}
 
 
 def dequantize_any(w, dtype: torch.dtype) -> torch.Tensor:

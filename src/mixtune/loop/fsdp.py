@@ -1,0 +1,181 @@
+"""`train.distributed: fsdp`: FSDP2 (`torch.distributed.fsdp.fully_shard`) over the 4-bit base and the adapter.
+
+    params = shard_model(model, dist, say)          # after LoRA; returns the (now sharded) trainable params
+    with full_adapter(model, dist): ...             # rank 0's LoRA modules hold whole tensors (PEFT files)
+    save_sharded(tmp_or_None, model, optimizer, dist)   # training state through torch.distributed.checkpoint
+    load_sharded(path, model, optimizer)
+
+Each decoder layer is one FSDP unit, then the root (embedding, final norm, lm_head). The NF4 storage that grows
+with the weight (packed codes, absmax, absmax2: 1-D, `NF4Weight.as_parameters`) becomes frozen Parameters that
+FSDP2 shards along dim 0 and all-gathers before the layer runs; the code tables stay replicated buffers. The
+LoRA parameters, their gradients and the AdamW state are DTensor shards. A layer is resharded after its
+forward and all-gathered again before its backward, so the MoE kernels' autograd functions, which re-read the
+NF4Weight's storage in backward, find it whole. The next layer's all-gather is issued while the current one
+computes (`set_modules_to_forward_prefetch`).
+
+Exact accumulation as under ddp: each rank's loss is already normalised by the whole step's label tokens, so
+the reduce-scatter SUMS (gradient divide factor 1). The gradient norm is the global one (a DTensor reduced over
+the shards), so clipping and the divergence guard decide the same on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+
+from ..quant.nf4 import NF4Weight
+from . import checkpoint as ckpt
+from .checkpoint import SHARDED_DIR
+
+
+def is_dtensor(t) -> bool:
+    return hasattr(t, "full_tensor") and hasattr(t, "to_local")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise)."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard
+
+
+def _sum_not_mean(module) -> None:
+    """Reduce-scatter sums the gradients (torch >= 2.8: set_gradient_divide_factor; 2.5-2.7:
+    set_reduce_scatter_divide_factor), as a plain SUM (a factor other than the world size would otherwise be
+    PREMUL_SUM, which gloo lacks; dividing by 1 is skipped)."""
+    if hasattr(module, "set_gradient_divide_factor"):
+        module.set_gradient_divide_factor(1.0)
+    else:
+        module.set_reduce_scatter_divide_factor(1.0)
+    if hasattr(module, "set_force_sum_reduction_for_comms"):
+        module.set_force_sum_reduction_for_comms(True)
+
+
+def shard_model(model: nn.Module, dist, say=None) -> list:
+    """Shard `model` (LoRA applied, on this rank's device) over dist's ranks with FSDP2; returns the trainable
+    parameters (DTensors: build the optimizer over these). Marks dist.sharded. One process: nothing to shard."""
+    if not dist.enabled:
+        if say is not None:
+            say("mixtune: train.distributed fsdp without torchrun: a single-process run; training as one")
+        return [p for p in model.parameters() if p.requires_grad]
+    from torch.distributed.device_mesh import init_device_mesh
+
+    fully_shard = _fully_shard()
+    for m in model.modules():
+        if isinstance(m, NF4Weight):
+            m.as_parameters()
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.world,))
+    layers = list(model.model.layers)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+        _sum_not_mean(layer)
+    fully_shard(model, mesh=mesh)
+    _sum_not_mean(model)
+    for a, b in zip(layers, layers[1:]):  # issue the next layer's all-gather while this one computes
+        a.set_modules_to_forward_prefetch([b])
+    dist.sharded = True
+    if say is not None:
+        say(f"mixtune: fsdp: {len(layers)} decoder layers + root sharded over {dist.world} ranks")
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _lora_slots(model: nn.Module):
+    """(module, name, parameter) of every trainable parameter."""
+    for mod in model.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if p.requires_grad:
+                yield mod, name, p
+
+
+@contextlib.contextmanager
+def full_adapter(model: nn.Module, dist, restore: bool = True):
+    """Every rank all-gathers the adapter (one parameter at a time, onto the CPU); inside, rank 0's modules hold
+    whole plain tensors (what save_adapter / peft_format read), the others' are unchanged. A no-op unless
+    sharded. restore=False leaves the whole tensors in place (the end of training)."""
+    if not getattr(dist, "sharded", False):
+        yield
+        return
+    swapped = []
+    for mod, name, p in list(_lora_slots(model)):
+        if not is_dtensor(p):
+            continue
+        full = p.detach().full_tensor()  # a collective: every rank, in the same order
+        if dist.is_main:
+            swapped.append((mod, name, p))
+            mod._parameters[name] = nn.Parameter(full.cpu(), requires_grad=False)
+        del full
+    try:
+        yield
+    finally:
+        if restore:
+            for mod, name, p in swapped:
+                mod._parameters[name] = p
+
+
+# --------------------------------------------------------------------------------------------------
+# training state through torch.distributed.checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+def _state_dicts(model: nn.Module, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {k: v for k, v in msd.items() if k in trainable}, osd
+
+
+def save_sharded(directory, model: nn.Module, optimizer, dist) -> None:
+    """All ranks: write the adapter and optimizer shards into `directory`/sharded. Rank 0 passes the directory
+    (its checkpoint's temporary), the other ranks None: they receive it."""
+    import torch.distributed as tdist
+    import torch.distributed.checkpoint as dcp
+
+    box = [directory]
+    tdist.broadcast_object_list(box, src=0)
+    msd, osd = _state_dicts(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(box[0], SHARDED_DIR))
+
+
+def load_sharded(path: str, model: nn.Module, optimizer) -> None:
+    """All ranks: restore the adapter and optimizer shards of checkpoint `path` (same world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    msd, osd = _state_dicts(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=os.path.join(path, SHARDED_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
+
+
+def save_checkpoint(dist, out_dir: str, step: int, *, model: nn.Module, optimizer, save_adapter_fn, **kw) -> None:
+    """Every rank: checkpoint `step` of an fsdp run. Rank 0 writes it atomically as `checkpoint.save_checkpoint`
+    does (temporary, COMPLETE, rename); inside, all ranks write their shards and gather the adapter that rank 0
+    writes in PEFT format."""
+    def write(tmp):
+        save_sharded(tmp, model, optimizer, dist)
+        with full_adapter(model, dist):
+            if tmp is not None and save_adapter_fn is not None:
+                save_adapter_fn(os.path.join(tmp, "adapter"))
+
+    if dist.is_main:
+        ckpt.save_checkpoint(out_dir, step, model=model, optimizer=optimizer, sharded_fn=write, **kw)
+    else:
+        write(None)
+
+
+def gather_adapter(model: nn.Module, dist) -> None:
+    """Every rank: the end of training; rank 0's LoRA modules keep the whole adapter (for the final files)."""
+    with full_adapter(model, dist, restore=False):
+        pass

@@ -1,0 +1,152 @@
+"""train.distributed fsdp under torchrun (CPU, gloo, 2 ranks): FSDP2 over the 4-bit base makes the updates of one
+process with twice the accumulation (adapter, losses, gradient norms); its checkpoints (adapter in PEFT format by
+rank 0, training state through torch.distributed.checkpoint) resume to the same adapter; a resume on another
+number of ranks is refused before anything is rewritten. Two torchrun launches in all."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mixtune import train
+from mixtune.config import load_config
+from mixtune.loop.checkpoint import CheckpointError
+
+FSDP = ["--train.max_steps", "3", "--train.save_steps", "2", "--train.eval_steps", "2",
+        "--train.generate_after", "0", "--train.tensorboard", "false", "--train.progress", "false",
+        "--train.logging_steps", "1", "--data.max_seq_length", "128", "--train.per_device_train_batch_size", "2",
+        "--lora.dropout", "0.0", "--lora.r", "4", "--train.router_aux_loss_coef", "0.01",
+        "--train.distributed", "fsdp"]
+
+
+def _can_run_torchrun() -> bool:
+    """gloo is built in and loopback TCP works (torchrun's rendezvous): otherwise the test cannot run here."""
+    import socket
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        return False
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
+            sk.bind(("127.0.0.1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def _train_lines(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
+        return [json.loads(l) for l in fh if l.strip()]
+
+
+def _torchrun(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "mixtune", "train", *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+def _adapter(d):
+    return load_file(str(d / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.skipif(not _can_run_torchrun(), reason="no gloo backend or no loopback TCP for torchrun here")
+def test_fsdp_two_ranks_equal_one_process_then_resume_and_refuse_another_world(tmp_path, capsys):
+    single = tmp_path / "single"
+    train.main(load_config(None, FSDP + ["--train.gradient_accumulation_steps", "2",
+                                         "--train.output_dir", str(single)]))
+    assert "single-process run; training as one" in capsys.readouterr().err
+
+    run = tmp_path / "fsdp"
+    p = _torchrun(*FSDP, "--train.gradient_accumulation_steps", "1", "--train.output_dir", str(run))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "sharded over 2 ranks" in p.stderr and p.stderr.count("mixtune: done in") == 1
+
+    a, b = _adapter(single), _adapter(run)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    m1, m2 = _train_lines(single), _train_lines(run)
+    assert [r["step"] for r in m2 if r["kind"] == "train"] == [1, 2, 3]
+    for r1, r2 in zip(m1, m2):
+        assert r1["kind"] == r2["kind"] and r1["step"] == r2["step"]
+        key = "loss" if r1["kind"] == "train" else "eval_loss"
+        assert r2[key] == pytest.approx(r1[key], rel=1e-5)
+        if r1["kind"] == "train":  # summed, not averaged, by the reduce-scatter; the global norm
+            assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)
+
+    step2 = run / "checkpoints" / "step-2"
+    assert (step2 / "COMPLETE").exists() and (step2 / "sharded" / ".metadata").exists()
+    assert not (step2 / "trainable.safetensors").exists()
+    assert json.loads((step2 / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    ck = load_file(str(step2 / "adapter" / "adapter_model.safetensors"))  # whole tensors, PEFT keys
+    assert ck.keys() == a.keys() and all(ck[k].shape == a[k].shape for k in a)
+
+    # kill after step 2 (its checkpoint is the last one left), resume on 2 ranks: the same final adapter. The
+    # resumed run computes the experts with the grouped low-memory kernels under full recomputation (both may
+    # change on resume): their autograd functions re-read the NF4 storage in backward, which FSDP2 has
+    # resharded after the forward and all-gathers again before the layer's backward
+    shutil.rmtree(run / "checkpoints" / "step-3")
+    shutil.rmtree(run / "adapter")
+    p = _torchrun(*FSDP, "--train.gradient_accumulation_steps", "1", "--train.output_dir", str(run),
+                  "--train.resume", "auto", "--model.moe_backend", "grouped_lowmem",
+                  "--model.gradient_checkpointing", "true")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resuming from" in p.stderr and "step 2/3" in p.stderr
+    c = _adapter(run)
+    for k in a:
+        torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=1e-6)
+    assert [r["step"] for r in _train_lines(run) if r["kind"] == "train"] == [1, 2, 3]
+
+    # the sharded checkpoint on one process: refused naming both numbers, nothing in the run dir rewritten
+    shutil.rmtree(run / "checkpoints" / "step-3")
+    before = {f: (run / f).stat().st_mtime_ns for f in ("config.yaml", "metrics.jsonl")}
+    with pytest.raises(CheckpointError, match=r"trained on 2 rank\(s\), this run has 1.*sharded"):
+        train.main(load_config(None, FSDP + ["--train.gradient_accumulation_steps", "1", "--train.output_dir",
+                                             str(run), "--train.resume", "auto"]))
+    assert {f: (run / f).stat().st_mtime_ns for f in before} == before
+
+
+def test_nf4_storage_as_parameters_counts_once_and_computes_the_same():
+    """What fsdp shards: NF4Weight's packed codes / absmax / absmax2 as frozen 1-D Parameters. Counts and memory
+    estimates see each NF4 weight once, by its logical shape, before and after; the output is unchanged."""
+    from mixtune.lora import apply_lora
+    from mixtune.lora.targets import count_params
+    from mixtune.memory_plan import memory_estimate, param_counts
+    from mixtune.model import MIXTRAL_8X7B_CONFIG, build_model_on_meta
+    from mixtune.quant.nf4 import NF4Weight
+
+    model = build_model_on_meta(MIXTRAL_8X7B_CONFIG, "nf4", torch.bfloat16)
+    apply_lora(model, load_config(None, ["--lora.targets", "q_proj,experts"]).lora, 0, warn=False)
+    before = count_params(model), memory_estimate(model), param_counts(model)
+    for m in model.modules():
+        if isinstance(m, NF4Weight):
+            m.as_parameters()
+    assert count_params(model) == before[0] and memory_estimate(model) == before[1]
+    assert param_counts(model) == before[2]
+    w = NF4Weight.quantize(torch.randn(64, 128))
+    y = w.dequantize(torch.float32)
+    w.as_parameters()
+    assert all(isinstance(getattr(w, n), torch.nn.Parameter) and getattr(w, n).ndim == 1 and
+               not getattr(w, n).requires_grad for n in NF4Weight.SHARDABLE)
+    assert torch.equal(w.dequantize(torch.float32), y)
+
+
+def test_memory_plan_per_gpu_under_fsdp():
+    """The per-GPU estimate divides the weights and the adapter's state by the ranks under fsdp, not under ddp;
+    activations stay per GPU; a budget plans per GPU."""
+    from mixtune.memory_plan import GiB, Policy, estimate_bytes, plan
+    from mixtune.model import MIXTRAL_8X7B_CONFIG as c
+
+    args = (c, 24 * GiB, 900_000_000, 1, 1024, 64, "adamw", Policy(0, False, "grouped"))
+    one = estimate_bytes(*args)
+    assert estimate_bytes(*args, ranks=2, strategy="ddp") == one == estimate_bytes(*args, ranks=1, strategy="fsdp")
+    two, eight = estimate_bytes(*args, ranks=2, strategy="fsdp"), estimate_bytes(*args, ranks=8, strategy="fsdp")
+    fixed = 24 * GiB + 900_000_000 * 16
+    assert eight < two < one and one - two > 0.4 * fixed  # about half of weights + adapter state is gone
+    with pytest.raises(ValueError, match="per GPU"):
+        plan(20 * GiB, *args[:7])
+    pol, est = plan(20 * GiB, *args[:7], ranks=8, strategy="fsdp")
+    assert est <= 20 * GiB and pol.full == 0
