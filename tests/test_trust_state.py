@@ -210,7 +210,11 @@ def test_the_lock_is_per_open_file_and_a_dead_holders_lock_is_taken_over(tmp_pat
     said = []
     with runlock.acquire(d, said.append) as again:
         assert again.held and not said
-    assert not os.listdir(d)  # a clean release leaves no lock file
+    assert not os.path.exists(d)  # a refused start leaves no directory it created
+    os.makedirs(d)
+    with runlock.acquire(d):
+        pass
+    assert os.path.isdir(d) and not os.listdir(d)  # nor a lock file in one it did not create
     # a run killed with -9 leaves its lock file, but the kernel dropped its flock: taken over, and said
     with open(os.path.join(d, runlock.LOCK_NAME), "w") as fh:
         json.dump({"pid": 4999999, "host": "gone-host", "started": 0}, fh)

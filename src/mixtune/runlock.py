@@ -32,8 +32,8 @@ class RunDirBusy(ValueError):
 class RunLock:
     """A held lock (or, for ranks that do not write, an empty one). A context manager that releases it."""
 
-    def __init__(self, path: str = "", fd: Optional[int] = None):
-        self.path, self.fd = path, fd
+    def __init__(self, path: str = "", fd: Optional[int] = None, created_dir: bool = False):
+        self.path, self.fd, self.created_dir = path, fd, created_dir
 
     @property
     def held(self) -> bool:
@@ -46,6 +46,9 @@ class RunLock:
             os.unlink(self.path)  # while still holding it: a waiting opener then sees another inode and retries
         with contextlib.suppress(OSError):
             os.close(self.fd)  # closing drops the flock
+        if self.created_dir:  # a run refused at its start leaves no empty directory behind
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(self.path))
         self.fd = None
 
     def __enter__(self) -> "RunLock":
@@ -84,6 +87,7 @@ def acquire(out_dir: str, say: Optional[Callable[[str], None]] = None, option: s
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"{option}: {out_dir} exists and is not a directory")
     path = os.path.join(out_dir, LOCK_NAME)
+    created = not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
         for _ in range(100):  # the holder may release (unlink) between our open and our flock: retry
@@ -121,7 +125,7 @@ def acquire(out_dir: str, say: Optional[Callable[[str], None]] = None, option: s
         raise ConfigError(f"{option}: cannot write in {out_dir} ({e.strerror or e})") from None
     if previous and say is not None:
         say(f"mixtune: took over the stale lock of {out_dir} ({_holder_text(previous)}; that process is gone)")
-    return RunLock(path, fd)
+    return RunLock(path, fd, created)
 
 
 def try_lock_dir(path: str) -> Optional[int]:
