@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import struct
+import time
 
 import pytest
 
@@ -66,17 +67,25 @@ def test_wandb_offline_records_read_back(tmp_path, monkeypatch):
     out, cfg = _run(tmp_path, monkeypatch, ["wandb"])
     assert not cfg.train.tensorboard and not os.path.exists(os.path.join(out, "tb"))  # not asked for
     [log] = glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb"))
-    records = _wandb_records(log)
+    for _ in range(60):  # wandb's service may still be writing the log's tail when finish() returns
+        records = _wandb_records(log)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.5)
     config = {}
     for r in records:
         kind = r.WhichOneof("record_type")
         if kind in ("run", "config"):
             config.update({i.key: json.loads(i.value_json)
                            for i in (r.run.config.update if kind == "run" else r.config.update)})
-    assert config["lora"]["r"] == 4 and config["train"]["report_to"] == ["wandb"], sorted(config)
+    assert config["lora"]["r"] == 4 and config["train"]["report_to"] == ["wandb"], \
+        (sorted(config), [r.WhichOneof("record_type") for r in records])
     hist = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item} for r in records
             if r.WhichOneof("record_type") == "history"]
-    steps = {int(h["_step"]): h for h in hist}
+    steps = {}
+    for h in hist:
+        steps.setdefault(int(h["_step"]), {}).update(h)
+    assert sorted(steps) == [1, 2], ([r.WhichOneof("record_type") for r in records], hist)
     assert float(steps[1]["train/loss"]) == 2.5 and float(steps[2]["train/loss"]) == 2.0
     assert float(steps[2]["eval/loss"]) == 2.25 and float(steps[2]["generation_after/chrf"]) == 40.0
     assert json.loads(steps[2]["loss_plot/_type"]) == "image-file"
