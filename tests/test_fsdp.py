@@ -77,6 +77,10 @@ def test_fsdp_two_ranks_equal_one_process_then_resume_and_refuse_another_world(t
         if r1["kind"] == "train":  # summed, not averaged, by the reduce-scatter; the global norm
             assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)
 
+    def trainable(d):  # the report counts the gathered adapter as trainable, as one process does
+        return [l for l in (d / "report.md").read_text().splitlines() if "lora trainable params" in l]
+    assert trainable(run) == trainable(single) and trainable(run)
+
     step2 = run / "checkpoints" / "step-2"
     assert (step2 / "COMPLETE").exists() and (step2 / "sharded" / ".metadata").exists()
     assert not (step2 / "trainable.safetensors").exists()

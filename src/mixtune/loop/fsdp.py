@@ -89,6 +89,14 @@ def shard_model(model: nn.Module, dist, say=None) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _reshard(model: nn.Module) -> None:
+    """Every FSDP unit back to its sharded state (the root stays whole after a forward, e.g. an evaluation's),
+    so parameters are DTensors before they are gathered or checkpointed."""
+    for m in model.modules():
+        if callable(getattr(m, "reshard", None)) and hasattr(m, "set_reshard_after_forward"):
+            m.reshard()
+
+
 def _lora_slots(model: nn.Module):
     """(module, name, parameter) of every trainable parameter."""
     for mod in model.modules():
@@ -105,6 +113,7 @@ def full_adapter(model: nn.Module, dist, restore: bool = True):
     if not getattr(dist, "sharded", False):
         yield
         return
+    _reshard(model)
     swapped = []
     for mod, name, p in list(_lora_slots(model)):
         if not is_dtensor(p):
@@ -112,7 +121,7 @@ def full_adapter(model: nn.Module, dist, restore: bool = True):
         full = p.detach().full_tensor()  # a collective: every rank, in the same order
         if dist.is_main:
             swapped.append((mod, name, p))
-            mod._parameters[name] = nn.Parameter(full.cpu(), requires_grad=False)
+            mod._parameters[name] = nn.Parameter(full.cpu())  # still counted as trainable (report)
         del full
     try:
         yield
@@ -143,6 +152,7 @@ def save_sharded(directory, model: nn.Module, optimizer, dist) -> None:
 
     box = [directory]
     tdist.broadcast_object_list(box, src=0)
+    _reshard(model)
     msd, osd = _state_dicts(model, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(box[0], SHARDED_DIR))
 
@@ -152,6 +162,7 @@ def load_sharded(path: str, model: nn.Module, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    _reshard(model)
     msd, osd = _state_dicts(model, optimizer)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=os.path.join(path, SHARDED_DIR))
