@@ -61,7 +61,7 @@ def test_every_verb_on_the_tiny_default(capsys, run_dir):
     assert len(gens) == 1 and {"prompt", "reference", "before", "after"} <= gens[0].keys()
     with open(os.path.join(out_dir, "report.md")) as fh:
         report = fh.read()
-    assert "after training" in report and "loss.png" in report and "word F1" in report
+    assert "after training" in report and "loss.png" in report and "| chrF | BLEU | ROUGE-L |" in report
     assert set(result["generation_scores"]) == {"before", "after"}
     with open(os.path.join(out_dir, "loss.png"), "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
