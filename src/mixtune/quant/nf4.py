@@ -102,10 +102,24 @@ class NF4Weight(nn.Module):
         (`nf4_storage_ids`): an NF4Weight counts once, by its logical shape."""
         for name in self.SHARDABLE:
             t = getattr(self, name)
-            if not isinstance(t, nn.Parameter):
-                del self._buffers[name]
-                self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+            if isinstance(t, nn.Parameter):
+                continue
+            if t.dtype == torch.uint8:
+                if t.numel() % 2:  # cannot be viewed as 16-bit: stays a (replicated) buffer
+                    continue
+                # torch 2.11's fully_shard builds every sharded parameter with requires_grad=True first, which
+                # only floating dtypes allow: hold the bytes as float16 (a bitwise view; `__getattr__` views
+                # them back as uint8 for every reader; all-gathers copy bits, so nothing is converted)
+                t = t.view(torch.float16)
+            del self._buffers[name]
+            self.register_parameter(name, nn.Parameter(t, requires_grad=False))
         return self
+
+    def __getattr__(self, name: str):
+        t = super().__getattr__(name)
+        if name in ("packed", "absmax") and isinstance(t, torch.Tensor) and t.dtype == torch.float16:
+            return t.view(torch.uint8)  # the bytes as_parameters() stored as float16
+        return t
 
     # ------------------------------------------------------------------ reading
     @property
