@@ -419,7 +419,7 @@ RESUME_MAY_CHANGE = {
     "train.per_device_eval_batch_size", "model.device", "model.cache_dir", "model.attn_implementation",
     "model.moe_backend", "model.gradient_checkpointing", "model.checkpoint_layers", "model.checkpoint_attention",
     "model.memory_budget_gib",
-    "data.cache_dir", "data.eval_max_rows",
+    "data.cache_dir", "data.eval_max_rows", "train.report_to", "train.push_to_hub", "train.push_merged",
 }
 
 
