@@ -67,3 +67,30 @@ def hf_model_from(ckpt: str, dtype: torch.dtype = torch.float32):
 def _hf_model_from_fixture():
     """The `hf_model_from(ckpt, dtype=torch.float32)` helper as a fixture (tests can't import conftest)."""
     return hf_model_from
+
+
+def _can_run_torchrun() -> bool:
+    """gloo is built in and loopback TCP works (torchrun's rendezvous): otherwise a 2-rank test cannot run here."""
+    import socket
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        return False
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
+            sk.bind(("127.0.0.1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "torchrun: launches ranks with torchrun (gloo on loopback); skipped where "
+                                       "that cannot run")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _can_run_torchrun():
+        return
+    skip = pytest.mark.skip(reason="no gloo backend or no loopback TCP for torchrun here")
+    for item in items:
+        if "torchrun" in item.keywords:
+            item.add_marker(skip)

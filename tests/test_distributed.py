@@ -1,7 +1,6 @@
 """Data-parallel training under torchrun (CPU, gloo): 2 ranks with accumulation 1 make the same updates as one
 process with accumulation 2 over the same micro-batch stream; rank 0 alone writes; evaluation covers every row."""
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from safetensors.torch import load_file
 
 from mixtune import train
 from mixtune.config import load_config
+from mixtune.loop.report import read_metrics
 from mixtune.distributed import Dist, step_generator_seed, world_from_env
 
 COMMON = ["--train.max_steps", "3", "--train.save_steps", "2", "--train.eval_steps", "2",
@@ -20,25 +20,7 @@ COMMON = ["--train.max_steps", "3", "--train.save_steps", "2", "--train.eval_ste
           "--lora.dropout", "0.0", "--lora.r", "4", "--train.router_aux_loss_coef", "0.01"]
 
 
-def _can_run_torchrun() -> bool:
-    """gloo is built in and loopback TCP works (torchrun's rendezvous): otherwise the test cannot run here."""
-    import socket
-    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
-        return False
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
-            sk.bind(("127.0.0.1", 0))
-    except OSError:
-        return False
-    return True
-
-
-def _train_lines(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
-        return [json.loads(l) for l in fh if l.strip()]
-
-
-@pytest.mark.skipif(not _can_run_torchrun(), reason="no gloo backend or no loopback TCP for torchrun here")
+@pytest.mark.torchrun
 def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
     single = tmp_path / "single"
     res = train.main(load_config(None, COMMON + ["--train.gradient_accumulation_steps", "2",
@@ -56,7 +38,7 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
     assert a.keys() == b.keys() and a
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
-    m1, m2 = _train_lines(single), _train_lines(ddp)
+    m1, m2 = read_metrics(os.path.join(single, "metrics.jsonl")), read_metrics(os.path.join(ddp, "metrics.jsonl"))
     assert [r["step"] for r in m2 if r["kind"] == "train"] == [1, 2, 3]  # one writer, no duplicates
     for r1, r2 in zip(m1, m2):
         assert r1["kind"] == r2["kind"] and r1["step"] == r2["step"]
@@ -81,7 +63,7 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
     c = load_file(str(ddp / "adapter" / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(c[k], a[k], rtol=1e-4, atol=1e-6)
-    assert [r["step"] for r in _train_lines(ddp) if r["kind"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(os.path.join(ddp, "metrics.jsonl")) if r["kind"] == "train"] == [1, 2, 3]
 
     # the same checkpoint resumed by a single process would change the step's batch: refused, clearly
     from mixtune.loop.checkpoint import CheckpointError

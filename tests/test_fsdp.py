@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from mixtune import train
 from mixtune.config import load_config
+from mixtune.loop.report import read_metrics
 from mixtune.loop.checkpoint import CheckpointError
 
 FSDP = ["--train.max_steps", "3", "--train.save_steps", "2", "--train.eval_steps", "2",
@@ -22,24 +23,6 @@ FSDP = ["--train.max_steps", "3", "--train.save_steps", "2", "--train.eval_steps
         "--train.logging_steps", "1", "--data.max_seq_length", "128", "--train.per_device_train_batch_size", "2",
         "--lora.dropout", "0.0", "--lora.r", "4", "--train.router_aux_loss_coef", "0.01",
         "--train.distributed", "fsdp"]
-
-
-def _can_run_torchrun() -> bool:
-    """gloo is built in and loopback TCP works (torchrun's rendezvous): otherwise the test cannot run here."""
-    import socket
-    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
-        return False
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
-            sk.bind(("127.0.0.1", 0))
-    except OSError:
-        return False
-    return True
-
-
-def _train_lines(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
-        return [json.loads(l) for l in fh if l.strip()]
 
 
 def _torchrun(*args):
@@ -52,7 +35,7 @@ def _adapter(d):
     return load_file(str(d / "adapter" / "adapter_model.safetensors"))
 
 
-@pytest.mark.skipif(not _can_run_torchrun(), reason="no gloo backend or no loopback TCP for torchrun here")
+@pytest.mark.torchrun
 def test_fsdp_two_ranks_equal_one_process_then_resume_and_refuse_another_world(tmp_path, capsys):
     single = tmp_path / "single"
     train.main(load_config(None, FSDP + ["--train.gradient_accumulation_steps", "2",
@@ -68,7 +51,7 @@ def test_fsdp_two_ranks_equal_one_process_then_resume_and_refuse_another_world(t
     assert a.keys() == b.keys() and a
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
-    m1, m2 = _train_lines(single), _train_lines(run)
+    m1, m2 = read_metrics(os.path.join(single, "metrics.jsonl")), read_metrics(os.path.join(run, "metrics.jsonl"))
     assert [r["step"] for r in m2 if r["kind"] == "train"] == [1, 2, 3]
     for r1, r2 in zip(m1, m2):
         assert r1["kind"] == r2["kind"] and r1["step"] == r2["step"]
@@ -102,7 +85,7 @@ def test_fsdp_two_ranks_equal_one_process_then_resume_and_refuse_another_world(t
     c = _adapter(run)
     for k in a:
         torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=1e-6)
-    assert [r["step"] for r in _train_lines(run) if r["kind"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(os.path.join(run, "metrics.jsonl")) if r["kind"] == "train"] == [1, 2, 3]
 
     # the sharded checkpoint on one process: refused naming both numbers, nothing in the run dir rewritten
     shutil.rmtree(run / "checkpoints" / "step-3")
