@@ -25,18 +25,12 @@ found after the previous answer by its generation prompt's header (e.g. "<|im_st
 
 from __future__ import annotations
 
+import os
+
 from .schemas import Conversation
 from .sources import BadRow, DataError
 
 _PROBE = "mixtuneprobeanswer"
-
-
-def _lcp_len(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class ChatRenderer:
@@ -99,7 +93,7 @@ class ChatRenderer:
     def _answer_start(self, full: str, done: int, base: str, before: str, i: int, at: str) -> int:
         if full.startswith(before) and len(before) >= done:
             return len(before)
-        n = _lcp_len(full, before)
+        n = len(os.path.commonprefix([full, before]))  # characters the two renderings share
         if n >= done and n >= len(base) and full.startswith(base):
             # the text leaves the generation prompt inside it (enable_thinking false puts an empty think block
             # there; a historical answer has none, a final one with reasoning has its own): learn from there

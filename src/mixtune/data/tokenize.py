@@ -10,6 +10,8 @@ example's last token.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,14 +28,6 @@ class Tokenized:
     truncated: bool = False
 
 
-def _lcp(a: list, b: list) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def _encode_segment(seg, tokenizer) -> tuple[list, list, list]:
     """-> (ids of the whole segment, per-id train flags, ids of the first piece encoded alone)."""
     enc = tokenizer.encode_with_specials if seg.specials else tokenizer.encode_content
@@ -48,7 +42,7 @@ def _encode_segment(seg, tokenizer) -> tuple[list, list, list]:
         else:
             pre = enc(prefix)
             first = pre if first is None else first
-            end = max(start, _lcp(pre, full))
+            end = max(start, len(os.path.commonprefix([pre, full])))  # ids shared with the prefix
         for j in range(start, end):
             flags[j] = train
         start = end
