@@ -93,7 +93,8 @@ def test_inspect_estimates_the_training_peak_and_plans_a_budget(config_only_dir,
     peaks = [p["bytes"] for p in tp["policies"]]
     assert peaks == sorted(peaks, reverse=True)  # more recomputation, less memory
     assert [p["relative_work"] for p in tp["policies"]][0] == 1.0
-    assert tp["plan"]["bytes"] <= 48 * 2**30 and tp["plan"]["backend"] == "grouped_lowmem"
+    assert tp["plan"]["bytes"] <= 48 * 2**30 and tp["accum"] == 1  # train.gradient_accumulation_steps
+    assert (tp["plan"]["full"], tp["plan"]["attention"], tp["plan"]["backend"]) != (0, False, "grouped")
     out = inspect_main(load_config(overrides=over + ["--model.memory_budget_gib", "10"]), json_out=False)
     assert "nothing fits 10.0 GiB" in out["training_peak"]["plan"]["error"]
     assert "estimated peak GPU memory of a training step" in capsys.readouterr().out
@@ -209,20 +210,36 @@ def expected(g: dict, r: int = R) -> dict:
     moe_kept = 2 * 2 * H + E * 8 + k * 10 + k * H * 2 + k * 3 * r * 2 + k * 2 * I * 2  # ... + h13 pre-activations
     moe_kept += 2 * (4 * Is + H + 1) + 4 + 3 * r * 2 if Is else 0
     dense_kept = 2 * (2 * H + 4 * Id) + 3 * r * 2
-    fixed = nf4 + trainable * 8 + trainable * 2.02  # fp32 adapter + gradients, 8-bit moments
-    logits = 4096 * V * 2  # one bf16 chunk of logits, overwritten by its gradient (kernels/ce.py)
-    dequant = E * 2 * I * (H + 2 * r) * 2  # one layer's w1|w3 (+ LoRA columns) in bf16
-    grads = T * k * (3 * I + H) * 2
+    fixed = nf4 + trainable * 4 + trainable * 2.02  # fp32 adapter, 8-bit moments
+    grads = trainable * 4  # fp32; accumulation 1: the top layer's (1/L) at the activation peak, all at the step
+    # the loss: two 4096-row bf16 logits chunks (T > 4096) or one, + 4 (T x H) tensors
+    loss = min(T, 4096) * V * 2 * (2 if T > 4096 else 1) + 4 * T * H * 2
+    M = T * k
+    phases = (M * ((H + r) * 2 + I * 2) + E * (H + r) * I * 2,  # w2: [dy|du2], dg, W2 with A2 rows
+              M * (3 * I + 2 * r) * 2,  # SwiGLU: dg, [dh13|du13]
+              M * ((2 * I + 2 * r) * 2 + H * 2) + E * (2 * I + 2 * r) * H * 2)  # w1|w3: [dh13|du13], dxs, W13+A13
+    h13 = k * 2 * I * 2
     shared_t = Is * H * 2 + T * (3 * Is + H) * 2 if Is else 0
 
-    def transient(rebuilt):
-        moe_t = max(dequant + grads + T * rebuilt, shared_t + T * rebuilt if Is else 0)
-        dense_t = Id * H * 2 + T * ((3 * Id + H) * 2 + (attn_kept + dense_kept if rebuilt else 0))
-        return max([moe_t] * bool(n_moe) + [dense_t] * bool(n_dense)) + logits
+    def transient(moe, recomputed):  # one layer's backward (+ the layer output's gradient)
+        if not moe:
+            return Id * H * 2 + T * (3 * Id + H) * 2 + (T * (attn_kept + dense_kept - H * 2) if recomputed else 0) \
+                + T * H * 2
+        rebuilt = T * (attn_kept + moe_kept - H * 2) if recomputed else 0  # less the input the checkpoint keeps
+        moe_t = max(phases[0] + rebuilt, phases[1] + rebuilt, phases[2] + rebuilt - (T * h13 if recomputed else 0),
+                    shared_t + rebuilt if Is else 0)
+        return moe_t + T * H * 2
 
-    keep_all = T * (n_moe * (attn_kept + moe_kept) + n_dense * (attn_kept + dense_kept))
-    peak_none = fixed + keep_all + transient(0)
-    peak_full = fixed + T * L * H * 2 + transient(attn_kept + moe_kept)
+    def peak(recomputed):
+        """Accumulation 1: the loss; layer l's backward with the gradients of layers l..L-1 and the activations
+        of layers 0..l; the optimizer step."""
+        kept = [T * (H * 2 if recomputed else attn_kept + (moe_kept if m else dense_kept)) for m in g["moe"]]
+        best = max(fixed + sum(kept) + loss, fixed + grads)
+        for l in range(L):
+            best = max(best, fixed + grads * (L - l) / L + sum(kept[:l + 1]) + transient(g["moe"][l], recomputed))
+        return best
+
+    peak_none, peak_full = peak(False), peak(True)
     return {"total": total, "active": active, "trainable": trainable, "by_part": base, "weights_nf4": nf4,
             "weights_bf16": 2 * total, "peak_none": peak_none, "peak_full": peak_full}
 

@@ -1,5 +1,6 @@
-"""Recomputation chosen by memory: the estimate against the 32-layer H200 measurements (BENCHMARKS.md), the
-choice of policy for a budget, a clear error when nothing fits, and `mixtune train` applying the plan."""
+"""Recomputation chosen by memory: the estimate against the H200 measurements (BENCHMARKS.md; issue 13: within
+5%), gradients at accumulation 1 vs > 1, the choice of policy for a budget, a clear error when nothing fits, and
+`mixtune train` applying the plan."""
 
 import pytest
 import torch
@@ -11,24 +12,40 @@ from mixtune.memory_plan import GiB, Policy, estimate_bytes, plan, relative_work
 from mixtune.model import MIXTRAL_8X7B_CONFIG as C
 from mixtune.model import build_model_on_meta
 
-# (micro-batch, optimizer, full layers, attention recomputed, backend, measured peak GiB, BENCHMARKS call)
+# Mixtral-8x7B, 32 layers: (micro-batch, accumulation, optimizer, full layers, attention recomputed, backend,
+# measured peak GiB, BENCHMARKS call)
 MEASURED = [
-    (14, "adamw_8bit", 0, False, "grouped", 115.8),  # call 5
-    (16, "adamw", 0, False, "grouped", 132.9),  # call 7
-    (14, "adamw", 0, False, "grouped", 121.2),  # call 7
-    (8, "adamw_8bit", 0, True, "grouped_lowmem", 46.3),  # call 5
-    (6, "adamw_8bit", 0, True, "grouped_lowmem", 43.2),  # call 7
-    (16, "adamw", 32, False, "grouped", 47.0),  # call 1 (attention recomputed anyway: k/v layout irrelevant)
-    (16, "adamw_8bit", 32, False, "grouped", 41.6),  # call 1
-    (16, "adamw_8bit", 30, False, "grouped", 45.7),  # call 1
+    (14, 3, "adamw_8bit", 0, False, "grouped", 115.8),  # call 5
+    (16, 2, "adamw", 0, False, "grouped", 132.9),  # call 7
+    (14, 3, "adamw", 0, False, "grouped", 121.2),  # call 7
+    (8, 4, "adamw_8bit", 0, True, "grouped_lowmem", 46.3),  # call 5
+    (6, 6, "adamw_8bit", 0, True, "grouped_lowmem", 43.2),  # call 7
+    (16, 2, "adamw", 32, False, "grouped", 47.0),  # call 1 (attention recomputed anyway: k/v layout irrelevant)
+    (16, 2, "adamw_8bit", 32, False, "grouped", 41.6),  # call 1
+    (16, 2, "adamw_8bit", 30, False, "grouped", 45.7),  # call 1
 ]
-# FP8 experts (session 3, call 3): (micro-batch, optimizer, attention recomputed, backend, measured peak GiB)
+# FP8 experts (session 3, call 3): (micro-batch, accumulation, optimizer, attention recomputed, backend, GiB)
 MEASURED_FP8 = [
-    (14, "adamw_8bit", False, "grouped", 115.70),
-    (16, "adamw_8bit", False, "grouped", 127.53),
-    (16, "adamw", False, "grouped", 132.87),
-    (10, "adamw_8bit", True, "grouped_lowmem", 47.83),
-    (11, "adamw_8bit", True, "grouped_lowmem", 49.42),
+    (14, 3, "adamw_8bit", False, "grouped", 115.70),
+    (16, 3, "adamw_8bit", False, "grouped", 127.53),
+    (16, 3, "adamw", False, "grouped", 132.87),
+    (10, 4, "adamw_8bit", True, "grouped_lowmem", 47.83),
+    (11, 4, "adamw_8bit", True, "grouped_lowmem", 49.42),
+]
+# Accumulation 1 (zero_grad(set_to_none=True): no gradient during the forward), fused fp32 AdamW, LoRA r=64 on
+# q/k/v/o + every expert, rows of 1024, backend grouped, measured on one H200 with
+#   python3 -m mixtune bench [--geometry qwen3-30b-a3b] --no-check --layers N --settings "mb=8,ckpt=0;..."
+# (BENCHMARKS.md session 4, calls 3-4, and the Mixtral 4-layer calls): (geometry, layers, micro-batch, full
+# layers recomputed, measured peak GiB). Weights bytes: memory_estimate of the meta model, as the bench's random
+# NF4 model has them.
+MEASURED_ACCUM1 = [
+    ("qwen3-30b-a3b", 48, 8, 0, 95.42),
+    ("qwen3-30b-a3b", 48, 16, 0, 135.10),
+    ("qwen3-30b-a3b", 4, 8, 0, 11.3),
+    ("qwen3-30b-a3b", 4, 16, 0, 14.7),
+    ("mixtral-8x7b", 4, 8, 0, 13.27),
+    ("mixtral-8x7b", 4, 8, 4, 8.49),
+    ("mixtral-8x7b", 4, 16, 0, 20.02),
 ]
 
 
@@ -41,20 +58,72 @@ def mixtral_sizes():
     return mem["weights_nf4"], mem["adapter_fp32"] // 4
 
 
-@pytest.mark.parametrize("mb, optim, full, attention, backend, measured", MEASURED)
-def test_estimate_matches_the_h200_measurements(mixtral_sizes, mb, optim, full, attention, backend, measured):
+@pytest.mark.parametrize("mb, accum, optim, full, attention, backend, measured", MEASURED)
+def test_estimate_matches_the_h200_measurements(mixtral_sizes, mb, accum, optim, full, attention, backend,
+                                                measured):
     weights, trainable = mixtral_sizes
-    est = estimate_bytes(C, weights, trainable, mb, 1024, 64, optim, Policy(full, attention, backend)) / GiB
-    assert -0.02 <= (est - measured) / measured <= 0.09, est  # never far below (the budget must hold)
+    est = estimate_bytes(C, weights, trainable, mb, 1024, 64, optim, Policy(full, attention, backend),
+                         accum=accum) / GiB
+    assert -0.02 <= (est - measured) / measured <= 0.05, est  # never far below (the budget must hold)
 
 
-@pytest.mark.parametrize("mb, optim, attention, backend, measured", MEASURED_FP8)
-def test_fp8_estimate_matches_the_h200_measurements(mixtral_sizes, mb, optim, attention, backend, measured):
+@pytest.mark.parametrize("mb, accum, optim, attention, backend, measured", MEASURED_FP8)
+def test_fp8_estimate_matches_the_h200_measurements(mixtral_sizes, mb, accum, optim, attention, backend, measured):
     weights, trainable = mixtral_sizes
     pol = Policy(0, attention, backend)
-    est = estimate_bytes(C, weights, trainable, mb, 1024, 64, optim, pol, precision="fp8") / GiB
-    assert -0.01 <= (est - measured) / measured <= 0.07, est
-    assert est < estimate_bytes(C, weights, trainable, mb, 1024, 64, optim, pol) / GiB  # smaller weight buffer
+    est = estimate_bytes(C, weights, trainable, mb, 1024, 64, optim, pol, precision="fp8", accum=accum) / GiB
+    assert -0.02 <= (est - measured) / measured <= 0.05, est
+    assert est <= estimate_bytes(C, weights, trainable, mb, 1024, 64, optim, pol, accum=accum) / GiB
+
+
+def _sizes(geometry: str, layers: int):
+    """(config, NF4 weights bytes, LoRA parameters) at `layers` layers, from meta models of 1 and 2 layers (every
+    layer of these geometries alike: the sizes are linear in the depth; keeps the test fast)."""
+    import dataclasses
+    from mixtune.model.config import GEOMETRIES
+    got = []
+    for n in (1, 2):
+        c = dataclasses.replace(GEOMETRIES[geometry], num_hidden_layers=n)
+        m = build_model_on_meta(c, "nf4", torch.bfloat16)
+        apply_lora(m, LoraConfig(r=64, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj", "experts"]), 0,
+                   warn=False)
+        mem = memory_estimate(m)
+        got.append((mem["weights_nf4"], mem["adapter_fp32"] // 4))
+    (w1, t1), (w2, t2) = got
+    c = dataclasses.replace(GEOMETRIES[geometry], num_hidden_layers=layers)
+    return c, w1 + (w2 - w1) * (layers - 1), t1 + (t2 - t1) * (layers - 1)
+
+
+@pytest.mark.parametrize("geometry, layers, mb, full, measured", MEASURED_ACCUM1)
+def test_accumulation_one_matches_the_h200_measurements(geometry, layers, mb, full, measured):
+    """Issue 13: within 5% (before the gradients were counted as they appear: 7-20% above)."""
+    c, weights, trainable = _sizes(geometry, layers)
+    est = estimate_bytes(c, weights, trainable, mb, 1024, 64, "adamw", Policy(full, False, "grouped")) / GiB
+    assert -0.02 <= (est - measured) / measured <= 0.05, est
+
+
+def test_accumulation_holds_every_gradient_at_the_activation_peak(mixtral_sizes):
+    """accum > 1 adds every fp32 gradient to the activation peak (held from the first micro-batch) and, while a
+    layer's backward runs, its fresh gradients before they are added in; accum 1 holds only the top layer's
+    there (its fresh ones): the difference is the gradient bytes, whatever the number of micro-batches."""
+    weights, trainable = mixtral_sizes
+    pol = Policy(0, False, "grouped")
+    one = estimate_bytes(C, weights, trainable, 16, 1024, 64, "adamw", pol)
+    for accum in (2, 3, 8):
+        assert estimate_bytes(C, weights, trainable, 16, 1024, 64, "adamw", pol, accum=accum) - one == \
+            pytest.approx(trainable * 4, rel=1e-9)
+    # under fsdp the held gradients are sharded; the running layer's are whole until their reduce-scatter
+    two = [estimate_bytes(C, weights, trainable, 16, 1024, 64, "adamw", pol, ranks=2, strategy="fsdp", accum=a)
+           for a in (1, 2)]
+    assert two[1] - two[0] == pytest.approx(trainable * 4 / 2 * (1 - 1 / C.num_hidden_layers), rel=1e-9)
+    # a tiny batch: every gradient and moment (the optimizer step) + at most the bottom layer's backward, whose
+    # dequantized expert weights (1.8 GiB) do not shrink with the batch
+    tiny = estimate_bytes(C, weights, trainable, 1, 8, 64, "adamw", pol)
+    assert weights + trainable * (4 + 4 + 8) <= tiny <= weights + trainable * (4 + 4 + 8) + 2 * GiB
+    # plan passes it through
+    pol1, est1 = plan(200 * GiB, C, weights, trainable, 16, 1024, 64, "adamw")
+    pol2, est2 = plan(200 * GiB, C, weights, trainable, 16, 1024, 64, "adamw", accum=2)
+    assert pol1 == pol2 and est2 - est1 == pytest.approx(trainable * 4, rel=1e-9)
 
 
 def test_plan_picks_the_least_recomputation_that_fits(mixtral_sizes):
@@ -92,8 +161,9 @@ def test_lora_dropout_counts_only_where_attention_keeps_its_activations(mixtral_
         base = estimate_bytes(C, weights, trainable, 8, 1024, 64, "adamw", pol)
         growth[pol.attention] = estimate_bytes(C, weights, trainable, 8, 1024, 64, "adamw", pol,
                                                lora_dropout=0.05) - base
-    # kept by all 32 layers vs rebuilt for one layer at a time in backward
-    assert growth[False] > 20 * growth[True] > 0
+    # kept by all 32 layers vs rebuilt only in a recomputed attention block's own backward, below the experts'
+    # backward peak
+    assert growth[False] > 0 and growth[True] <= growth[False] / 20
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])

@@ -136,8 +136,9 @@ def _variants(a: dict) -> list[str]:
 
 def training_peaks(cfg: Config, config, mem: dict, ranks: int = 1) -> dict:
     """Estimated peak memory of a training step on one GPU under the main recomputation policies, at the
-    config's micro-batch, row length and optimizer, for `ranks` ranks under train.distributed; and the plan for
-    model.memory_budget_gib (per GPU) when it is set."""
+    config's micro-batch, row length, optimizer and gradient accumulation (train.gradient_accumulation_steps:
+    with 1 no gradient exists at the activation peak), for `ranks` ranks under train.distributed; and the plan
+    for model.memory_budget_gib (per GPU) when it is set."""
     from .memory_plan import GiB, Policy, estimate_bytes, plan, relative_work
     L = config.num_hidden_layers
     mb, seq, r, optim = (cfg.train.per_device_train_batch_size, cfg.data.max_seq_length, cfg.lora.r,
@@ -145,7 +146,7 @@ def training_peaks(cfg: Config, config, mem: dict, ranks: int = 1) -> dict:
     prec = cfg.model.expert_precision
     trainable = mem["adapter_fp32"] // 4
     args = (config, mem["weights_nf4"], trainable)
-    dist = {"ranks": ranks, "strategy": cfg.train.distributed}
+    dist = {"ranks": ranks, "strategy": cfg.train.distributed, "accum": cfg.train.gradient_accumulation_steps}
     out = {"micro_batch": mb, "seq": seq, "optim": optim, "expert_precision": prec, **dist, "policies": []}
     for pol in (Policy(0, False, "grouped"), Policy(0, True, "grouped"), Policy(0, True, "grouped_lowmem"),
                 Policy(L, False, "grouped")):

@@ -1,8 +1,8 @@
 """Activation checkpointing chosen by memory: estimate a training step's peak GPU memory from the model's
 shapes, and pick the cheapest recomputation policy that fits a budget.
 
-    est = estimate_bytes(config, weights_bytes, trainable, micro_batch, seq, r, optim, policy)
-    policy, est = plan(budget_bytes, config, weights_bytes, trainable, micro_batch, seq, r, optim)
+    est = estimate_bytes(config, weights_bytes, trainable, micro_batch, seq, r, optim, policy, accum=1)
+    policy, est = plan(budget_bytes, config, weights_bytes, trainable, micro_batch, seq, r, optim, accum=1)
     counts = param_counts(model)        # total / active per token / trainable, by part
     mem = memory_estimate(model)        # weights (nf4 and bf16), adapter, gradients, AdamW state
 
@@ -11,18 +11,33 @@ A policy is (full, attention, backend):
 - `attention`: the other layers recompute their attention block;
 - `backend`: `grouped` keeps the experts' (tokens × 2I) pre-activations, `grouped_lowmem` recomputes them.
 
-The estimate adds up:
-- the weights;
-- the adapter, its gradients and the optimizer's moments;
-- what autograd keeps per token and layer, counted tensor by tensor from the shapes below, bf16 — for every
-  family (model/family.py): the query width from head_dim, q/k norms, q/k/v clipping, a shared expert, and
-  dense MLP layers where the config has them (each layer counted as its kind);
-- the largest transient: one layer's backward buffers, the dequantized expert weights, a loss chunk; with
-  `precision="fp8"` those weights take one byte each and the widest backward buffer gets an e4m3 copy.
+The estimate is the largest of three moments of a step:
+- the loss (after the forward): everything the layers keep + two 4096-row bf16 logits chunks (kernels/loss.py
+  allocates the next chunk's product before it drops the previous one) + a few (tokens x H) tensors;
+- each layer's backward, top layer first: what the layers not yet done keep + that layer's backward buffers,
+  phase by phase (`_moe_backward`) + the gradients that exist by then;
+- the optimizer step: weights, adapter, every gradient and the optimizer's moments; no activations.
+Always present: the weights, the fp32 adapter and the optimizer's moments. Gradients (fp32, one per adapter
+parameter): with `accum` 1 and zero_grad(set_to_none=True) none exists during the forward and each layer's
+appear during its backward, while its activations are freed — so at the activation peak only the top layers'
+count, and all of them only at the optimizer step; with `accum` > 1 all are held from the first micro-batch
+on (+ the running layer's fresh ones before they are added in). Counting every gradient at the activation peak
+at accum 1 overestimated the measured H200 peaks by 7-12%. Three other terms were corrected against the
+kernels: the logits chunk no longer adds to a layer's backward (it is gone by then: the loss is its own
+moment), the experts' w1|w3 phase no longer counts dg (freed before), and a recomputed layer's rebuilt h13 is
+released before that phase; together with the gradients they made Mixtral with every layer recomputed 20% high.
+What autograd keeps per token and layer is counted tensor by tensor from the shapes (`_per_token_layer`), bf16,
+for every family (model/family.py): the query width from head_dim, q/k norms, q/k/v clipping, a shared expert,
+and dense MLP layers where the config has them (each layer counted as its kind). A fully recomputed layer keeps
+its input and, in its backward, rebuilds the rest — whose h13 its experts' backward releases before the
+w1|w3 phase (a checkpointed tensor is freed once unpacked; one that is not recomputed stays saved until the
+layer's backward ends). With `precision="fp8"` the dequantized weights take one byte each and each product's
+activation operand gets an e4m3 copy.
 
-Against the 32-layer H200 measurements in BENCHMARKS.md it is within 0.1% without checkpointing, 2% for the
-low-memory policy and 4–8% above with full checkpointing; with FP8 experts within 0.2% without
-recomputation and ~5% above for the low-memory policy (`tests/test_memory_plan.py` holds those rows).
+Against the H200 measurements (`tests/test_memory_plan.py` holds every row: Mixtral-8x7B at 4 and 32 layers,
+Qwen3-30B-A3B at 4 and 48 layers, accumulation 1 to 6, no / attention / full recomputation, bf16 and FP8
+experts) it is within 1.2% below to 0.1% below: about 1.5% of the per-layer activations is not identified
+(router/sort bookkeeping and the like), so leave a few % of margin.
 The budget is for `torch.cuda.max_memory_allocated`: leave the CUDA context and the allocator's slack
 (a few %) out of the card's size.
 """
@@ -110,51 +125,100 @@ def _kept(p: dict, moe: bool, attention: bool, lowmem: bool) -> float:
     return attn + p["moe"] + p["shared_expert"] + (0 if lowmem else p["h13"])
 
 
+def _moe_backward(c: MixtralConfig, T: int, r: int, lowmem: bool, fp8: bool) -> float:
+    """(A, B, C): bytes one MoE layer's experts backward (kernels/moe.py, moe_fp8.py) allocates on top of what the layer
+    keeps in each of its three phases, M = T·k assignments (q: FP8's e4m3 copy of a product's
+    activation operand, wb: bytes per dequantized weight):
+      A  w2:      [dy | du2] (M, H+r), dg (M, I), W2 with A2 rows (E, H+r, I);
+      B  SwiGLU:  dg (g is written over it), [dh13 | du13] (M, 2I+2r); grouped_lowmem adds the recomputed h13
+                  (M, 2I), [xs | s·u13] (M, H+2r) and (bf16) the [W1; W3 | B] buffer it keeps for dxs;
+      C  w1|w3:   [dh13 | du13], dxs (M, H), [W1; W3] with A13 rows (E, 2I+2r, H) — dg is freed before.
+    (The estimate once added dg to C: M·I·2 bytes too many, 0.9 GiB for Mixtral at 16k tokens.)"""
+    H, I, k, E = c.hidden_size, c.intermediate_size, c.num_experts_per_tok, c.num_local_experts
+    M, q, wb = T * k, (1 if fp8 else 0), (1 if fp8 else BF16)
+    a = M * ((H + r) * (BF16 + q) + I * BF16) + E * (H + r) * I * wb
+    b = M * (I + 2 * I + 2 * r) * BF16
+    cc = M * ((2 * I + 2 * r) * (BF16 + q) + H * BF16) + E * (2 * I + 2 * r) * H * wb
+    if lowmem:
+        wa = E * 2 * I * (H + 2 * r)
+        if fp8:  # the e4m3 [W1; W3] is freed once h13 is rebuilt; [xs | s·u13] stays (xs: the LoRA gradients)
+            b = max(M * (I * BF16 + (H + 2 * r) * (BF16 + q) + 2 * I * BF16) + wa, b + M * (2 * I + H + 2 * r) * BF16)
+            cc += M * (H + 2 * r) * BF16
+        else:  # the bf16 buffer is reused for dxs: dh13 (M, 2I) and du13 (M, 2r) apart, no A13 rows
+            b = M * (I + 2 * I + 2 * I + H + 2 * r) * BF16 + wa * BF16
+            cc = M * (2 * I + 2 * r + H + 2 * r + H) * BF16 + wa * BF16
+    return a, b, cc
+
+
 def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro_batch: int, seq: int, r: int,
                    optim: str, policy: Policy, lora_dropout: float = 0.0, precision: str = "bf16",
-                   ranks: int = 1, strategy: str = "ddp") -> float:
+                   ranks: int = 1, strategy: str = "ddp", accum: int = 1) -> float:
     """Peak bytes of one training step on one GPU (see the module doc). lora_dropout > 0 counts the dropped
     inputs that LoRA on q/k/v/o keeps (an upper bound when fewer of them are targets); precision is the experts'
     (model.expert_precision). `ranks` GPUs under `strategy` fsdp: the decoder layers' weights, the adapter, its
     gradients and the optimizer state are divided by `ranks`, plus two layers all-gathered whole (the running
     one and the prefetched next) and the root (embeddings, lm_head), which FSDP2 keeps whole through the step;
-    activations are per GPU either way. ddp: every rank holds everything."""
+    activations are per GPU either way. ddp: every rank holds everything. `accum` (gradient accumulation
+    steps): 1 -- no gradient exists before the backward (zero_grad(set_to_none=True)), each layer's appear as
+    its backward runs; > 1 -- every gradient is held from the first micro-batch on."""
     L = c.num_hidden_layers
-    H, I, E, k = c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok
+    H, I = c.hidden_size, c.intermediate_size
     T = micro_batch * seq
     state = trainable * 8 if optim == "adamw" else trainable * 2.02  # fp32 m, v | 8-bit m, v + block scales
-    fixed = weights_bytes + trainable * 4 * 2 + state  # + the fp32 adapter and its gradients
-    if strategy == "fsdp" and ranks > 1:
+    fixed = weights_bytes + trainable * 4 + state  # + the fp32 adapter
+    sharded = strategy == "fsdp" and ranks > 1
+    div = ranks if sharded else 1
+    if sharded:
         root = c.vocab_size * H * BF16 * (1 if c.tie_word_embeddings else 2)
         layer = max(0.0, weights_bytes - root) / L
-        fixed = root + (weights_bytes - root + trainable * 4 * 2 + state) / ranks + 2 * layer * (ranks - 1) / ranks
+        fixed = root + (weights_bytes - root + trainable * 4 + state) / ranks + 2 * layer * (ranks - 1) / ranks
+    grads = trainable * 4 / div  # fp32, sharded under fsdp
+    per_layer_grads = trainable * 4 / L  # split evenly over the layers (a LoRA lm_head counts in its share)
     p = _per_token_layer(c, r, lora_dropout)
     lowmem = policy.backend == "grouped_lowmem"
+    fp8 = precision == "fp8"
     kinds = _moe_layers(c)
     full = min(policy.full, L)
-    saved = T * (full * p["layer_recomputed"] + sum(_kept(p, moe, policy.attention, lowmem) for moe in kinds[full:]))
-    # one layer's backward: [dh13 | du13], dg, [dy | du2] (per routed copy), plus — when that layer's
-    # activations are rebuilt in backward — the layer's own saved set; the dequantized w1|w3 (+ LoRA columns);
-    # one 4096-token bf16 logits chunk of the loss. A dense layer (or a shared expert) holds one dequantized
-    # matrix and its (tokens x 3 x width) gradients instead: the larger of the layer kinds present counts.
-    fp8 = precision == "fp8"
-    rebuild_moe = lowmem or any(kinds[:full])  # a recomputed MoE layer, or the low-memory backend's h13
-    rebuild_dense = not all(kinds[:full])  # a recomputed dense layer
+    saved = [T * (p["layer_recomputed"] if l < full else _kept(p, moe, policy.attention, lowmem))
+             for l, moe in enumerate(kinds)]
     Is = c.shared_expert_intermediate_size if c.family.shared_expert else 0
     Id = c.dense_intermediate_size or I
-    layer_transients = []
-    if any(kinds):
-        rebuilt = (p["attention"] + p["moe"] + p["shared_expert"] + p["h13"]) if rebuild_moe else 0
-        moe_t = E * 2 * I * (H + 2 * r) * (1 if fp8 else BF16) + T * (k * (3 * I + H) * BF16 + rebuilt) \
-            + (T * k * (2 * I + 2 * r) if fp8 else 0)
-        if Is:
-            moe_t = max(moe_t, Is * H * BF16 + T * ((3 * Is + H) * BF16 + rebuilt))
-        layer_transients.append(moe_t)
-    if not all(kinds):
-        rebuilt = (p["attention"] + p["dense"]) if rebuild_dense else 0
-        layer_transients.append(Id * H * BF16 + T * ((3 * Id + H) * BF16 + rebuilt))
-    transient = max(layer_transients) + 4096 * c.vocab_size * BF16  # logits := their gradient (kernels/ce.py)
-    return fixed + saved + transient
+
+    def transient(moe: bool, recomputed: bool) -> float:
+        """One layer's backward on top of what all layers keep: its buffers (+ the saved set it rebuilds when
+        recomputed: the checkpoint's input is kept already) and the layer output's gradient, which autograd
+        holds for the residual branch while the block's backward runs."""
+        rebuilt = T * (_kept(p, moe, False, lowmem) - p["layer_recomputed"]) if recomputed else 0
+        if not moe:
+            return Id * H * BF16 + T * (3 * Id + H) * BF16 + rebuilt + T * H * BF16
+        a, b, cc = _moe_backward(c, T, r, lowmem, fp8)
+        # a recomputed layer's h13 lives in the checkpoint's frame until the experts' backward unpacks it;
+        # its backward drops it before phase C (a layer that is not recomputed keeps it in its saved set)
+        h13 = T * p["h13"] if recomputed and not lowmem else 0
+        t = max(a + rebuilt, b + rebuilt, cc + rebuilt - h13)
+        if Is:  # the shared expert's dequantized matrix and (tokens x 3 x width) gradients
+            t = max(t, Is * H * BF16 + T * (3 * Is + H) * BF16 + rebuilt)
+        return t + T * H * BF16
+
+    # the loss (kernels/loss.py): a 4096-row bf16 logits chunk overwritten by its gradient (kernels/ce.py); the
+    # next chunk's product is allocated before the previous one is released, so two when there is a next one;
+    # the final norm's input and output, the labelled rows' copy and their gradient (tokens x H each)
+    rows = min(T, 4096)
+    loss = rows * c.vocab_size * BF16 * (2 if T > rows else 1) + 4 * T * H * BF16
+    live = sum(saved)
+    peak = fixed + (grads if accum > 1 else 0) + live + loss
+    cache = {}
+    for l in reversed(range(L)):  # backward: the top layer first; each frees its saved set when done
+        key = (kinds[l], l < full)
+        if key not in cache:
+            cache[key] = transient(*key)
+        # accum 1: the gradients of this layer and those above (sharded under fsdp); accum > 1: all of them, plus
+        # this layer's fresh ones before they are added in (under fsdp: unsharded before the reduce-scatter)
+        held = grads if accum > 1 else (L - l) * per_layer_grads / div
+        fresh = per_layer_grads if accum > 1 or sharded else 0
+        peak = max(peak, fixed + held + fresh + live + cache[key])
+        live -= saved[l]
+    return max(peak, fixed + grads)  # the optimizer step: every gradient and moment, no activations
 
 
 def _layer_work(c: MixtralConfig) -> tuple[int, list[int], list[int]]:
@@ -188,7 +252,7 @@ def relative_work(c: MixtralConfig, policy: Policy) -> float:
 
 def plan(budget_bytes: float, c: MixtralConfig, weights_bytes: float, trainable: int, micro_batch: int, seq: int,
          r: int, optim: str, lora_dropout: float = 0.0, precision: str = "bf16", ranks: int = 1,
-         strategy: str = "ddp") -> tuple[Policy, float]:
+         strategy: str = "ddp", accum: int = 1) -> tuple[Policy, float]:
     """The policy with the least recomputation whose estimate fits `budget_bytes` (per GPU) -> (policy,
     estimate). Raises ValueError naming the smallest estimate when nothing fits."""
     L = c.num_hidden_layers
@@ -199,7 +263,7 @@ def plan(budget_bytes: float, c: MixtralConfig, weights_bytes: float, trainable:
             for full in range(L + 1):
                 pol = Policy(full, attention and full < L, backend)
                 est = estimate_bytes(c, weights_bytes, trainable, micro_batch, seq, r, optim, pol, lora_dropout,
-                                     precision, ranks, strategy)
+                                     precision, ranks, strategy, accum)
                 if smallest is None or est < smallest[1]:
                     smallest = (pol, est)
                 if est <= budget_bytes:
