@@ -1,4 +1,6 @@
-"""Unsloth, timed on the same workload as `mixtune bench`: a random Mixtral-8x7B-geometry checkpoint cut to
+"""Unsloth, timed on the same workload as `mixtune bench`: a random checkpoint of the Mixtral-8x7B geometry
+(default) or, with --geometry qwen3-30b-a3b, of the Qwen3-30B-A3B geometry (hidden 2048, 128 experts x 768,
+top-8 renormalised, 32 / 4 heads of 128, vocab 151,936; transformers' Qwen3MoeForCausalLM), cut to
 --layers layers, 4-bit (NF4) base weights, LoRA r=64 alpha=16 dropout 0 on q/k/v/o AND the MoE experts, packed
 rows of 1024 tokens from `mixtune.bench.packed_batch` (per-example position ids restarting at 0, the first token
 of each example unlabeled), forward + backward + fused AdamW, CUDA-synchronized.
@@ -17,16 +19,40 @@ HF_DATASETS_OFFLINE, UNSLOTH_DISABLE_STATISTICS=1 and UNSLOTH_COMPILE_LOCATION=<
 (Unsloth's default is ./unsloth_compiled_cache in the CWD) plus HF_HOME / TRITON_CACHE_DIR /
 TORCHINDUCTOR_CACHE_DIR under <workdir> before importing anything; values already in the environment win.
 
+The Qwen3-30B-A3B rows (the issue-13 anchors: 4 layers, micro-batch 8 and 16, no recomputation):
+
+    PYTHONPATH=src:.whl/unsloth:/tmp/site PYTHONUNBUFFERED=1 python3 bench/unsloth_bench.py \
+      --geometry qwen3-30b-a3b --layers 4 --settings "mb=8,ckpt=0;mb=16,ckpt=0" --workdir /tmp/ubq
+
+.whl/unsloth (a flat site-packages tree, ~36 MiB; not committed): `pip install --no-deps --target .whl/unsloth
+--python-version 3.12 --only-binary=:all: --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64
+--platform manylinux_2_17_x86_64 --platform any --implementation cp` of unsloth==2026.10.9 unsloth_zoo==2026.10.9
+trl==1.15.0 datasets==4.8.5 tyro docstring_parser shtab typeguard dill multiprocess cut_cross_entropy torchao
+msgspec json5 nest_asyncio structlog pydantic pydantic_core diffusers, then trimmed to fit the 64 MiB carry:
+no __pycache__/tests/RECORD/*.pyi, no studio/ bin/ unsloth_cli/, unsloth_zoo/mlx only __init__ + runtime (imported
+on every platform), diffusers only its importable core (unused on the language-model path), torchao without its
+_C*.so (optional, loaded by glob) and without the prototype packages nothing references, pydantic without v1/,
+no hf_transfer (downloads only; the run is offline).
+
+Tokenizer: the Mixtral tokenizer (32,000 pieces) is written into the Qwen3 checkpoint too. The batches are random
+ids below the model's vocabulary, so the tokenizer only has to load: Unsloth's check_tokenizer refuses only
+token ids >= the embedding's rows (32,000 < 151,936 passes), and the config's bos/eos are set to the tokenizer's
+(1 / 2) so nothing disagrees; the dry run loads the same pair with plain transformers.
+
 CPU check of everything but Unsloth (tiny 1-layer checkpoint written in a subprocess and reloaded, the same LoRA
-through plain peft, this script's adapter-count check, timing loop and masking check on every setting):
+through plain peft, this script's adapter-count check, timing loop and masking check on every setting; the tiny
+Qwen3 keeps the real 151,936-entry vocabulary):
 
     PYTHONPATH=src:.whl/site python bench/unsloth_bench.py --dry-cpu --tokenizer-dir .gpu/tok
+    PYTHONPATH=src:.whl/site python bench/unsloth_bench.py --dry-cpu --geometry qwen3-30b-a3b
 
 What one run does, in order:
- 1. writes the random bf16 checkpoint (transformers' MixtralForCausalLM(config) on the GPU, init std 0.02,
-    `save_pretrained` in the real HF layout, ~17 s and ~11 GB at 4 layers) plus the tokenizer files into
-    <workdir>/ckpt-L<layers>, in a subprocess (so Unsloth is imported before transformers in this process, and
-    the writer's GPU memory is gone); a complete checkpoint from an earlier run with the same geometry is reused;
+ 1. writes the random bf16 checkpoint (transformers' MixtralForCausalLM / Qwen3MoeForCausalLM(config) on the
+    GPU, init std 0.02, `save_pretrained` in the real HF layout, ~17 s and ~11 GB at 4 Mixtral layers, ~6 GB at 4
+    Qwen3 layers) plus the tokenizer files into <workdir>/ckpt-L<layers> (Qwen3: ckpt-qwen3-30b-a3b-L<layers>),
+    in a subprocess (so Unsloth is imported before transformers in this process, and the writer's GPU memory is
+    gone); a complete checkpoint from an earlier run with the same geometry is reused; its config.json is read
+    back through mixtune's MoEConfig and compared with the geometry;
  2. per checkpointing mode (settings that share one reuse the model): `FastLanguageModel.from_pretrained(dir,
     load_in_4bit=True)` (bitsandbytes NF4 with double quantization for q/k/v/o; Unsloth's own patch quantizes the
     fused 3-D expert parameters `mlp.experts.gate_up_proj` / `down_proj` to bnb Params4bit too), asserts that
@@ -34,7 +60,7 @@ What one run does, in order:
     when bitsandbytes' CUDA library does not load), then `get_peft_model(r=64, lora_alpha=16, lora_dropout=0,
     target_modules=q/k/v/o, target_parameters=[mlp.experts.gate_up_proj, mlp.experts.down_proj],
     use_gradient_checkpointing=False | "unsloth")` and asserts the adapter parameter count (every layer's
-    experts adapted);
+    experts adapted; at 4 layers 111,673,344 for Mixtral, 214,171,648 for Qwen3);
  3. per setting: `steps` timed optimizer steps after `warmup` (the first one compiles, ~60 s; reported as
     first_step_s), plain loop, no trl Trainer: model(input_ids, position_ids, labels, use_cache=False),
     loss/accum backward, torch.optim.AdamW(fused=True) step; tokens/s = mb*seq*accum / median step time, peak
@@ -76,12 +102,27 @@ import tempfile
 import time
 import traceback
 
-# Mixtral-8x7B geometry (the same as mixtune.model.config.MixtralConfig(); checked against it when importable).
+# The benchmarked geometries, in mixtune's field names (num_local_experts = expert count, intermediate_size = one
+# expert's width), the same as mixtune.model.config.GEOMETRIES[name] (checked against it when importable).
+# Keys other than these are HF config keys of the family passed as they are (head_dim, norm_topk_prob).
+# Mixtral-8x7B: transformers' MixtralForCausalLM.
 GEOMETRY = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                 num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
                 rope_theta=1e6, rms_norm_eps=1e-5)
 TINY = dict(GEOMETRY, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             num_local_experts=4)
+# Qwen3-30B-A3B: transformers' Qwen3MoeForCausalLM, every layer MoE (decoder_sparse_step 1, no mlp_only_layers),
+# head_dim 128 independent of hidden/heads, renormalised top-8 of 128 experts, 151,936-entry vocabulary.
+QWEN3_GEOMETRY = dict(vocab_size=151936, hidden_size=2048, intermediate_size=768, num_attention_heads=32,
+                      num_key_value_heads=4, head_dim=128, num_local_experts=128, num_experts_per_tok=8,
+                      norm_topk_prob=True, max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6)
+# Tiny Qwen3: head_dim 32 with hidden 64 (4 heads x 32 != 64, as in the real model), the REAL vocabulary (so the
+# dry run loads a 151,936-row embedding next to the 32,000-piece tokenizer, as the GPU run does).
+QWEN3_TINY = dict(QWEN3_GEOMETRY, hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, num_local_experts=8, num_experts_per_tok=4)
+GEOMETRIES = {"mixtral-8x7b": ("mixtral", GEOMETRY, TINY), "qwen3-30b-a3b": ("qwen3_moe", QWEN3_GEOMETRY, QWEN3_TINY)}
+# peft LoRA parameters at 4 layers (asserted before anything is timed; see expected_adapter_params)
+EXPECTED_ADAPTERS_4L = {"mixtral-8x7b": 111_673_344, "qwen3-30b-a3b": 214_171_648}
 R, ALPHA = 64, 16
 ATTN_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -125,7 +166,7 @@ def expected_adapter_params(g: dict, layers: int, r: int = R) -> dict:
     the fused 3-D parameters: rank r per expert, A (r*E, in) + B (out, r*E); gate_up is one fused projection, so
     its A is shared by gate and up (mixtune/per-expert w1,w3 LoRA have one A each: 30.0 M/layer vs 27.9 M)."""
     H, I, E = g["hidden_size"], g["intermediate_size"], g["num_local_experts"]
-    d = H // g["num_attention_heads"]
+    d = g.get("head_dim") or H // g["num_attention_heads"]
     q, kv = g["num_attention_heads"] * d, g["num_key_value_heads"] * d
     attn = r * (H + q) + 2 * r * (H + kv) + r * (q + H)
     experts = r * E * (H + 2 * I) + r * E * (I + H)
@@ -136,7 +177,7 @@ def expected_adapter_params(g: dict, layers: int, r: int = R) -> dict:
 
 def active_params(g: dict, layers: int) -> int:
     H, I = g["hidden_size"], g["intermediate_size"]
-    d = H // g["num_attention_heads"]
+    d = g.get("head_dim") or H // g["num_attention_heads"]
     attn = 2 * H * g["num_attention_heads"] * d + 2 * H * g["num_key_value_heads"] * d
     return layers * (attn + g["num_experts_per_tok"] * 3 * H * I) + g["vocab_size"] * H
 
@@ -154,23 +195,47 @@ def checkpoint_complete(path: str, spec: dict) -> bool:
         return False
 
 
-def write_checkpoint(path: str, g: dict, layers: int, seed: int, tokenizer_dir: str, device: str) -> dict:
-    """Random MixtralForCausalLM(config) (init std 0.02) in bf16, save_pretrained in the real HF layout, tokenizer
+def hf_model_class(model_type: str):
+    """(config class, causal-LM class) of transformers for the family."""
+    if model_type == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+        return Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM
+    return MixtralConfig, MixtralForCausalLM
+
+
+def hf_config(model_type: str, g: dict, layers: int):
+    """transformers' config of the family for geometry g (mixtune's field names translated to the family's).
+    bos/eos are the tokenizer's (1 / 2: the Mixtral tokenizer is written beside every checkpoint; token ids are
+    random in this benchmark, so the geometry's own special ids do not matter)."""
+    config_cls, _ = hf_model_class(model_type)
+    common = dict(num_hidden_layers=layers, initializer_range=0.02, use_cache=False, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=None, output_router_logits=False)
+    if model_type == "qwen3_moe":
+        k = {key: v for key, v in g.items() if key not in ("intermediate_size", "num_local_experts")}
+        # intermediate_size is the dense MLP's width in Qwen files: unused when every layer is MoE; the real 6144
+        return config_cls(**common, **k, moe_intermediate_size=g["intermediate_size"],
+                          num_experts=g["num_local_experts"], intermediate_size=6144, decoder_sparse_step=1,
+                          mlp_only_layers=[], use_sliding_window=False, attention_bias=False)
+    return config_cls(**common, sliding_window=None, **g)
+
+
+def write_checkpoint(path: str, g: dict, layers: int, seed: int, tokenizer_dir: str, device: str,
+                     model_type: str = "mixtral") -> dict:
+    """Random <Family>ForCausalLM(config) (init std 0.02) in bf16, save_pretrained in the real HF layout, tokenizer
     files beside it. Runs in its own process (see main)."""
     import torch
     import transformers
-    from transformers import MixtralConfig, MixtralForCausalLM
 
     t0 = time.perf_counter()
     if os.path.isdir(path):
         shutil.rmtree(path)
     os.makedirs(path)
-    cfg = MixtralConfig(num_hidden_layers=layers, initializer_range=0.02, use_cache=False, sliding_window=None,
-                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None,
-                        output_router_logits=False, **g)
+    cfg = hf_config(model_type, g, layers)
+    _, model_cls = hf_model_class(model_type)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = MixtralForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+        model = model_cls._from_config(cfg, dtype=torch.bfloat16)
     n_params = sum(p.numel() for p in model.parameters())
     w = model.model.layers[0].mlp.experts.gate_up_proj
     std = float(w[0, :1024, :1024].float().std())
@@ -189,7 +254,8 @@ def write_checkpoint(path: str, g: dict, layers: int, seed: int, tokenizer_dir: 
             n_tok += 1
     if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
         raise RuntimeError(f"--tokenizer-dir {tokenizer_dir}: no tokenizer_config.json (need HF tokenizer files)")
-    # The real layout: per-expert w1/w2/w3 under block_sparse_moe (transformers 5 converts on save).
+    # The real layout: per-expert w1/w2/w3 under block_sparse_moe (Mixtral), per-expert gate_proj/up_proj/down_proj
+    # under mlp.experts (Qwen3-MoE); transformers 5 converts its fused in-memory experts on save.
     idx = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(idx):
         with open(idx) as f:
@@ -198,28 +264,33 @@ def write_checkpoint(path: str, g: dict, layers: int, seed: int, tokenizer_dir: 
         from safetensors import safe_open
         with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
             keys = list(f.keys())
-    if not any("block_sparse_moe.experts.0.w1.weight" in k for k in keys):
-        raise RuntimeError(f"saved checkpoint is not in the real Mixtral layout: {keys[:8]}")
+    expert_key = {"qwen3_moe": "mlp.experts.0.gate_proj.weight"}.get(model_type, "block_sparse_moe.experts.0.w1.weight")
+    if not any(expert_key in k for k in keys):
+        raise RuntimeError(f"saved checkpoint is not in the real {model_type} layout ({expert_key}): {keys[:8]}")
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     info = {"params": n_params, "bytes": size, "build_s": round(t_build, 1),
             "total_s": round(time.perf_counter() - t0, 1), "tokenizer_files": n_tok, "n_keys": len(keys),
             "transformers": transformers.__version__, "expert_std": round(std, 5)}
     with open(os.path.join(path, MARKER), "w") as f:
         json.dump(checkpoint_spec(g, layers, seed), f)
+    info["model_type"] = model_type
     return info
 
 
 def ensure_checkpoint(args, g: dict, layers: int, device: str) -> tuple[str, dict]:
-    path = os.path.join(args.workdir, f"ckpt-L{layers}" + ("-tiny" if args.dry_cpu else ""))
+    prefix = "ckpt-" if args.geometry == "mixtral-8x7b" else f"ckpt-{args.geometry}-"
+    path = os.path.join(args.workdir, f"{prefix}L{layers}" + ("-tiny" if args.dry_cpu else ""))
     spec = checkpoint_spec(g, layers, args.seed)
     if checkpoint_complete(path, spec) and not args.rewrite:
         return path, {"reused": True}
-    need = layers * 3 * 2 * g["num_local_experts"] * g["hidden_size"] * g["intermediate_size"] * 1.15
+    need = (layers * 3 * 2 * g["num_local_experts"] * g["hidden_size"] * g["intermediate_size"]
+            + 2 * 2 * g["vocab_size"] * g["hidden_size"]) * 1.15
     free = shutil.disk_usage(args.workdir).free
     if free < need:
         raise RuntimeError(f"{args.workdir}: {free / 2**30:.1f} GiB free, the checkpoint needs ~{need / 2**30:.1f}")
     cmd = [sys.executable, os.path.abspath(__file__), "--_write-checkpoint", path, "--layers", str(layers),
-           "--seed", str(args.seed), "--tokenizer-dir", args.tokenizer_dir, "--_device", device]
+           "--seed", str(args.seed), "--tokenizer-dir", args.tokenizer_dir, "--_device", device,
+           "--geometry", args.geometry]
     if args.dry_cpu:
         cmd.append("--dry-cpu")
     t0 = time.perf_counter()
@@ -438,8 +509,10 @@ def time_setting(model, s, args, g, packed_batch, row, device="cuda", seq=None):
     row["losses"] = [round(x, 4) for x in losses]
     if not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"non-finite loss: {losses}")
-    if not 9.0 < losses[0] < 11.5:  # random model on 32k ids: ~ln(32000) = 10.37
-        raise RuntimeError(f"first loss {losses[0]:.3f} is not ~ln(vocab) = 10.37: wrong labels or model?")
+    # random model on uniform random ids: ~ln(vocab) (+ the logits' variance / 2): Mixtral 10.37 (+0.8), Qwen3 11.93
+    ln_v = math.log(g["vocab_size"])
+    if not ln_v - 1.4 < losses[0] < ln_v + 1.5:
+        raise RuntimeError(f"first loss {losses[0]:.3f} is not ~ln(vocab) = {ln_v:.2f}: wrong labels or model?")
 
 
 def masking_check(model, s, args, g, packed_batch, device="cuda", seq=None):
@@ -586,17 +659,36 @@ def dry_cpu(args, settings, g, ckpt_dir, result, rows):
     LoRA on it with plain peft (target_modules q/k/v/o + target_parameters on the fused experts) and run this
     script's own adapter check, timing loop (2 steps of mb<=2 x 128) and masking check for every setting."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer, MixtralForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     import peft
     from mixtune.bench import packed_batch
+    model_type = GEOMETRIES[args.geometry][0]
     cfg = AutoConfig.from_pretrained(ckpt_dir)
+    assert cfg.model_type == model_type, (cfg.model_type, model_type)
     assert cfg.num_hidden_layers == args.layers and cfg.hidden_size == g["hidden_size"], cfg
+    assert cfg.vocab_size == g["vocab_size"], (cfg.vocab_size, g["vocab_size"])
     tok = AutoTokenizer.from_pretrained(ckpt_dir)
-    model = MixtralForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
+    # The checkpoint's embedding may be larger than the tokenizer (Qwen3: 151,936 rows, the Mixtral tokenizer's
+    # 32,000 pieces): loaders accept that (Unsloth's check_tokenizer only refuses ids >= the embedding rows).
+    if len(tok) > cfg.vocab_size:
+        raise RuntimeError(f"tokenizer has {len(tok)} tokens, more than the model's {cfg.vocab_size} embeddings")
+    model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
+    model_class = type(model).__name__
+    if model_class != hf_model_class(model_type)[1].__name__:
+        raise RuntimeError(f"{ckpt_dir} loaded as {model_class}, expected {model_type}")
+    rows_emb = model.get_input_embeddings().weight.shape[0]
+    if rows_emb != g["vocab_size"]:
+        raise RuntimeError(f"embedding has {rows_emb} rows, geometry vocab {g['vocab_size']}")
+    experts = model.model.layers[0].mlp.experts
+    E, I, H = g["num_local_experts"], g["intermediate_size"], g["hidden_size"]
+    if tuple(experts.gate_up_proj.shape) != (E, 2 * I, H) or tuple(experts.down_proj.shape) != (E, H, I):
+        raise RuntimeError(f"fused experts {tuple(experts.gate_up_proj.shape)} / {tuple(experts.down_proj.shape)}, "
+                           f"expected ({E}, {2 * I}, {H}) / ({E}, {H}, {I})")
     model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
                                                        target_modules=list(ATTN_TARGETS),
                                                        target_parameters=list(EXPERT_TARGETS)))
     result["dry"] = {"tokenizer": type(tok).__name__, "encode_hello": tok("hello")["input_ids"],
+                     "tokenizer_len": len(tok), "model_class": model_class, "embedding_rows": rows_emb,
                      "peft": peft.__version__, **check_adapters(model, g, args.layers, "[dry peft] ")}
     model.train()
     seq = min(args.seq, 128)
@@ -641,14 +733,17 @@ def print_table(rows, args):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4, help="decoder layers of the Mixtral-8x7B geometry (default 4)")
+    p.add_argument("--geometry", default="mixtral-8x7b", choices=sorted(GEOMETRIES),
+                   help="model geometry (random weights): mixtral-8x7b (MixtralForCausalLM, default) or "
+                        "qwen3-30b-a3b (Qwen3MoeForCausalLM)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers of the geometry (default 4)")
     p.add_argument("--settings", default="mb=8,ckpt=0;mb=8,ckpt=1;mb=16,ckpt=0",
                    help="'mb=8,accum=1,ckpt=0|1|hf,flat=0|1;...' (ckpt=1: Unsloth's offloaded checkpointing)")
     p.add_argument("--seq", type=int, default=1024, help="packed row length (default 1024)")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per setting")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles, ~60 s)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "unsloth_bench"),
-                   help="checkpoint + compile cache go here (4 layers: ~11 GB)")
+                   help="checkpoint + compile cache go here (4 layers: ~11 GB Mixtral, ~6 GB Qwen3)")
     p.add_argument("--tokenizer-dir", default="",
                    help="HF tokenizer files to copy into the checkpoint (e.g. .gpu/tok); default: generate them "
                         "with mixtune.data.tokenizer.load_tokenizer('') (needs mistral-common)")
@@ -667,6 +762,42 @@ def build_parser():
     return p
 
 
+def check_geometry(name: str) -> None:
+    """This script's copy of the geometry equals mixtune's (mixtune.model.config.GEOMETRIES[name]) where mixtune is
+    importable, and its LoRA at 4 layers has the adapter count the anchors were measured with."""
+    model_type, g, _ = GEOMETRIES[name]
+    exp = expected_adapter_params(g, 4)["total"]
+    if exp != EXPECTED_ADAPTERS_4L[name]:
+        raise AssertionError(f"{name}: LoRA at 4 layers has {exp:,} parameters, "
+                             f"expected {EXPECTED_ADAPTERS_4L[name]:,}")
+    try:
+        from mixtune.model.config import GEOMETRIES as MIXTUNE_GEOMETRIES
+    except ImportError:
+        log("note: mixtune not importable (PYTHONPATH=src?): geometry not cross-checked")
+        return
+    m = MIXTUNE_GEOMETRIES[name]
+    assert m.model_type == model_type, (name, m.model_type, model_type)
+    for k in g:
+        assert getattr(m, k) == g[k], (name, k, getattr(m, k), g[k])
+    if model_type == "qwen3_moe":  # every layer MoE, as this script builds it
+        assert m.decoder_sparse_step == 1 and not m.mlp_only_layers, (m.decoder_sparse_step, m.mlp_only_layers)
+
+
+def check_written_config(ckpt_dir: str, g: dict, layers: int, model_type: str) -> None:
+    """The checkpoint's config.json, read back through mixtune's family-aware reader, has the geometry asked for
+    (catches a family key transformers would ignore or rename, e.g. rope_theta or moe_intermediate_size)."""
+    try:
+        from mixtune.model.config import MoEConfig
+    except ImportError:
+        return
+    m = MoEConfig.from_pretrained(ckpt_dir)
+    got = {k: getattr(m, k) for k in g}
+    if m.model_type != model_type or m.num_hidden_layers != layers or got != g or not all(
+            m.is_moe_layer(li) for li in range(layers)):
+        raise RuntimeError(f"{ckpt_dir}/config.json: {m.model_type}, {m.num_hidden_layers} layers, {got}; "
+                           f"expected {model_type}, {layers} layers (all MoE), {g}")
+
+
 def setup_env(workdir):
     """Offline, no statistics, compile cache out of the CWD; before any HF / Unsloth import. Set values win."""
     for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
@@ -680,9 +811,11 @@ def setup_env(workdir):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    model_type, full_g, tiny_g = GEOMETRIES[args.geometry]
     if args.write_checkpoint:  # subprocess mode: write the checkpoint, print one JSON line
-        g = dict(TINY if args.dry_cpu else GEOMETRY)
-        info = write_checkpoint(args.write_checkpoint, g, args.layers, args.seed, args.tokenizer_dir, args.device)
+        g = dict(tiny_g if args.dry_cpu else full_g)
+        info = write_checkpoint(args.write_checkpoint, g, args.layers, args.seed, args.tokenizer_dir, args.device,
+                                model_type)
         print(json.dumps(info), flush=True)
         return 0
     try:
@@ -699,9 +832,10 @@ def main(argv=None) -> int:
     os.makedirs(args.workdir, exist_ok=True)
     setup_env(args.workdir)
     t0 = time.perf_counter()
-    g = dict(TINY if args.dry_cpu else GEOMETRY)
+    g = dict(tiny_g if args.dry_cpu else full_g)
     result = {"_t0": t0, "versions": {"python": platform.python_version()}, "layers": args.layers, "seq": args.seq,
-              "geometry": g, "lora": {"r": R, "alpha": ALPHA, "dropout": 0.0, "target_modules": ATTN_TARGETS,
+              "geometry_name": args.geometry, "model_type": model_type, "geometry": g,
+              "lora": {"r": R, "alpha": ALPHA, "dropout": 0.0, "target_modules": ATTN_TARGETS,
                                       "target_parameters": EXPERT_TARGETS},
               "settings": settings, "loads": {}, "ok": False,
               "env": {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
@@ -709,13 +843,7 @@ def main(argv=None) -> int:
     rows = [dict(s, label=label(s)) for s in settings]
     exit_code = 1
     try:
-        try:
-            from mixtune.model.config import MixtralConfig
-            m = MixtralConfig()
-            for k in GEOMETRY:
-                assert getattr(m, k) == GEOMETRY[k], (k, getattr(m, k), GEOMETRY[k])
-        except ImportError:
-            log("note: mixtune not importable (PYTHONPATH=src?): geometry not cross-checked")
+        check_geometry(args.geometry)
         import torch
         if not args.dry_cpu and not torch.cuda.is_available():
             raise RuntimeError("no CUDA device: this benchmark needs the GPU (use --dry-cpu for the CPU check)")
@@ -727,10 +855,11 @@ def main(argv=None) -> int:
         if not os.path.isfile(os.path.join(args.tokenizer_dir, "tokenizer_config.json")):
             raise FileNotFoundError(f"--tokenizer-dir {args.tokenizer_dir}: no tokenizer_config.json")
         device = "cpu" if args.dry_cpu else "cuda"
-        log(f"== checkpoint: {args.layers} layers of {'a tiny' if args.dry_cpu else 'the Mixtral-8x7B'} geometry "
-            f"in {args.workdir}")
+        log(f"== checkpoint: {args.layers} layers of {'a tiny version of ' if args.dry_cpu else ''}the "
+            f"{args.geometry} geometry ({model_type}) in {args.workdir}")
         ckpt_dir, info = ensure_checkpoint(args, g, args.layers, device)
         result["checkpoint"] = dict(info, path=ckpt_dir)
+        check_written_config(ckpt_dir, g, args.layers, model_type)
         log(f"[checkpoint] {ckpt_dir}: {json.dumps(info)}")
         if args.dry_cpu:
             dry_cpu(args, settings, g, ckpt_dir, result, rows)
