@@ -138,3 +138,15 @@ def test_memory_plan_per_gpu_under_fsdp():
         plan(20 * GiB, *args[:7])
     pol, est = plan(20 * GiB, *args[:7], ranks=8, strategy="fsdp")
     assert est <= 20 * GiB and pol.full == 0
+
+
+def test_adamw_8bit_under_fsdp_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """bitsandbytes' 8-bit AdamW cannot step FSDP's DTensor shards: one line at preflight, no run directory."""
+    from mixtune.config import ConfigError
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(None, FSDP + ["--train.optim", "adamw_8bit", "--train.output_dir", str(tmp_path / "r")])
+    with pytest.raises(ConfigError, match="adamw_8bit with train.distributed fsdp"):
+        train.preflight(cfg)
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: plain training, any optimizer
+    train.preflight(cfg)

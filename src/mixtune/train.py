@@ -34,6 +34,7 @@ from .loop.evaluation import evaluate_ranks, generate_texts, generation_metrics
 from .loop import trackers
 from .loop.hub_push import check_credentials, push_run
 from .loop.fit import Fitted, Run, fit
+from .loop.fsdp import check_optimizer as check_fsdp_optimizer
 from .loop.fsdp import gather_adapter, shard_model
 from .loop.report import plot_losses, read_metrics, side_by_side, write_report
 from .model import build_model_on_meta, check_checkpoint, load_config_only, load_model, resolve_model_path
@@ -66,6 +67,11 @@ def preflight(cfg: Config) -> None:
     """Before anything is written: a local model directory must be a supported family whose config.json and
     weights agree (keys and shapes, from the file headers), so such an error leaves the run directory as it was."""
     check_credentials(cfg)  # train.push_to_hub without a Hub token: one line, nothing written
+    if cfg.train.distributed == "fsdp" and world_from_env()[0] > 1:
+        try:
+            check_fsdp_optimizer(cfg.train.optim)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     name = cfg.model.name_or_path
     if name and os.path.isdir(os.path.expanduser(name)):
         path = os.path.abspath(os.path.expanduser(name))
@@ -129,8 +135,10 @@ def build_model(cfg: Config, run: Run, model_path: str):
     (model, trainable params, LoRA report). Sets run.bf16 (autocast only over a non-bf16 model)."""
     dtype = resolve_dtype(cfg.model.dtype, run.device)
     run.bf16 = use_bf16(cfg, run.device, dtype)
+    fsdp = cfg.train.distributed == "fsdp" and run.dist.enabled  # layers parked on the CPU until sharded
     model = load_model(model_path, quant=cfg.model.quant, dtype=dtype, device=run.device,
-                       cache_dir=cfg.model.cache_dir, revision=cfg.model.revision, report=run.say)
+                       cache_dir=cfg.model.cache_dir, revision=cfg.model.revision, report=run.say,
+                       offload_layers=fsdp)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and cfg.data.max_seq_length > max_pos:
         raise ConfigError(f"data.max_seq_length {cfg.data.max_seq_length} exceeds the model's "
@@ -161,7 +169,8 @@ def _plan_recomputation(cfg: Config, run: Run, model, n_trainable: int) -> None:
     try:
         policy, est = plan(cfg.model.memory_budget_gib * GiB, model.config, memory_estimate(model)["weights_nf4"],
                            n_trainable, t.per_device_train_batch_size, cfg.data.max_seq_length, cfg.lora.r,
-                           t.optim, cfg.lora.dropout, cfg.model.expert_precision, run.dist.world, t.distributed)
+                           t.optim, cfg.lora.dropout, cfg.model.expert_precision, run.dist.world, t.distributed,
+                           accum=t.gradient_accumulation_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     model.set_checkpointing(policy.full, policy.attention)

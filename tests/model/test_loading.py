@@ -275,3 +275,44 @@ def test_damaged_weights_and_config_are_named(tmp_path, tiny_ckpt):
     (single / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
         load_config_only(str(single))
+
+
+def _spy_parking(monkeypatch):
+    """Records (layer index, whether any LATER layer already had a tensor) each time a layer is parked."""
+    from mixtune.model.loading import LayerParking
+    seen, park = [], LayerParking._park
+
+    def spy(self, idx, layer):
+        later = list(self.model.model.layers)[idx + 1:]
+        started = any(not t.is_meta for lay in later for t in list(lay.parameters()) + list(lay.buffers()))
+        seen.append((idx, started))
+        park(self, idx, layer)
+    monkeypatch.setattr(LayerParking, "_park", spy)
+    return seen
+
+
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_offload_layers_parks_each_layer_once_and_loads_the_same_model(tiny_ckpt, monkeypatch, quant):
+    """fsdp loading: every decoder layer is parked on the CPU exactly once, when its last tensor is in place, and
+    the model is the one a plain load gives (what each rank then shards layer by layer)."""
+    seen = _spy_parking(monkeypatch)
+    parked = _load(tiny_ckpt, quant=quant, dtype=torch.bfloat16, offload_layers=True)
+    plain = _load(tiny_ckpt, quant=quant, dtype=torch.bfloat16)
+    assert sorted(i for i, _ in seen) == list(range(len(plain.model.layers)))
+    a, b = _state(parked), _state(plain)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(t.device.type == "cpu" for lay in parked.model.layers for t in lay.parameters())
+
+
+def test_random_build_parks_layer_l_before_building_layer_l_plus_1(monkeypatch):
+    """The random full-size builder (the Mixtral-8x22B benchmark under fsdp) parks layer l before any tensor of
+    layer l+1 exists on the device: the device holds one layer at a time; the weights are the unparked build's."""
+    from mixtune.model.random_init import build_random_nf4_model
+    seen = _spy_parking(monkeypatch)
+    cfg = MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    parked = build_random_nf4_model(cfg, device="cpu", seed=3, offload_layers=True)
+    assert seen == [(0, False), (1, False), (2, False)]
+    plain = build_random_nf4_model(cfg, device="cpu", seed=3)
+    a, b = _state(parked), _state(plain)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

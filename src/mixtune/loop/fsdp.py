@@ -8,7 +8,9 @@
 Each decoder layer is one FSDP unit, then the root (embedding, final norm, lm_head). The NF4 storage that grows
 with the weight (packed codes, absmax, absmax2: 1-D, `NF4Weight.as_parameters`) becomes frozen Parameters that
 FSDP2 shards along dim 0 and all-gathers before the layer runs; the code tables stay replicated buffers. The
-LoRA parameters, their gradients and the AdamW state are DTensor shards. A layer is resharded after its
+LoRA parameters, their gradients and the AdamW state are DTensor shards. A model larger than one GPU is loaded
+with its decoder layers parked on the CPU (`load_model(..., offload_layers=True)`); each comes back to the GPU
+just before it is sharded, so a rank's device never holds more than its shards plus one whole layer. A layer is resharded after its
 forward and all-gathered again before its backward, so the MoE kernels' autograd functions, which re-read the
 NF4Weight's storage in backward, find it whole. The next layer's all-gather is issued while the current one
 computes (`set_modules_to_forward_prefetch`).
@@ -60,6 +62,18 @@ def _sum_not_mean(module) -> None:
         module.set_force_sum_reduction_for_comms(True)
 
 
+FSDP_OPTIM_REFUSED = ("train.optim adamw_8bit with train.distributed fsdp on several ranks: bitsandbytes' 8-bit "
+                      "AdamW cannot update FSDP's sharded (DTensor) parameters, nor could its quantized state be "
+                      "checkpointed per shard; use train.optim adamw (fsdp already divides the fp32 AdamW state by "
+                      "the number of ranks) or train.distributed ddp")
+
+
+def check_optimizer(optim: str) -> None:
+    """ValueError for an optimizer FSDP2 cannot drive (called before anything is built or written)."""
+    if optim == "adamw_8bit":
+        raise ValueError(FSDP_OPTIM_REFUSED)
+
+
 def shard_model(model: nn.Module, dist, say=None) -> list:
     """Shard `model` (LoRA applied, on this rank's device) over dist's ranks with FSDP2; returns the trainable
     parameters (DTensors: build the optimizer over these). Marks dist.sharded. One process: nothing to shard."""
@@ -73,11 +87,12 @@ def shard_model(model: nn.Module, dist, say=None) -> list:
     for m in model.modules():
         if isinstance(m, NF4Weight):
             m.as_parameters()
-    device = next(model.parameters()).device
+    device = model.model.embed_tokens.weight.device  # the root never leaves the compute device
     mesh = init_device_mesh(device.type, (dist.world,))
     layers = list(model.model.layers)
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
+        layer.to(device)  # a layer parked on the CPU while loading (offload_layers) comes back alone ...
+        fully_shard(layer, mesh=mesh)  # ... and only this rank's shard stays: the whole copies are freed
         _sum_not_mean(layer)
     fully_shard(model, mesh=mesh)
     _sum_not_mean(model)

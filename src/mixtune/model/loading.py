@@ -133,12 +133,50 @@ def _meta_state(config: MoEConfig) -> dict:
     return out
 
 
+LAYER_KEY_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class LayerParking:
+    """Moves each decoder layer to the CPU as soon as its last tensor is in place (`offload_layers`), so a
+    model larger than one GPU can be built layer by layer on that GPU (quantized there) and sharded later
+    (`loop.fsdp.shard_model` brings one layer back at a time): the device holds at most the layers still being
+    filled. Call `filled(key)` after placing the tensor of our key `key`; `finish()` parks whatever is left."""
+
+    def __init__(self, model: MoEForCausalLM, enabled: bool):
+        self.model, self.enabled, self.parked = model, enabled, set()
+
+    def _complete(self, layer: nn.Module) -> bool:
+        return not any(t.is_meta for t in list(layer.parameters()) + list(layer.buffers()))
+
+    def filled(self, key: str) -> None:
+        m = LAYER_KEY_RE.match(key) if self.enabled else None
+        if m is None:
+            return
+        idx = int(m.group(1))
+        layer = self.model.model.layers[idx]
+        if idx not in self.parked and self._complete(layer):
+            self._park(idx, layer)
+
+    def _park(self, idx: int, layer: nn.Module) -> None:
+        layer.to("cpu")
+        self.parked.add(idx)
+
+    def finish(self) -> None:
+        if self.enabled:
+            for idx, layer in enumerate(self.model.model.layers):
+                if idx not in self.parked and self._complete(layer):
+                    self._park(idx, layer)
+
+
 def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | str = torch.bfloat16,
                device="cpu", cache_dir: str = "", revision: Optional[str] = None, family: str = "mixtral",
-               report: Optional[Callable[[str], None]] = print) -> MoEForCausalLM:
+               report: Optional[Callable[[str], None]] = print, offload_layers: bool = False) -> MoEForCausalLM:
     """Load a Mixtral checkpoint (see module doc). Returns the model in eval mode with every base weight
     frozen (requires_grad=False). dtype: the compute dtype of every 16-bit tensor (and what NF4 dequantizes to).
     `model.load_info` (a dict) records what was quantized, the bytes before/after, and the load time.
+    offload_layers: each decoder layer is built (quantized) on `device`, then parked on the CPU as soon as it is
+    complete (`LayerParking`; for `train.distributed: fsdp`, which shards layer by layer); the embedding, final
+    norm and lm_head stay on `device`.
     """
     t0 = time.perf_counter()
     if quant not in ("nf4", "none"):
@@ -154,6 +192,7 @@ def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | st
     stacks: dict[tuple[int, str], list] = {}  # (layer, w) -> [stack (E, out, in), experts seen]
     stats = {"quantized": 0, "q_before": 0, "q_after": 0, "dense": 0, "dense_bytes": 0, "max_open_stacks": 0}
     nf4 = quant == "nf4"
+    parking = LayerParking(model, offload_layers)
 
     def place_quantized(owner: nn.Module, name: str, w: torch.Tensor, linear: bool):
         q = NF4Weight.quantize(w)
@@ -191,6 +230,7 @@ def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | st
                     _set_param(ex, w, stack)
                     stats["dense"] += 1
                     stats["dense_bytes"] += stack.numel() * stack.element_size()
+                parking.filled(key)
             continue
         if key == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied: the embedding is the head
@@ -209,6 +249,7 @@ def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | st
             _set_param(owner, pname, w)
             stats["dense"] += 1
             stats["dense_bytes"] += w.numel() * w.element_size()
+        parking.filled(key)
     if stacks:  # cannot happen after the key check, unless an index lies
         raise CheckpointError(f"checkpoint {path}: incomplete expert stacks {sorted(stacks)}")
     if config.tie_word_embeddings:
@@ -216,6 +257,7 @@ def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | st
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise CheckpointError(f"checkpoint {path} left model tensors unfilled: {_some(left)}")
+    parking.finish()
     model.eval()
     seconds = time.perf_counter() - t0
     # what was loaded, for reports: bytes of NF4 storage vs the same tensors in 16-bit, dense bytes, time

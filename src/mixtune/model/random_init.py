@@ -18,15 +18,17 @@ from torch import nn
 
 from .config import MoEConfig
 from .layout import EXPERT_W, quantized_linear
-from .loading import build_model_on_meta
+from .loading import LayerParking, build_model_on_meta
 from .modeling import MoEForCausalLM
 from .nf4 import NF4Linear, NF4Weight
 
 
 @torch.no_grad()
 def build_random_nf4_model(config: MoEConfig, device="cuda", seed: int = 0, dtype=torch.bfloat16,
-                           std: float = 0.02, quant: str = "nf4") -> MoEForCausalLM:
-    """Random-init model on `device`; quant="nf4" (default) or "none" (dense, for small tests)."""
+                           std: float = 0.02, quant: str = "nf4", offload_layers: bool = False) -> MoEForCausalLM:
+    """Random-init model on `device`; quant="nf4" (default) or "none" (dense, for small tests).
+    offload_layers: park each decoder layer on the CPU once it is built (as `load_model` does for fsdp), so
+    the device never holds more than one layer plus the embedding and lm_head."""
     device = torch.device(device)
     t0 = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -38,6 +40,7 @@ def build_random_nf4_model(config: MoEConfig, device="cuda", seed: int = 0, dtyp
     def param(t):
         return nn.Parameter(t, requires_grad=False)
 
+    parking = LayerParking(model, offload_layers)
     for path, mod in list(model.named_modules()):
         parent_path, _, leaf = path.rpartition(".")
         if isinstance(mod, nn.Linear):
@@ -60,11 +63,13 @@ def build_random_nf4_model(config: MoEConfig, device="cuda", seed: int = 0, dtyp
                 delattr(mod, name)
                 setattr(mod, name, NF4Weight.quantize(w) if quant == "nf4" else param(w))
                 del w
+        parking.filled(path + ".")  # parks this module's layer once its last tensor is built
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"random init left tensors unfilled: {left[:5]}")
+    parking.finish()
     model.eval()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
