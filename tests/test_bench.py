@@ -37,12 +37,15 @@ def test_bad_settings_are_one_line_errors(capsys):
 
 def test_parse_settings_and_flop_accounting():
     s = bench.parse_settings("mb=8,ckpt=0;mb=16,accum=2,ckpt=32,backend=grouped_lowmem")
-    assert s == [dict(mb=8, accum=1, ckpt=0, backend="grouped", attn="sdpa", opt="adamw", actk=0, gqa=1, prec="bf16"),
-                 dict(mb=16, accum=2, ckpt=32, backend="grouped_lowmem", attn="sdpa", opt="adamw", actk=0, gqa=1,
-                      prec="bf16")]
+    base = dict(mb=8, accum=1, ckpt=0, backend="grouped", attn="sdpa", opt="adamw", actk=0, gqa=1, prec="bf16",
+                dist="ddp", r=64)
+    assert s == [base, dict(base, mb=16, accum=2, ckpt=32, backend="grouped_lowmem")]
     assert bench.parse_settings("attn=flex")[0]["attn"] == "flex"
-    assert bench.parse_settings("opt=adamw_8bit,actk=1,gqa=0,prec=fp8")[0] == dict(
-        mb=8, accum=1, ckpt=0, backend="grouped", attn="sdpa", opt="adamw_8bit", actk=1, gqa=0, prec="fp8")
+    assert bench.parse_settings("opt=adamw_8bit,actk=1,gqa=0,prec=fp8,dist=fsdp,r=8")[0] == dict(
+        base, opt="adamw_8bit", actk=1, gqa=0, prec="fp8", dist="fsdp", r=8)
+    for bad, msg in (("r=0", "r must be >= 1"), ("dist=zero3", "dist must be ddp or fsdp"), ("rank=8", "unknown key")):
+        with pytest.raises(ValueError, match=msg):
+            bench.parse_settings(bad)
     full = MixtralConfig()
     # SPEC.md: about 12.75 B active matmul parameters per token for Mixtral-8x7B
     assert bench.active_params(full, 32) == pytest.approx(12.75e9, rel=0.01)
@@ -125,3 +128,17 @@ def test_gpu_sized_benchmark_is_refused_without_a_gpu(capsys, monkeypatch):
     from mixtune import cli
     assert cli.main(["bench", "--steps", "3"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_settings_with_another_lora_rank_rebuild_the_adapter():
+    """r= in --settings: the model is rebuilt with that rank (the planner's estimate follows the adapter size);
+    settings of one rank share one model."""
+    cfg = MixtralConfig(**bench.TINY)
+    rows = {"seq": 32, "out": []}
+    settings = bench.parse_settings("mb=1,r=4;mb=1,r=4,ckpt=2;mb=1,r=32")
+    bench.run_settings(cfg, 2, settings, "cpu", 1, 0, rows, "tiny")
+    a, b, c = rows["out"]
+    assert [r.setting for r in rows["out"]] == ["grouped, ckpt=none, r=4", "grouped, ckpt=all, r=4",
+                                                "grouped, ckpt=none, r=32"]
+    assert a.build_s == b.build_s != c.build_s  # one build per rank
+    assert c.est_gib > a.est_gib and all(r.loss == r.loss and not r.error for r in rows["out"])

@@ -102,6 +102,30 @@ def test_accumulation_one_matches_the_h200_measurements(geometry, layers, mb, fu
     assert -0.02 <= (est - measured) / measured <= 0.05, est
 
 
+# Per-GPU peaks on two H200s (bench/fsdp_bench.sh: `torchrun --nproc_per_node 2 -m mixtune bench --no-check
+# --layers L --settings "mb=..,ckpt=..,dist=.."`, accumulation 1, adamw, LoRA r=64 on q/k/v/o + experts):
+# (geometry, layers, strategy, micro-batch, layers recomputed, measured GiB)
+MEASURED_TWO_GPUS = [
+    ("mixtral-8x7b", 32, "ddp", 8, 32, 40.54),
+    ("mixtral-8x7b", 32, "fsdp", 8, 32, 24.71),
+    ("mixtral-8x7b", 32, "ddp", 4, 32, 39.72),
+    ("mixtral-8x7b", 32, "fsdp", 4, 32, 23.41),
+    ("mixtral-8x7b", 32, "ddp", 8, 0, 82.41),
+    ("mixtral-8x7b", 32, "fsdp", 8, 0, 67.75),
+    ("mixtral-8x22b", 56, "fsdp", 4, 56, 57.24),
+    ("mixtral-8x22b", 56, "fsdp", 8, 56, 60.22),
+]
+
+
+@pytest.mark.parametrize("geometry, layers, strategy, mb, full, measured", MEASURED_TWO_GPUS)
+def test_per_gpu_estimate_matches_the_two_h200_measurements(geometry, layers, strategy, mb, full, measured):
+    """Issue 14: the planner's per-GPU figure for ddp and fsdp on 2 ranks, within 5% of the measured peak."""
+    c, weights, trainable = _sizes(geometry, layers)
+    est = estimate_bytes(c, weights, trainable, mb, 1024, 64, "adamw", Policy(full, False, "grouped"), ranks=2,
+                         strategy=strategy) / GiB
+    assert -0.03 <= (est - measured) / measured <= 0.05, est
+
+
 def test_accumulation_holds_every_gradient_at_the_activation_peak(mixtral_sizes):
     """accum > 1 adds every fp32 gradient to the activation peak (held from the first micro-batch) and, while a
     layer's backward runs, its fresh gradients before they are added in; accum 1 holds only the top layer's

@@ -64,6 +64,7 @@ class Row:
     step_s: float = float("nan")
     loss: float = float("nan")
     est_gib: float = float("nan")  # mixtune.memory_plan's estimate of the peak for this setting
+    build_peak_gib: float = float("nan")  # peak while building (and sharding) the model, when measured
     error: str = ""
 
     def fill(self, cfg, tokens_per_step, step_times, peak_bytes, loss):
@@ -168,8 +169,11 @@ def _sync(device):
 
 
 def time_mixtune(model, cfg, row: Row, device, backend, ckpt, steps, warmup, seed=0, opt_fused=True,
-                 attn="sdpa", optim="adamw", actk=0, gqa=1, prec="bf16"):
-    """Times `steps` optimizer steps (after `warmup`) of row.accum micro-batches each; fills `row`."""
+                 attn="sdpa", optim="adamw", actk=0, gqa=1, prec="bf16", dist=None):
+    """Times `steps` optimizer steps (after `warmup`) of row.accum micro-batches each; fills `row`.
+    dist (a Dist of several ranks, mixtune.bench_dist): each rank trains its own rows and the gradients are
+    reduced as `mixtune train` reduces them (ddp: summed after the backward passes; fsdp: FSDP's own
+    reduce-scatter); tokens/s counts every rank's tokens, the peak is the largest rank's."""
     from .lora import lora_parameters
     model.set_moe_backend(backend, prec)
     model.attn_implementation = attn
@@ -183,8 +187,13 @@ def time_mixtune(model, cfg, row: Row, device, backend, ckpt, steps, warmup, see
     else:
         from .loop.optim import make_optimizer
         opt = make_optimizer(params, optim, lr=1e-5)
-    batches = [packed_batch(row.micro_batch, row.seq, cfg.vocab_size, device, seed + i) for i in range(row.accum)]
+    ranks = dist.world if dist is not None and dist.enabled else 1
+    rank_seed = seed + (dist.rank * 1009 if ranks > 1 else 0)
+    batches = [packed_batch(row.micro_batch, row.seq, cfg.vocab_size, device, rank_seed + i)
+               for i in range(row.accum)]
     n_lab = sum(int((lab[:, 1:] != -100).sum()) for _, lab, _ in batches)
+    if ranks > 1:
+        n_lab = int(dist.sum(n_lab)[0])  # each rank's loss is over the whole step's label tokens
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -197,6 +206,8 @@ def time_mixtune(model, cfg, row: Row, device, backend, ckpt, steps, warmup, see
             out = model(ids, pos, lab, return_logits=False)
             (out.loss_sum / n_lab).backward()
             tot += float(out.loss_sum.detach()) if it == warmup + steps - 1 else 0.0
+        if ranks > 1 and not dist.sharded:
+            dist.sum_grads(params)
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
@@ -204,7 +215,13 @@ def time_mixtune(model, cfg, row: Row, device, backend, ckpt, steps, warmup, see
             times.append(time.perf_counter() - t0)
         loss = tot / n_lab
     peak = torch.cuda.max_memory_allocated() if cuda else 0
-    row.fill(cfg, row.micro_batch * row.seq * row.accum, times, peak, loss)
+    if ranks > 1:
+        import torch.distributed as tdist
+        t = torch.tensor([peak], dtype=torch.float64, device=dist.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)  # the largest rank's peak (steps end together: collectives)
+        peak = int(t[0])
+        loss = dist.sum(tot)[0] / n_lab
+    row.fill(cfg, row.micro_batch * row.seq * row.accum * ranks, times, peak, loss)
     del opt
     for p in params:
         p.grad = None
@@ -226,24 +243,27 @@ def parse_settings(spec: str):
     (the first ones; 1 with the stock stack means all), accum = micro-batches per optimizer step, backend = MoE
     backend, attn = attention implementation, opt = adamw | adamw_8bit, actk=1: the layers not fully
     checkpointed recompute their attention block, gqa=1 (default): sdpa reads the shared k/v heads (enable_gqa),
-    gqa=0: k/v repeated per query head, prec = expert precision bf16 | fp8."""
+    gqa=0: k/v repeated per query head, prec = expert precision bf16 | fp8, dist = ddp | fsdp (under torchrun:
+    mixtune.bench_dist; one process trains plainly either way), r = LoRA rank (default 64; alpha stays 16)."""
     out = []
     for part in filter(None, (s.strip() for s in spec.split(";"))):
         d = {"mb": 8, "accum": 1, "ckpt": 0, "backend": "grouped", "attn": "sdpa", "opt": "adamw", "actk": 0,
-             "gqa": 1, "prec": "bf16"}
+             "gqa": 1, "prec": "bf16", "dist": "ddp", "r": LORA_R}
         for kv in part.split(","):
             key, _, val = kv.partition("=")
             if key not in d:
                 raise ValueError(f"--settings: unknown key {key!r} in {part!r} (mb, accum, ckpt, backend, attn, opt, "
-                                 "actk, gqa, prec)")
-            if key in ("backend", "attn", "opt", "prec"):
+                                 "actk, gqa, prec, dist, r)")
+            if key == "dist" and val not in ("ddp", "fsdp"):
+                raise ValueError(f"--settings: dist must be ddp or fsdp, got {val!r} in {part!r}")
+            if key in ("backend", "attn", "opt", "prec", "dist"):
                 d[key] = val
                 continue
             try:
                 d[key] = int(val)
             except ValueError:
                 raise ValueError(f"--settings: {key}={val!r} in {part!r} is not an integer") from None
-            least = 1 if key in ("mb", "accum") else 0
+            least = 1 if key in ("mb", "accum", "r") else 0
             if d[key] < least:
                 raise ValueError(f"--settings: {key} must be >= {least}, got {d[key]} in {part!r}")
         out.append(d)
@@ -265,9 +285,10 @@ def profile_step(model, cfg, s, seq, device, path, seed=0):
     print("\n".join(table.splitlines()[:30]), flush=True)
 
 
-def planned_peak_gib(model, cfg: MixtralConfig, s: dict, seq: int) -> float:
+def planned_peak_gib(model, cfg: MixtralConfig, s: dict, seq: int, ranks: int = 1) -> float:
     """mixtune.memory_plan's estimate for setting `s` (printed next to the measured peak, so every benchmark
-    run checks the planner). The planner models shared k/v heads (gqa=1) and the grouped backends."""
+    run checks the planner). The planner models shared k/v heads (gqa=1) and the grouped backends. With
+    `ranks` > 1: the per-GPU estimate under s["dist"] (call it before the model is sharded)."""
     from .memory_plan import memory_estimate
     from .lora import lora_parameters
     from .memory_plan import GiB, Policy, estimate_bytes
@@ -275,20 +296,29 @@ def planned_peak_gib(model, cfg: MixtralConfig, s: dict, seq: int) -> float:
         return float("nan")
     trainable = sum(p.numel() for p in lora_parameters(model))
     pol = Policy(min(int(s["ckpt"]), cfg.num_hidden_layers), bool(s.get("actk")), s["backend"])
-    return estimate_bytes(cfg, memory_estimate(model)["weights_nf4"], trainable, s["mb"], seq, LORA_R,
-                          s.get("opt", "adamw"), pol, precision=s.get("prec", "bf16")) / GiB
+    return estimate_bytes(cfg, memory_estimate(model)["weights_nf4"], trainable, s["mb"], seq, s.get("r", LORA_R),
+                          s.get("opt", "adamw"), pol, precision=s.get("prec", "bf16"), ranks=ranks,
+                          strategy=s.get("dist", "ddp"), accum=s.get("accum", 1)) / GiB
 
 
 def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed=0, profile_path=""):
-    t0 = time.perf_counter()
+    """Time each setting on one random model, rebuilt only when a setting asks for another LoRA rank (r=);
+    with profile_path, one profiled step of the first setting follows its row."""
     c = MixtralConfig(**{**cfg.__dict__, "num_hidden_layers": layers})
-    model = None
+    model, model_r, build_s = None, None, float("nan")
     try:
-        model = build_model(c, device, seed)
-        build_s = getattr(model, "load_seconds", time.perf_counter() - t0)
-        for s in settings:
+        for i, s in enumerate(settings):
+            r = s.get("r", LORA_R)
+            if r != model_r:  # another rank: another adapter (and the old model freed first)
+                del model
+                model = None
+                free(device)
+                t0 = time.perf_counter()
+                model, model_r = build_model(c, device, seed, r=r), r
+                build_s = getattr(model, "load_seconds", time.perf_counter() - t0)
             row = Row(f"mixtune {label}", layers, s["mb"], rows["seq"], s["accum"],
                       f"{s['backend']}, ckpt={ckpt_label(s['ckpt'], layers)}"
+                      + (f", r={r}" if r != LORA_R else "")
                       + (f", attn={s['attn']}" if s.get("attn", "sdpa") != "sdpa" else "")
                       + (f", {s['opt']}" if s.get("opt", "adamw") != "adamw" else "")
                       + (", attn-ckpt" if s.get("actk") else "") + ("" if s.get("gqa", 1) else ", k/v repeated")
@@ -306,12 +336,12 @@ def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed
             rows["out"].append(row)
             print_row(row)
             free(device)
-        if profile_path and settings:
-            try:
-                profile_step(model, c, settings[0], rows["seq"], device, profile_path, seed)
-            except Exception as e:  # the profile is a diagnostic: never lose the rows for it
-                print(f"profile failed: {type(e).__name__}: {str(e)[:200]}")
-            free(device)
+            if profile_path and i == 0:
+                try:
+                    profile_step(model, c, s, rows["seq"], device, profile_path, seed)
+                except Exception as e:  # the profile is a diagnostic: never lose the rows for it
+                    print(f"profile failed: {type(e).__name__}: {str(e)[:200]}")
+                free(device)
     finally:
         del model
         free(device)
@@ -328,7 +358,8 @@ def print_row(r: Row):
         return
     mb = f"{r.micro_batch}x{r.seq}" + (f"x{r.accum}" if r.accum > 1 else "")
     print(f"{r.name:<26} {r.layers:>3} {mb:>10} {r.setting:<28} {r.tok_s:>9.0f} {r.tflops4:>8.1f} "
-          f"{r.tflops6:>8.1f} {r.peak_gib:>8.2f} {r.est_gib:>8.2f} {r.build_s:>7.1f} {r.loss:>7.3f}", flush=True)
+          f"{r.tflops6:>8.1f} {r.peak_gib:>8.2f} {r.est_gib:>8.2f} {r.build_s:>7.1f} {r.loss:>7.3f}"
+          + (f"  (build peak {r.build_peak_gib:.2f} GiB)" if r.build_peak_gib == r.build_peak_gib else ""), flush=True)
 
 
 def versions():

@@ -254,6 +254,10 @@ def run(verb: str, argv: list[str]) -> int:
         if importlib.util.find_spec("mixtune.bench") is None:
             raise ConfigError("`mixtune bench` is not available in this build (module mixtune.bench is missing); "
                               "see BENCHMARKS.md for the benchmark scripts")
+        from .distributed import world_from_env
+        if world_from_env()[0] > 1:  # under torchrun: ddp / fsdp steps on every rank
+            from . import bench_dist
+            return int(bench_dist.main(argv) or 0)
         from . import bench
         return int(bench.main(argv) or 0)
     args = parse_args(verb, argv)

@@ -171,7 +171,12 @@ def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro
     if sharded:
         root = c.vocab_size * H * BF16 * (1 if c.tie_word_embeddings else 2)
         layer = max(0.0, weights_bytes - root) / L
-        fixed = root + (weights_bytes - root + trainable * 4 + state) / ranks + 2 * layer * (ranks - 1) / ranks
+        # two layers all-gathered whole (the running one, the prefetched next): NF4 storage and fp32 adapter, in
+        # FSDP2's all-gather buffers beside this rank's own shards (measured on 2 H200s: Mixtral-8x7B 32 layers
+        # and Mixtral-8x22B 56 layers, bench/fsdp_bench.sh; counting them as (ranks-1)/ranks of a layer was
+        # 1.2-2.5 GiB low)
+        gathered = 2 * (layer + trainable * 4 / L)
+        fixed = root + (weights_bytes - root + trainable * 4 + state) / ranks + gathered
     grads = trainable * 4 / div  # fp32, sharded under fsdp
     per_layer_grads = trainable * 4 / L  # split evenly over the layers (a LoRA lm_head counts in its share)
     p = _per_token_layer(c, r, lora_dropout)
