@@ -35,6 +35,25 @@ def test_two_ranks_time_ddp_and_fsdp_on_the_same_model_and_rows():
     assert fsdp["est_gib"] < ddp["est_gib"]
 
 
+@pytest.mark.torchrun
+@pytest.mark.parametrize("geometry", ["qwen3-30b-a3b", "olmoe-1b-7b", "qwen2-57b-a14b"])
+def test_every_family_trains_the_same_under_ddp_and_fsdp(geometry):
+    """fsdp composes with every family (Qwen3's per-head q/k norms and dense layer, OLMoE's q/k norm over the
+    projection, Qwen2-MoE's shared expert and biases): on the family's tiny model the second step's loss equals
+    ddp's on the same model and rows."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "mixtune", "bench", "--cpu-tiny", "--geometry", geometry, "--layers", "3",
+                        "--steps", "1", "--warmup", "1", "--settings", "mb=2,dist=ddp;mb=2,dist=fsdp"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["model"] == bench_dist.GEOMETRIES[geometry].model_type
+    ddp, fsdp = res["rows"]
+    assert not ddp["error"] and not fsdp["error"]
+    assert fsdp["loss"] == pytest.approx(ddp["loss"], rel=1e-4)
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["--stock", "mb=8,ckpt=1"], "no --stock or --full"),
     (["--settings", "mb=8,dist=zero3"], "dist must be ddp or fsdp"),

@@ -29,7 +29,7 @@ from .bench import (HEADER, TINY, Row, build_parser, ckpt_label, free, parse_set
                     time_mixtune, versions)
 from .bench_checks import LORA_ALPHA, LORA_R, LORA_TARGETS, build_model
 from .distributed import setup
-from .model.config import GEOMETRIES, MixtralConfig
+from .model.config import GEOMETRIES, TINY_FAMILY_CONFIGS, MixtralConfig
 
 
 def label(s: dict, world: int) -> str:
@@ -124,7 +124,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.cpu_tiny:  # the tiny geometry on CPU ranks (gloo): the code path, in seconds (tests)
+    if args.cpu_tiny:  # a tiny model of the geometry's family on CPU ranks (gloo): the code path, in seconds
         args.device, args.seq = "cpu", min(args.seq, 64)
-        return main_dist(args, MixtralConfig(**TINY), settings)
+        family = GEOMETRIES[args.geometry].model_type
+        return main_dist(args, MixtralConfig(**TINY) if family == "mixtral" else TINY_FAMILY_CONFIGS[family],
+                         settings)
     return main_dist(args, GEOMETRIES[args.geometry], settings)
