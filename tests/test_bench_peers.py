@@ -105,5 +105,51 @@ def test_unsloth_bench_rejects_an_unknown_geometry(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+
+# ---------------------------------------------------------- bench/experts4bit_bench.py (experts4bit-qlora 0.58.1)
+def test_experts4bit_bench_settings_and_usage_errors(capsys):
+    """--settings parsing and the usage errors (exit 2) need neither experts4bit-qlora nor a model."""
+    eb = _load("experts4bit_bench")
+    (a, b, c) = eb.parse_settings("mb=8;mb=16,accum=2;mb=8,ckpt=1,keep=all")
+    assert (a["mb"], a["ckpt"], a["keep"], a["kernel"], a["attn4"], a["flat"]) == (8, 0, "0", "grouped", 1, 0)
+    assert (b["mb"], b["accum"]) == (16, 2) and eb.group_key(a) == eb.group_key(b) != eb.group_key(c)
+    assert "keep MoE all" in eb.label(c) and "fused grouped-nf4" in eb.label(a)
+    for bad in ("mb=8,flat=1", "mb=8,keep=all", "mb=8,kernel=fast", "mb=0", "mb=8,ckpt=1,keep=all,kernel=reference"):
+        with pytest.raises(ValueError):
+            eb.parse_settings(bad)
+    assert eb.main(["--dry-cpu", "--settings", "mb=8,keep=2"]) == 2
+    assert "needs ckpt=1" in capsys.readouterr().err
+    # the full geometries are mixtune's, and e4b's LoRA (one A for gate|up per expert) has peft's count
+    model_type, g = eb.geometry("qwen3-30b-a3b", dry=False)
+    assert model_type == "qwen3_moe" and g["num_local_experts"] == GEOMETRIES["qwen3-30b-a3b"].num_local_experts
+    assert eb.ub.expected_adapter_params(g, 4)["total"] == 214_171_648
+    assert eb.geometry("mixtral-8x7b", dry=True)[1]["intermediate_size"] % 64 == 0  # e4b's blocksize
+
+
+@pytest.mark.parametrize("geometry,settings", [("qwen3-30b-a3b", "mb=8;mb=8,ckpt=1,keep=all"),
+                                               ("mixtral-8x7b", "mb=16,attn4=0")])
+def test_experts4bit_bench_dry_run_in_process(geometry, settings, capsys):
+    """--dry-cpu: the tiny model built by the GPU code path (NF4 experts through e4b's Experts4bit + ExpertsLoRA, NF4
+    q/k/v/o, fp32 LoRA), adapter count asserted, one step on e4b's reference expert path, document masking, and
+    enable_fast_train patching every wrapper (no fused kernel runs on CPU). Needs experts4bit-qlora and
+    grouped-nf4-gemm importable (e.g. PYTHONPATH=.whl/e4b), else skipped."""
+    pytest.importorskip("experts4bit_qlora")
+    pytest.importorskip("nf4_qlora")
+    eb = _load("experts4bit_bench")
+    rc = eb.main(["--dry-cpu", "--geometry", geometry, "--settings", settings, "--steps", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["ok"] is True and res["layers"] == 1 and res["versions"]["experts4bit-qlora"]
+    for row in res["rows"]:
+        assert row["trainable"] == row["trainable_expected"] > 0 and row["lora_dtypes"] == ["torch.float32"]
+        assert row["masking"]["verdict"] == "document-masked" and row["masking"]["causal_reference"] > 1e-2
+        assert abs(row["loss_first"] - 6.24) < 0.6  # ~ln(512), the tiny vocabulary
+        assert row.get("fast_train_patched") == 1
+    builds = res["builds"]
+    assert all(b["experts_nf4"] == 1 for b in builds.values())
+    firsts = {eb.group_key(s): s for s in reversed(res["settings"])}  # the first setting of each model group
+    assert sorted(b.get("attention_nf4", 0) for b in builds.values()) == sorted(4 * s["attn4"] for s in firsts.values())
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
