@@ -243,13 +243,16 @@ def model_hidden(model, ids, pos):
 
 
 # ------------------------------------------------------------------------------------------ the model under test
-def build_model(cfg: MixtralConfig, device, seed=0, r=LORA_R, alpha=LORA_ALPHA, quant="nf4", offload_layers=False):
+def build_model(cfg: MixtralConfig, device, seed=0, r=LORA_R, alpha=LORA_ALPHA, quant="nf4", offload_layers=False,
+                shard_of=None):
     """The random NF4 model with the benchmark's adapter. offload_layers: decoder layers parked on the CPU as
-    they are built (for fsdp, which brings them back one at a time when it shards)."""
+    they are built (for fsdp, which brings them back one at a time when it shards), keeping only rank's chunk of
+    the NF4 storage with shard_of=(rank, world)."""
     from .config import LoraConfig
     from .lora import apply_lora
     from .model.random_init import build_random_nf4_model
-    model = build_random_nf4_model(cfg, device=device, seed=seed, quant=quant, offload_layers=offload_layers)
+    model = build_random_nf4_model(cfg, device=device, seed=seed, quant=quant, offload_layers=offload_layers,
+                                   shard_of=shard_of)
     apply_lora(model, LoraConfig(r=r, alpha=alpha, targets=list(LORA_TARGETS)), seed=seed)
     model.train()
     return model

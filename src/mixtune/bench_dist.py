@@ -8,7 +8,7 @@ one-GPU bench's), then trains as `mixtune train` does on that many ranks: ddp ke
 and sums the adapter gradients after the backward passes (`Dist.sum_grads`); fsdp parks each decoder layer on
 the CPU as it is built and shards it when it comes back (`loop.fsdp.shard_model`: the NF4 base, the adapter,
 its gradients and the AdamW state), so no rank ever holds the whole 4-bit model — what lets Mixtral-8x22B
-train on cards smaller than it. Each rank trains its own packed rows; tokens/s counts all ranks' tokens, the
+train on cards smaller than it; a parked layer keeps only this rank's chunk of its NF4 storage on the host. Each rank trains its own packed rows; tokens/s counts all ranks' tokens, the
 peak is the largest rank's `max_memory_allocated` over the timed steps (as in the one-GPU bench) and, on its
 own, over building and sharding (`build peak`), and the planner's per-GPU estimate for the strategy sits beside
 it. The one-GPU figure to compare with is `mixtune bench` with the same settings in the same call (bench/fsdp_bench.sh).
@@ -52,7 +52,8 @@ def run_one(cfg: MixtralConfig, s: dict, seq: int, dist, device, steps: int, war
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        model = build_model(cfg, device, seed, r=s["r"], offload_layers=fsdp)
+        model = build_model(cfg, device, seed, r=s["r"], offload_layers=fsdp,
+                            shard_of=(dist.rank, dist.world) if fsdp else None)
         row.est_gib = planned_peak_gib(model, cfg, s, seq, ranks=dist.world)  # before sharding: whole counts
         if fsdp:
             shard_model(model, dist)

@@ -138,7 +138,7 @@ def build_model(cfg: Config, run: Run, model_path: str):
     fsdp = cfg.train.distributed == "fsdp" and run.dist.enabled  # layers parked on the CPU until sharded
     model = load_model(model_path, quant=cfg.model.quant, dtype=dtype, device=run.device,
                        cache_dir=cfg.model.cache_dir, revision=cfg.model.revision, report=run.say,
-                       offload_layers=fsdp)
+                       offload_layers=fsdp, shard_of=(run.dist.rank, run.dist.world) if fsdp else None)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and cfg.data.max_seq_length > max_pos:
         raise ConfigError(f"data.max_seq_length {cfg.data.max_seq_length} exceeds the model's "

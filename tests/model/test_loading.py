@@ -316,3 +316,39 @@ def test_random_build_parks_layer_l_before_building_layer_l_plus_1(monkeypatch):
     plain = build_random_nf4_model(cfg, device="cpu", seed=3)
     a, b = _state(parked), _state(plain)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shard_of_keeps_this_ranks_chunk_of_the_nf4_storage(tiny_ckpt):
+    """fsdp loading with shard_of=(rank, world): a parked layer's NF4 storage holds only torch.chunk's chunk
+    `rank` (what fully_shard keeps), the rest of the model is whole; unpark_shard puts the chunk back at its
+    offset in a full-length tensor; check_shard refuses a local shard that is not that chunk."""
+    from mixtune.model.loading import load_model
+    plain = load_model(tiny_ckpt, quant="nf4", dtype=torch.bfloat16, report=None)
+    for m in plain.modules():
+        if isinstance(m, NF4Weight):
+            m.as_parameters()
+    world = 3
+    for rank in range(world):
+        parked = load_model(tiny_ckpt, quant="nf4", dtype=torch.bfloat16, report=None, offload_layers=True,
+                            shard_of=(rank, world))
+        pairs = [(a, b) for a, b in zip(parked.modules(), plain.modules()) if isinstance(a, NF4Weight)]
+        assert len(pairs) == 2 * 4 + 2 * 3  # per layer q/k/v/o and the three expert stacks
+        for a, b in pairs:
+            assert a.shape == b.shape and a.parked_shard
+            for name, (n, lo) in a.parked_shard.items():
+                full = b._parameters[name].detach()
+                want = torch.chunk(full, world)[rank] if rank < len(torch.chunk(full, world)) else full[:0]
+                got = a._parameters[name].detach()
+                assert n == full.shape[0] and torch.equal(got.view(torch.int16), want.view(torch.int16))
+            kept = a.unpark_shard("cpu")
+            for name, chunk in kept.items():
+                full = a._parameters[name].detach()
+                assert full.shape == b._parameters[name].shape
+                lo = min(full.shape[0], rank * -(-full.shape[0] // world))
+                assert torch.equal(full[lo:lo + chunk.shape[0]].view(torch.int16), chunk.view(torch.int16))
+            a.check_shard(kept, lambda p, kept=kept: kept[next(k for k in kept if a._parameters[k] is p)])
+            if kept and rank == 1:
+                with pytest.raises(RuntimeError, match="not the dim-0 chunk"):
+                    a.check_shard(kept, lambda p: torch.roll(p.detach(), 1))
+    # unsharded parts are whole: the embedding and the adapter-free norms
+    assert parked.model.embed_tokens.weight.shape == plain.model.embed_tokens.weight.shape

@@ -91,8 +91,13 @@ def shard_model(model: nn.Module, dist, say=None) -> list:
     mesh = init_device_mesh(device.type, (dist.world,))
     layers = list(model.model.layers)
     for layer in layers:
-        layer.to(device)  # a layer parked on the CPU while loading (offload_layers) comes back alone ...
+        # a layer parked on the CPU while loading (offload_layers) comes back alone, its NF4 storage rebuilt at
+        # full length around the chunk this rank kept (shard_of) ...
+        kept = [(m, m.unpark_shard(device)) for m in layer.modules() if isinstance(m, NF4Weight)]
+        layer.to(device)
         fully_shard(layer, mesh=mesh)  # ... and only this rank's shard stays: the whole copies are freed
+        for m, chunks in kept:
+            m.check_shard(chunks, local)
         _sum_not_mean(layer)
     fully_shard(model, mesh=mesh)
     _sum_not_mean(model)

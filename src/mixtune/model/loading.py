@@ -140,10 +140,13 @@ class LayerParking:
     """Moves each decoder layer to the CPU as soon as its last tensor is in place (`offload_layers`), so a
     model larger than one GPU can be built layer by layer on that GPU (quantized there) and sharded later
     (`loop.fsdp.shard_model` brings one layer back at a time): the device holds at most the layers still being
-    filled. Call `filled(key)` after placing the tensor of our key `key`; `finish()` parks whatever is left."""
+    filled. Call `filled(key)` after placing the tensor of our key `key`; `finish()` parks whatever is left.
+    shard_of=(rank, world): a parked layer keeps only this rank's FSDP chunk of its NF4 storage
+    (`NF4Weight.park_shard`), so the host holds 1/world of the 4-bit model per rank."""
 
-    def __init__(self, model: MoEForCausalLM, enabled: bool):
+    def __init__(self, model: MoEForCausalLM, enabled: bool, shard_of: Optional[tuple[int, int]] = None):
         self.model, self.enabled, self.parked = model, enabled, set()
+        self.shard_of = shard_of if shard_of and shard_of[1] > 1 else None  # (rank, world)
 
     def _complete(self, layer: nn.Module) -> bool:
         return not any(t.is_meta for t in list(layer.parameters()) + list(layer.buffers()))
@@ -159,6 +162,10 @@ class LayerParking:
 
     def _park(self, idx: int, layer: nn.Module) -> None:
         layer.to("cpu")
+        if self.shard_of:  # only this rank's chunk of the 4-bit storage stays on the host
+            for m in layer.modules():
+                if isinstance(m, NF4Weight):
+                    m.park_shard(*self.shard_of)
         self.parked.add(idx)
 
     def finish(self) -> None:
@@ -170,13 +177,15 @@ class LayerParking:
 
 def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | str = torch.bfloat16,
                device="cpu", cache_dir: str = "", revision: Optional[str] = None, family: str = "mixtral",
-               report: Optional[Callable[[str], None]] = print, offload_layers: bool = False) -> MoEForCausalLM:
+               report: Optional[Callable[[str], None]] = print, offload_layers: bool = False,
+               shard_of: Optional[tuple[int, int]] = None) -> MoEForCausalLM:
     """Load a Mixtral checkpoint (see module doc). Returns the model in eval mode with every base weight
     frozen (requires_grad=False). dtype: the compute dtype of every 16-bit tensor (and what NF4 dequantizes to).
     `model.load_info` (a dict) records what was quantized, the bytes before/after, and the load time.
     offload_layers: each decoder layer is built (quantized) on `device`, then parked on the CPU as soon as it is
     complete (`LayerParking`; for `train.distributed: fsdp`, which shards layer by layer); the embedding, final
-    norm and lm_head stay on `device`.
+    norm and lm_head stay on `device`. shard_of=(rank, world) with offload_layers: a parked layer keeps only
+    this rank's FSDP chunk of its NF4 storage (unreadable until `loop.fsdp.shard_model` shards it).
     """
     t0 = time.perf_counter()
     if quant not in ("nf4", "none"):
@@ -192,7 +201,7 @@ def load_model(name_or_path: str, *, quant: str = "nf4", dtype: torch.dtype | st
     stacks: dict[tuple[int, str], list] = {}  # (layer, w) -> [stack (E, out, in), experts seen]
     stats = {"quantized": 0, "q_before": 0, "q_after": 0, "dense": 0, "dense_bytes": 0, "max_open_stacks": 0}
     nf4 = quant == "nf4"
-    parking = LayerParking(model, offload_layers)
+    parking = LayerParking(model, offload_layers, shard_of)
 
     def place_quantized(owner: nn.Module, name: str, w: torch.Tensor, linear: bool):
         q = NF4Weight.quantize(w)

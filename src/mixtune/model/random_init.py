@@ -25,10 +25,12 @@ from .nf4 import NF4Linear, NF4Weight
 
 @torch.no_grad()
 def build_random_nf4_model(config: MoEConfig, device="cuda", seed: int = 0, dtype=torch.bfloat16,
-                           std: float = 0.02, quant: str = "nf4", offload_layers: bool = False) -> MoEForCausalLM:
+                           std: float = 0.02, quant: str = "nf4", offload_layers: bool = False,
+                           shard_of: tuple[int, int] | None = None) -> MoEForCausalLM:
     """Random-init model on `device`; quant="nf4" (default) or "none" (dense, for small tests).
     offload_layers: park each decoder layer on the CPU once it is built (as `load_model` does for fsdp), so
-    the device never holds more than one layer plus the embedding and lm_head."""
+    the device never holds more than one layer plus the embedding and lm_head; shard_of=(rank, world): each
+    parked layer keeps only this rank's FSDP chunk of its NF4 storage."""
     device = torch.device(device)
     t0 = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -40,7 +42,7 @@ def build_random_nf4_model(config: MoEConfig, device="cuda", seed: int = 0, dtyp
     def param(t):
         return nn.Parameter(t, requires_grad=False)
 
-    parking = LayerParking(model, offload_layers)
+    parking = LayerParking(model, offload_layers, shard_of)
     for path, mod in list(model.named_modules()):
         parent_path, _, leaf = path.rpartition(".")
         if isinstance(mod, nn.Linear):

@@ -101,9 +101,9 @@ class NF4Weight(nn.Module):
         `fully_shard`; the small code tables stay replicated buffers). Counting code skips these parameters
         (`nf4_storage_ids`): an NF4Weight counts once, by its logical shape."""
         for name in self.SHARDABLE:
-            t = getattr(self, name)
-            if isinstance(t, nn.Parameter):
+            if name in self._parameters:  # done already (idempotent: packed/absmax read back as uint8 views)
                 continue
+            t = getattr(self, name)
             if t.dtype == torch.uint8:
                 if t.numel() % 2:  # cannot be viewed as 16-bit: stays a (replicated) buffer
                     continue
@@ -114,6 +114,52 @@ class NF4Weight(nn.Module):
             del self._buffers[name]
             self.register_parameter(name, nn.Parameter(t, requires_grad=False))
         return self
+
+    def park_shard(self, rank: int, world: int) -> None:
+        """Keep only this rank's dim-0 chunk of each shardable storage tensor (made Parameters first): chunk
+        `rank` of `torch.chunk(t, world)`, which is all FSDP2's `fully_shard` keeps of it on this rank. A parked
+        model's storage is not readable until `unpark_shard` (loading for fsdp: the host holds 1/world of the
+        4-bit model per rank instead of all of it)."""
+        self.as_parameters()
+        parked = {}
+        for name in self.SHARDABLE:
+            p = self._parameters.get(name)
+            if p is None:  # stayed a replicated buffer
+                continue
+            n = p.shape[0]
+            c = -(-n // world)  # torch.chunk's chunk length
+            lo = min(n, rank * c)
+            parked[name] = (n, lo)
+            p.data = p.data[lo:min(n, lo + c)].clone()
+        self.parked_shard = parked
+
+    def unpark_shard(self, device) -> dict:
+        """Full-length storage on `device` with this rank's chunk in place; the other ranks' ranges are left
+        uninitialised (fully_shard never reads them). Returns {name: the chunk} for `check_shard`."""
+        kept = {}
+        for name, (n, lo) in getattr(self, "parked_shard", {}).items():
+            p = self._parameters[name]
+            full = torch.empty((n,) + tuple(p.shape[1:]), dtype=p.dtype, device=device)
+            full[lo:lo + p.shape[0]] = p.data.to(device)
+            kept[name] = p.data
+            p.data = full
+        self.parked_shard = {}
+        return kept
+
+    def check_shard(self, kept: dict, local) -> None:
+        """After sharding: this rank's local shard must be the chunk it kept (first and last elements), else
+        the sharding layout is not torch.chunk's and the model would be silently wrong: RuntimeError."""
+        for name, chunk in kept.items():
+            got = local(self._parameters[name])
+            if got.dtype == chunk.dtype and got.dtype.is_floating_point:  # compare bits (bytes held as fp16 have NaNs)
+                got, chunk = got.contiguous().view(torch.uint8), chunk.contiguous().view(torch.uint8)
+            k = min(64, chunk.shape[0])
+            ok = got.shape == chunk.shape and (k == 0 or (torch.equal(got[:k].cpu(), chunk[:k])
+                                                          and torch.equal(got[-k:].cpu(), chunk[-k:])))
+            if not ok:
+                raise RuntimeError(f"fsdp: the local shard of NF4 storage {name!r} ({tuple(got.shape)}) is not the "
+                                   f"dim-0 chunk this rank kept while loading ({tuple(chunk.shape)}): FSDP's sharding "
+                                   "layout is not torch.chunk's")
 
     def __getattr__(self, name: str):
         t = super().__getattr__(name)
