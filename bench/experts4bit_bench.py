@@ -1,7 +1,7 @@
 """experts4bit-qlora (PyPI 0.58.1, with its `[fast]` kernel package grouped-nf4-gemm 0.51.0; both pure-Python wheels
 on Triton), timed on the same workload as `mixtune bench` and its peers bench/unsloth_bench.py and
 bench/stock_stack.py: random weights of the Mixtral-8x7B geometry (default) or, with --geometry qwen3-30b-a3b, of
-the Qwen3-30B-A3B geometry (numbers from mixtune.model.config.GEOMETRIES, via unsloth_bench's cross-checked copy),
+the Qwen3-30B-A3B geometry (numbers from mixtune.model.config.GEOMETRIES, via bench/peer_common.py's checked copy),
 cut to --layers layers, NF4 experts AND NF4 q/k/v/o, LoRA r=64 alpha=16 dropout 0 on q/k/v/o and on every expert
 (fp32 adapters, as e4b's TC1 recipe trains them), packed rows of 1024 tokens from `mixtune.bench.packed_batch`
 (per-example position ids restarting at 0, first token of each example unlabeled), forward + backward + fused
@@ -80,7 +80,6 @@ steps of ~0.2-0.5 s. The three-row Qwen3 + Mixtral pair above: ~3-5 min in all. 
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import json
 import os
@@ -93,8 +92,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _peer(name):
-    """bench/<name>.py as a module (the geometry, adapter count, timing loop and masking check are shared with the
-    Unsloth runner, so the rows are measured the same way)."""
+    """bench/<name>.py as a module (bench/ is not a package). Used for bench/peer_common.py: the geometry, adapter
+    count, timing loop and masking check are shared with the Unsloth runner, so the rows are measured the same way."""
     mod_name = f"_bench_{name}"
     if mod_name in sys.modules:
         return sys.modules[mod_name]
@@ -105,9 +104,9 @@ def _peer(name):
     return mod
 
 
-ub = _peer("unsloth_bench")
-R, ALPHA = ub.R, ub.ALPHA
-GEOMETRY_NAMES = sorted(ub.GEOMETRIES)
+pc = _peer("peer_common")
+R, ALPHA, log, free_cuda = pc.R, pc.ALPHA, pc.log, pc.free_cuda
+GEOMETRY_NAMES = sorted(pc.GEOMETRIES)
 E4B_VERSION, GNF4_VERSION = "0.58.1", "0.51.0"
 # e4b's Experts4bit needs each expert's width divisible by its quantization blocksize (64)
 TINY_OVERRIDES = dict(hidden_size=64, intermediate_size=64, vocab_size=512)
@@ -115,17 +114,12 @@ E4B_ENV_PREFIXES = ("E4B_", "NF4_QLORA_", "OFFLOAD_EXPERTS", "TRAIN_ARENA", "PYT
                     "PYTORCH_ALLOC_CONF")
 
 
-def log(*a):
-    print(*a, flush=True)
-
-
 # ------------------------------------------------------------------------------------------ settings
 def parse_settings(spec: str):
     out = []
-    for part in filter(None, (s.strip() for s in spec.split(";"))):
+    for part, pairs in pc.settings_parts(spec):
         d = {"mb": 8, "accum": 1, "ckpt": 0, "keep": "0", "kernel": "grouped", "attn4": 1, "flat": 0}
-        for kv in filter(None, (x.strip() for x in part.split(","))):
-            key, _, val = kv.partition("=")
+        for key, val in pairs:
             if key not in d or key == "flat":
                 raise ValueError(f"--settings: unknown key {key!r} in {part!r} (mb, accum, ckpt, keep, kernel, attn4)")
             if key in ("keep", "kernel"):
@@ -164,7 +158,7 @@ def label(s) -> str:
 
 
 def geometry(name: str, dry: bool) -> tuple[str, dict]:
-    model_type, full, tiny = ub.GEOMETRIES[name]
+    model_type, full, tiny = pc.GEOMETRIES[name]
     return model_type, dict(tiny, **TINY_OVERRIDES) if dry else dict(full)
 
 
@@ -180,8 +174,8 @@ def build_model(model_type, g, layers, s, device, seed):
 
     info = {}
     t0 = time.perf_counter()
-    cfg = ub.hf_config(model_type, g, layers)
-    _, model_cls = ub.hf_model_class(model_type)
+    cfg = pc.hf_config(model_type, g, layers)
+    _, model_cls = pc.hf_model_class(model_type)
     torch.manual_seed(seed)
     with torch.device(device):
         model = model_cls._from_config(cfg, dtype=torch.bfloat16)
@@ -233,7 +227,7 @@ def build_model(model_type, g, layers, s, device, seed):
         torch.cuda.empty_cache()
         info["resident_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     info["build_s"] = round(time.perf_counter() - t0, 1)
-    info.update(ub.check_adapters(model, g, layers, f"[e4b] built in {info['build_s']} s; "))
+    info.update(pc.check_adapters(model, g, layers, f"[e4b] built in {info['build_s']} s; "))
     return model, info
 
 
@@ -300,20 +294,11 @@ def versions():
     return v
 
 
-def free_cuda():
-    gc.collect()
-    try:
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001
-        pass
-
-
 # ------------------------------------------------------------------------------------------ runs
 def run(args, settings, model_type, g, result, rows, device):
     """One model per (ckpt, keep, kernel, attn4) group, in the order first asked for; each setting timed with
-    unsloth_bench's loop (same batches, same median, same peak) and masking-checked."""
+    peer_common's loop (the one unsloth_bench times with: same batches, same median, same peak) and
+    masking-checked."""
     from mixtune.bench import packed_batch
     dry = device == "cpu"
     order = []
@@ -335,12 +320,12 @@ def run(args, settings, model_type, g, result, rows, device):
                     if dry:
                         s = dict(s, mb=min(s["mb"], 2))
                         a = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1})
-                        ub.time_setting(model, s, a, g, packed_batch, row, device="cpu", seq=min(args.seq, 128))
+                        pc.time_setting(model, s, a, g, packed_batch, row, device="cpu", seq=min(args.seq, 128))
                         row["dry"] = f"mb {s['mb']} x {min(args.seq, 128)}, reference expert path"
                     else:
-                        ub.time_setting(model, s, args, g, packed_batch, row, device=device)
+                        pc.time_setting(model, s, args, g, packed_batch, row, device=device)
                     if not args.no_mask_check:
-                        row["masking"] = ub.masking_check(model, s, args, g, packed_batch, device=device,
+                        row["masking"] = pc.masking_check(model, s, args, g, packed_batch, device=device,
                                                           seq=min(args.seq, 128) if dry else None)
                     log(f"[{label(s)}] mb {s['mb']}: " + (
                         f"{row['dry']}, loss {row['loss_first']:.4f}" if dry else
@@ -370,21 +355,18 @@ def run(args, settings, model_type, g, result, rows, device):
 # ------------------------------------------------------------------------------------------ report
 def print_table(rows, args, v):
     tag = f"e4b {v.get('experts4bit-qlora') or '?'} + gnf4 {v.get('grouped-nf4-gemm') or '?'}"
-    log("\n| run | layers | mb x seq x accum | setting | tok/s | TF/s 4N | peak GiB | first step s | trainable "
-        "| masking |")
-    log("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        shape = f"{r['mb']}x{args.seq}" + (f"x{r['accum']}" if r["accum"] > 1 else "")
-        mask = (r.get("masking") or {}).get("verdict", "")
+
+    def line(r, shape, mask):
         tr = f"{r['trainable']:,}" if r.get("trainable") else ""
         if r.get("error"):
-            log(f"| {tag} | {args.layers} | {shape} | {r['label']} | FAILED: {r['error'][:160]} | | | | {tr} "
-                f"| {mask} |")
-        elif "dry" in r:
-            log(f"| dry run (CPU): {r['dry']} | {args.layers} | {shape} | {r['label']} | (CPU) | | | | {tr} | {mask} |")
-        else:
-            log(f"| {tag} | {args.layers} | {shape} | {r['label']} | {r['tok_s']:,.0f} | {r['tflops4']:.1f} | "
+            return (f"| {tag} | {args.layers} | {shape} | {r['label']} | FAILED: {r['error'][:160]} | | | | {tr} "
+                    f"| {mask} |")
+        if "dry" in r:
+            return (f"| dry run (CPU): {r['dry']} | {args.layers} | {shape} | {r['label']} | (CPU) | | | | {tr} "
+                    f"| {mask} |")
+        return (f"| {tag} | {args.layers} | {shape} | {r['label']} | {r['tok_s']:,.0f} | {r['tflops4']:.1f} | "
                 f"{r['peak_gib']:.2f} | {r.get('first_step_s', '')} | {tr} | {mask} |")
+    pc.markdown_table(rows, args, "trainable", line)
 
 
 def build_parser():
@@ -429,7 +411,7 @@ def main(argv=None) -> int:
     rows = [dict(s, label=label(s)) for s in settings]
     exit_code = 1
     try:
-        ub.check_geometry(args.geometry)  # the copy equals mixtune's GEOMETRIES; 4-layer adapter count as measured
+        pc.check_geometry(args.geometry)  # the copy equals mixtune's GEOMETRIES; 4-layer adapter count as measured
         import torch
         device = "cpu" if args.dry_cpu else "cuda"
         if device == "cuda" and not torch.cuda.is_available():
@@ -441,7 +423,7 @@ def main(argv=None) -> int:
         log("[versions] " + json.dumps(v))
         if v.get("experts4bit-qlora") != E4B_VERSION:
             log(f"note: experts4bit-qlora {v.get('experts4bit-qlora')} (this runner was written for {E4B_VERSION})")
-        exp = ub.expected_adapter_params(g, args.layers)
+        exp = pc.expected_adapter_params(g, args.layers)
         log(f"== {args.layers} layers of {'a tiny version of ' if args.dry_cpu else ''}the {args.geometry} geometry "
             f"({model_type}); LoRA r={R} alpha={ALPHA} fp32: expected {exp['total']:,} trainable (mixtune's "
             f"per-expert w1/w3/w2 LoRA: {exp['mixtune_per_layer'] * args.layers:,})")

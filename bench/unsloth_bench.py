@@ -40,8 +40,8 @@ token ids >= the embedding's rows (32,000 < 151,936 passes), and the config's bo
 (1 / 2) so nothing disagrees; the dry run loads the same pair with plain transformers.
 
 CPU check of everything but Unsloth (tiny 1-layer checkpoint written in a subprocess and reloaded, the same LoRA
-through plain peft, this script's adapter-count check, timing loop and masking check on every setting; the tiny
-Qwen3 keeps the real 151,936-entry vocabulary):
+through plain peft, the adapter-count check, timing loop and masking check of bench/peer_common.py on every
+setting; the tiny Qwen3 keeps the real 151,936-entry vocabulary):
 
     PYTHONPATH=src:.whl/site python bench/unsloth_bench.py --dry-cpu --tokenizer-dir .gpu/tok
     PYTHONPATH=src:.whl/site python bench/unsloth_bench.py --dry-cpu --geometry qwen3-30b-a3b
@@ -61,14 +61,12 @@ What one run does, in order:
     target_modules=q/k/v/o, target_parameters=[mlp.experts.gate_up_proj, mlp.experts.down_proj],
     use_gradient_checkpointing=False | "unsloth")` and asserts the adapter parameter count (every layer's
     experts adapted; at 4 layers 111,673,344 for Mixtral, 214,171,648 for Qwen3);
- 3. per setting: `steps` timed optimizer steps after `warmup` (the first one compiles, ~60 s; reported as
-    first_step_s), plain loop, no trl Trainer: model(input_ids, position_ids, labels, use_cache=False),
-    loss/accum backward, torch.optim.AdamW(fused=True) step; tokens/s = mb*seq*accum / median step time, peak
-    GiB = torch.cuda.max_memory_allocated;
- 4. a masking check on the same shapes (no extra compile): the hidden states after the final norm of every
-    token outside each row's first example, with that first example replaced by other random tokens; equal
-    (to bf16 noise) = document-masked attention, different = attention crosses examples. The same with plain
-    causal positions is printed as the reference of how large a leak looks;
+ 3. per setting: bench/peer_common.py's timing loop (described there): `steps` timed optimizer steps after
+    `warmup` (the first one compiles, ~60 s; reported as first_step_s), plain loop, no trl Trainer, fused AdamW;
+    tokens/s = mb*seq*accum / median step time, peak GiB = torch.cuda.max_memory_allocated;
+ 4. peer_common's masking check on the same shapes (no extra compile): final-norm hidden states outside each
+    row's first example, with that example's tokens replaced; equal = document-masked, and plain causal
+    positions give the size of a leak;
  5. a markdown table and one JSON line last. Exit code 1 if any setting failed (each failure prints its
     traceback; later settings still run), 2 on a usage error.
 
@@ -90,9 +88,8 @@ in step 4 verifies this on the GPU run and the table's `masking` column reports 
 from __future__ import annotations
 
 import argparse
-import gc
+import importlib.util
 import json
-import math
 import os
 import platform
 import shutil
@@ -102,45 +99,25 @@ import tempfile
 import time
 import traceback
 
-# The benchmarked geometries, in mixtune's field names (num_local_experts = expert count, intermediate_size = one
-# expert's width), the same as mixtune.model.config.GEOMETRIES[name] (checked against it when importable).
-# Keys other than these are HF config keys of the family passed as they are (head_dim, norm_topk_prob).
-# Mixtral-8x7B: transformers' MixtralForCausalLM.
-GEOMETRY = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
-                rope_theta=1e6, rms_norm_eps=1e-5)
-TINY = dict(GEOMETRY, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-            num_local_experts=4)
-# Qwen3-30B-A3B: transformers' Qwen3MoeForCausalLM, every layer MoE (decoder_sparse_step 1, no mlp_only_layers),
-# head_dim 128 independent of hidden/heads, renormalised top-8 of 128 experts, 151,936-entry vocabulary.
-QWEN3_GEOMETRY = dict(vocab_size=151936, hidden_size=2048, intermediate_size=768, num_attention_heads=32,
-                      num_key_value_heads=4, head_dim=128, num_local_experts=128, num_experts_per_tok=8,
-                      norm_topk_prob=True, max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6)
-# Tiny Qwen3: head_dim 32 with hidden 64 (4 heads x 32 != 64, as in the real model), the REAL vocabulary (so the
-# dry run loads a 151,936-row embedding next to the 32,000-piece tokenizer, as the GPU run does).
-QWEN3_TINY = dict(QWEN3_GEOMETRY, hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=32, num_local_experts=8, num_experts_per_tok=4)
-GEOMETRIES = {"mixtral-8x7b": ("mixtral", GEOMETRY, TINY), "qwen3-30b-a3b": ("qwen3_moe", QWEN3_GEOMETRY, QWEN3_TINY)}
-# peft LoRA parameters at 4 layers (asserted before anything is timed; see expected_adapter_params)
-EXPECTED_ADAPTERS_4L = {"mixtral-8x7b": 111_673_344, "qwen3-30b-a3b": 214_171_648}
-R, ALPHA = 64, 16
-ATTN_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-MARKER = "unsloth_bench_checkpoint.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
-
-
-def log(*a):
-    print(*a, flush=True)
+# bench/peer_common.py (geometries, checkpoint writer, batches, timing loop, masking check, table frame), shared with
+# bench/experts4bit_bench.py; bench/ is not a package, so it is loaded by path, under the name that runner uses too.
+if "_bench_peer_common" not in sys.modules:
+    _spec = importlib.util.spec_from_file_location(
+        "_bench_peer_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_common.py"))
+    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[_spec.name])
+from _bench_peer_common import (ALPHA, ATTN_TARGETS, EXPERT_TARGETS, GEOMETRIES, R, check_adapters,  # noqa: E402
+                                check_geometry, check_written_config, checkpoint_complete, checkpoint_spec,
+                                free_cuda, hf_model_class, log, make_batches, markdown_table, masking_check,
+                                settings_parts, sync, time_setting, write_checkpoint)
 
 
 # ------------------------------------------------------------------------------------------ settings
 def parse_settings(spec: str):
     out = []
-    for part in filter(None, (s.strip() for s in spec.split(";"))):
+    for part, pairs in settings_parts(spec):
         d = {"mb": 8, "accum": 1, "ckpt": "0", "flat": 0}
-        for kv in filter(None, (x.strip() for x in part.split(","))):
-            key, _, val = kv.partition("=")
+        for key, val in pairs:
             if key not in d:
                 raise ValueError(f"--settings: unknown key {key!r} in {part!r} (mb, accum, ckpt, flat)")
             d[key] = val if key == "ckpt" else int(val)
@@ -161,122 +138,7 @@ def label(s) -> str:
     return f"ckpt={ck}" + (", flat 1x(mb*seq)+varlen" if s["flat"] else ", rows+position_ids")
 
 
-def expected_adapter_params(g: dict, layers: int, r: int = R) -> dict:
-    """peft LoRA parameter counts. Attention: A (r, in) + B (out, r). Experts through peft target_parameters on
-    the fused 3-D parameters: rank r per expert, A (r*E, in) + B (out, r*E); gate_up is one fused projection, so
-    its A is shared by gate and up (mixtune/per-expert w1,w3 LoRA have one A each: 30.0 M/layer vs 27.9 M)."""
-    H, I, E = g["hidden_size"], g["intermediate_size"], g["num_local_experts"]
-    d = g.get("head_dim") or H // g["num_attention_heads"]
-    q, kv = g["num_attention_heads"] * d, g["num_key_value_heads"] * d
-    attn = r * (H + q) + 2 * r * (H + kv) + r * (q + H)
-    experts = r * E * (H + 2 * I) + r * E * (I + H)
-    per_w = r * E * (H + I)  # one of w1/w3/w2 adapted separately per expert (mixtune's layout)
-    return {"attention_per_layer": attn, "experts_per_layer": experts, "per_layer": attn + experts,
-            "total": layers * (attn + experts), "mixtune_per_layer": attn + 3 * per_w}
-
-
-def active_params(g: dict, layers: int) -> int:
-    H, I = g["hidden_size"], g["intermediate_size"]
-    d = g.get("head_dim") or H // g["num_attention_heads"]
-    attn = 2 * H * g["num_attention_heads"] * d + 2 * H * g["num_key_value_heads"] * d
-    return layers * (attn + g["num_experts_per_tok"] * 3 * H * I) + g["vocab_size"] * H
-
-
 # ------------------------------------------------------------------------------------------ checkpoint
-def checkpoint_spec(g: dict, layers: int, seed: int) -> dict:
-    return {"geometry": g, "layers": layers, "seed": seed, "init_std": 0.02, "dtype": "bfloat16"}
-
-
-def checkpoint_complete(path: str, spec: dict) -> bool:
-    try:
-        with open(os.path.join(path, MARKER)) as f:
-            return json.load(f) == spec and os.path.isfile(os.path.join(path, "config.json"))
-    except (OSError, ValueError):
-        return False
-
-
-def hf_model_class(model_type: str):
-    """(config class, causal-LM class) of transformers for the family."""
-    if model_type == "qwen3_moe":
-        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-        return Qwen3MoeConfig, Qwen3MoeForCausalLM
-    from transformers import MixtralConfig, MixtralForCausalLM
-    return MixtralConfig, MixtralForCausalLM
-
-
-def hf_config(model_type: str, g: dict, layers: int):
-    """transformers' config of the family for geometry g (mixtune's field names translated to the family's).
-    bos/eos are the tokenizer's (1 / 2: the Mixtral tokenizer is written beside every checkpoint; token ids are
-    random in this benchmark, so the geometry's own special ids do not matter)."""
-    config_cls, _ = hf_model_class(model_type)
-    common = dict(num_hidden_layers=layers, initializer_range=0.02, use_cache=False, tie_word_embeddings=False,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=None, output_router_logits=False)
-    if model_type == "qwen3_moe":
-        k = {key: v for key, v in g.items() if key not in ("intermediate_size", "num_local_experts")}
-        # intermediate_size is the dense MLP's width in Qwen files: unused when every layer is MoE; the real 6144
-        return config_cls(**common, **k, moe_intermediate_size=g["intermediate_size"],
-                          num_experts=g["num_local_experts"], intermediate_size=6144, decoder_sparse_step=1,
-                          mlp_only_layers=[], use_sliding_window=False, attention_bias=False)
-    return config_cls(**common, sliding_window=None, **g)
-
-
-def write_checkpoint(path: str, g: dict, layers: int, seed: int, tokenizer_dir: str, device: str,
-                     model_type: str = "mixtral") -> dict:
-    """Random <Family>ForCausalLM(config) (init std 0.02) in bf16, save_pretrained in the real HF layout, tokenizer
-    files beside it. Runs in its own process (see main)."""
-    import torch
-    import transformers
-
-    t0 = time.perf_counter()
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    os.makedirs(path)
-    cfg = hf_config(model_type, g, layers)
-    _, model_cls = hf_model_class(model_type)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = model_cls._from_config(cfg, dtype=torch.bfloat16)
-    n_params = sum(p.numel() for p in model.parameters())
-    w = model.model.layers[0].mlp.experts.gate_up_proj
-    std = float(w[0, :1024, :1024].float().std())
-    if not 0.015 < std < 0.025:
-        raise RuntimeError(f"random init: expert weight std {std:.4f}, expected ~0.02")
-    t_build = time.perf_counter() - t0
-    model.save_pretrained(path, max_shard_size="4GB")
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    n_tok = 0
-    for name in TOKENIZER_FILES:
-        src = os.path.join(tokenizer_dir, name)
-        if os.path.isfile(src):
-            shutil.copy(src, os.path.join(path, name))
-            n_tok += 1
-    if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
-        raise RuntimeError(f"--tokenizer-dir {tokenizer_dir}: no tokenizer_config.json (need HF tokenizer files)")
-    # The real layout: per-expert w1/w2/w3 under block_sparse_moe (Mixtral), per-expert gate_proj/up_proj/down_proj
-    # under mlp.experts (Qwen3-MoE); transformers 5 converts its fused in-memory experts on save.
-    idx = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(idx):
-        with open(idx) as f:
-            keys = list(json.load(f)["weight_map"])
-    else:
-        from safetensors import safe_open
-        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
-            keys = list(f.keys())
-    expert_key = {"qwen3_moe": "mlp.experts.0.gate_proj.weight"}.get(model_type, "block_sparse_moe.experts.0.w1.weight")
-    if not any(expert_key in k for k in keys):
-        raise RuntimeError(f"saved checkpoint is not in the real {model_type} layout ({expert_key}): {keys[:8]}")
-    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
-    info = {"params": n_params, "bytes": size, "build_s": round(t_build, 1),
-            "total_s": round(time.perf_counter() - t0, 1), "tokenizer_files": n_tok, "n_keys": len(keys),
-            "transformers": transformers.__version__, "expert_std": round(std, 5)}
-    with open(os.path.join(path, MARKER), "w") as f:
-        json.dump(checkpoint_spec(g, layers, seed), f)
-    info["model_type"] = model_type
-    return info
-
-
 def ensure_checkpoint(args, g: dict, layers: int, device: str) -> tuple[str, dict]:
     prefix = "ckpt-" if args.geometry == "mixtral-8x7b" else f"ckpt-{args.geometry}-"
     path = os.path.join(args.workdir, f"{prefix}L{layers}" + ("-tiny" if args.dry_cpu else ""))
@@ -304,46 +166,7 @@ def ensure_checkpoint(args, g: dict, layers: int, device: str) -> tuple[str, dic
     return path, info
 
 
-# ------------------------------------------------------------------------------------------ batches
-def make_batches(s, seq, vocab, device, seed, packed_batch):
-    """[(input_ids, labels, position_ids, packed_seq_lengths or None)] for one optimizer step. flat: the same
-    rows concatenated into one row (each row starts a new example, whose first label is -100, so the loss terms
-    are the same as the (mb, seq) layout) with the example lengths for Unsloth's varlen path."""
-    import torch
-    out = []
-    for i in range(s["accum"]):
-        ids, lab, pos = packed_batch(s["mb"], seq, vocab, device, seed + i)
-        if s["flat"]:
-            starts = (pos.reshape(-1) == 0).nonzero().flatten().tolist() + [pos.numel()]
-            lengths = torch.tensor([b - a for a, b in zip(starts, starts[1:])], dtype=torch.int32)
-            out.append((ids.reshape(1, -1), lab.reshape(1, -1), pos.reshape(1, -1), lengths))
-        else:
-            out.append((ids, lab, pos, None))
-    return out
-
-
-def first_example_replaced(ids, pos, vocab, seed):
-    """A copy of ids whose first example of every row (positions before the second 0 in position_ids) is other
-    random tokens, and a mask of the tokens outside those first examples."""
-    import torch
-    g = torch.Generator().manual_seed(seed + 999)
-    ids2, keep = ids.clone(), torch.ones_like(ids, dtype=torch.bool)
-    p = pos.cpu()
-    for b in range(ids.shape[0]):
-        zeros = (p[b] == 0).nonzero().flatten().tolist()
-        end = zeros[1] if len(zeros) > 1 else ids.shape[1]
-        ids2[b, :end] = torch.randint(3, vocab, (end,), generator=g).to(ids.device)
-        keep[b, :end] = False
-    return ids2, keep
-
-
 # ------------------------------------------------------------------------------------------ unsloth
-def _sync(device="cuda"):
-    import torch
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def quant_report(model):
     """Counts of 4-bit attention projections and expert tensors on the loaded (pre-LoRA) model."""
     att_4, att_all, exp_4, exp_all, other = 0, 0, 0, 0, {}
@@ -366,42 +189,6 @@ def quant_report(model):
             "non_4bit_examples": other}
 
 
-def adapter_report(model, layers):
-    per_layer = {}
-    total = 0
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        total += p.numel()
-        if "lora_" not in name:
-            per_layer.setdefault("non_lora", 0)
-            per_layer["non_lora"] += p.numel()
-            continue
-        li = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "?"
-        kind = "experts" if ".experts." in name else ("attention" if "self_attn" in name else "other")
-        key = f"{li}:{kind}"
-        per_layer[key] = per_layer.get(key, 0) + p.numel()
-    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})
-    return total, per_layer, dtypes
-
-
-def check_adapters(model, g, layers, prefix=""):
-    """The trainable parameters are exactly the requested LoRA: every layer's attention and experts adapted."""
-    total, per_layer, dtypes = adapter_report(model, layers)
-    exp = expected_adapter_params(g, layers)
-    log(f"{prefix}trainable {total:,} (expected {exp['total']:,} = {layers} x ({exp['attention_per_layer']:,} "
-        f"attention + {exp['experts_per_layer']:,} experts); mixtune's per-expert w1/w3/w2 LoRA: "
-        f"{exp['mixtune_per_layer']:,} per layer); LoRA dtypes {dtypes}")
-    missing = [li for li in range(layers) if not per_layer.get(f"{li}:experts")]
-    bad = [li for li in range(layers) if per_layer.get(f"{li}:experts") != exp["experts_per_layer"]
-           or per_layer.get(f"{li}:attention") != exp["attention_per_layer"]]
-    if missing or bad or total != exp["total"]:
-        raise RuntimeError(f"adapters not as requested: layers without expert LoRA {missing}, layers with other "
-                           f"counts {bad}; per layer {per_layer}")
-    return {"trainable": total, "trainable_expected": exp["total"], "trainable_per_layer": exp["per_layer"],
-            "mixtune_per_layer": exp["mixtune_per_layer"], "lora_dtypes": dtypes}
-
-
 def moe_info():
     info = {}
     try:
@@ -412,6 +199,13 @@ def moe_info():
     info["env"] = {k: v for k, v in os.environ.items() if k.startswith(("UNSLOTH_MOE", "PYTORCH_ALLOC_CONF",
                                                                       "PYTORCH_CUDA_ALLOC_CONF"))}
     return info
+
+
+def enable_varlen(s, row):
+    """time_setting's prepare hook: flat settings get Unsloth's varlen attention (not in the dry run: no Unsloth)."""
+    if s["flat"] and "unsloth" in sys.modules:
+        from unsloth.utils.hf_packed_attention import enable_hf_packed_attention
+        row["varlen_enabled"] = bool(enable_hf_packed_attention())
 
 
 def packed_attention_stats():
@@ -432,7 +226,7 @@ def load_unsloth(ckpt_dir, mode, args, g, layers, max_seq_length):
     model, tok = FastLanguageModel.from_pretrained(
         model_name=ckpt_dir, max_seq_length=max_seq_length, dtype=None, load_in_4bit=not args.load_in_16bit,
         local_files_only=True, random_state=args.seed)
-    _sync()
+    sync()
     info["load_s"] = round(time.perf_counter() - t0, 1)
     q = quant_report(model)
     info["quant"] = q
@@ -447,123 +241,13 @@ def load_unsloth(ckpt_dir, mode, args, g, layers, max_seq_length):
     model = FastLanguageModel.get_peft_model(
         model, r=R, lora_alpha=ALPHA, lora_dropout=0.0, bias="none", target_modules=list(ATTN_TARGETS),
         target_parameters=list(EXPERT_TARGETS), use_gradient_checkpointing=mode, random_state=args.seed)
-    _sync()
+    sync()
     info["peft_s"] = round(time.perf_counter() - t0, 1)
     info.update(check_adapters(model, g, layers, f"[peft] {info['peft_s']} s; "))
     info["peft_config"] = {k: str(v) for k, v in model.peft_config["default"].to_dict().items()
                            if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "target_parameters")}
     model.train()
     return model, info
-
-
-def time_setting(model, s, args, g, packed_batch, row, device="cuda", seq=None):
-    import torch
-    seq = seq or args.seq
-    cuda = device == "cuda"
-    batches = make_batches(s, seq, g["vocab_size"], device, args.seed, packed_batch)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
-    if s["flat"] and "unsloth" in sys.modules:
-        from unsloth.utils.hf_packed_attention import enable_hf_packed_attention
-        row["varlen_enabled"] = bool(enable_hf_packed_attention())
-    st0 = packed_attention_stats()
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    try:
-        for it in range(args.warmup + args.steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            step_loss = 0.0
-            for ids, lab, pos, lengths in batches:
-                kw = {"packed_seq_lengths": lengths} if lengths is not None else {}
-                out = model(input_ids=ids, position_ids=pos, labels=lab, use_cache=False, **kw)
-                (out.loss / s["accum"]).backward()
-                step_loss += out.loss.detach() / s["accum"]
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(device)
-            dt = time.perf_counter() - t0
-            losses.append(float(step_loss))
-            if it == 0:
-                row["first_step_s"] = round(dt, 1)
-                log(f"  step 0 (compile) {dt:.1f} s loss {losses[-1]:.4f}")
-            if it >= args.warmup:
-                times.append(dt)
-        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    finally:
-        del opt
-        for p in params:
-            p.grad = None
-    st1 = packed_attention_stats()
-    if st1:
-        row["packed_attention_calls"] = {k: st1.get(k, 0) - st0.get(k, 0) for k in st1}
-    med = sorted(times)[len(times) // 2]
-    row["step_s"] = med
-    row["step_times"] = [round(t, 4) for t in times]
-    row["tok_s"] = s["mb"] * seq * s["accum"] / med
-    row["tflops4"] = 4 * active_params(g, args.layers) * row["tok_s"] / 1e12
-    row["loss_first"], row["loss_last"] = losses[0], losses[-1]
-    row["losses"] = [round(x, 4) for x in losses]
-    if not all(math.isfinite(x) for x in losses):
-        raise RuntimeError(f"non-finite loss: {losses}")
-    # random model on uniform random ids: ~ln(vocab) (+ the logits' variance / 2): Mixtral 10.37 (+0.8), Qwen3 11.93
-    ln_v = math.log(g["vocab_size"])
-    if not ln_v - 1.4 < losses[0] < ln_v + 1.5:
-        raise RuntimeError(f"first loss {losses[0]:.3f} is not ~ln(vocab) = {ln_v:.2f}: wrong labels or model?")
-
-
-def masking_check(model, s, args, g, packed_batch, device="cuda", seq=None):
-    """Hidden states after the final norm for tokens outside each row's first example, with that example's tokens
-    replaced: rel. difference ~0 (bf16 noise) = document-masked; the same with plain causal positions shows how
-    large a leak is. Same shapes as the timing (no recompile)."""
-    import torch
-    seq = seq or args.seq
-    ids, lab, pos = packed_batch(s["mb"], seq, g["vocab_size"], device, args.seed)
-    ids2, keep = first_example_replaced(ids, pos, g["vocab_size"], args.seed)
-    causal = torch.arange(seq, device=device).expand_as(pos).contiguous()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    norm = base.model.norm
-    cache = {}
-    handle = norm.register_forward_hook(lambda m, i, o: cache.__setitem__("h", o[0] if isinstance(o, tuple) else o))
-
-    def hidden(x, p):
-        # The training forward itself (grad mode on, labels given: no recompile for a new graph), no backward.
-        y = torch.where(lab == -100, lab, x)
-        kw = {}
-        if s["flat"]:
-            starts = (p.reshape(-1) == 0).nonzero().flatten().tolist() + [p.numel()]
-            kw["packed_seq_lengths"] = torch.tensor([b - a for a, b in zip(starts, starts[1:])], dtype=torch.int32)
-            x, p, y = x.reshape(1, -1), p.reshape(1, -1), y.reshape(1, -1)
-        cache.clear()
-        with torch.enable_grad():
-            out = model(input_ids=x, position_ids=p, labels=y, use_cache=False, **kw)
-            h = cache.get("h")
-            if h is None:  # the hook did not fire (compiled away?): ask for the hidden states instead
-                out = model(input_ids=x, position_ids=p, labels=y, use_cache=False, output_hidden_states=True, **kw)
-                h = out.hidden_states[-1] if getattr(out, "hidden_states", None) else None
-        h = None if h is None else h.detach()
-        cache.clear()
-        del out
-        if h is None:
-            raise RuntimeError("no hidden states (final-norm hook did not fire, no output_hidden_states)")
-        return h.reshape(ids.shape[0], ids.shape[1], -1).float()
-
-    def rel(a, b):
-        a, b = a[keep], b[keep]
-        return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-    try:
-        res = {"packed": rel(hidden(ids2, pos), hidden(ids, pos))}
-        res["causal_reference"] = rel(hidden(ids2, causal), hidden(ids, causal))
-    finally:
-        handle.remove()
-    leak = res["causal_reference"]
-    res["verdict"] = ("document-masked" if res["packed"] < min(2e-2, 0.1 * leak) else
-                      "LEAKS ACROSS EXAMPLES (attention not document-masked)")
-    return res
 
 
 def run_unsloth(args, settings, g, ckpt_dir, result, rows):
@@ -621,7 +305,8 @@ def run_unsloth(args, settings, g, ckpt_dir, result, rows):
                 if args.time_budget and elapsed > args.time_budget - 60:
                     raise TimeoutError(f"skipped: {elapsed:.0f} s spent of --time-budget {args.time_budget} s")
                 log(f"-- setting {i}: mb={s['mb']} accum={s['accum']} {label(s)}")
-                time_setting(model, s, args, g, packed_batch, row)
+                time_setting(model, s, args, g, packed_batch, row, prepare=enable_varlen,
+                             attention_stats=packed_attention_stats)
                 log(f"  {row['tok_s']:,.0f} tok/s, step {row['step_s'] * 1e3:.1f} ms, peak {row['peak_gib']:.2f} GiB, "
                     f"loss {row['loss_first']:.4f} -> {row['loss_last']:.4f}"
                     + (f", varlen calls {row.get('packed_attention_calls')}" if s["flat"] else ""))
@@ -643,21 +328,11 @@ def run_unsloth(args, settings, g, ckpt_dir, result, rows):
     result["unsloth_s"] = round(time.perf_counter() - t_start, 1)
 
 
-def free_cuda():
-    gc.collect()
-    try:
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001
-        pass
-
-
 # ------------------------------------------------------------------------------------------ dry run (CPU)
 def dry_cpu(args, settings, g, ckpt_dir, result, rows):
     """Everything but Unsloth, on CPU: reload the tiny checkpoint (transformers + its tokenizer), put the same
-    LoRA on it with plain peft (target_modules q/k/v/o + target_parameters on the fused experts) and run this
-    script's own adapter check, timing loop (2 steps of mb<=2 x 128) and masking check for every setting."""
+    LoRA on it with plain peft (target_modules q/k/v/o + target_parameters on the fused experts) and run the
+    GPU run's adapter check, timing loop (2 steps of mb<=2 x 128) and masking check for every setting."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     import peft
@@ -705,7 +380,8 @@ def dry_cpu(args, settings, g, ckpt_dir, result, rows):
         s = dict(s, mb=min(s["mb"], 2))
         row = rows[i]
         a = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1})
-        time_setting(model, s, a, g, packed_batch, row, device="cpu", seq=seq)
+        time_setting(model, s, a, g, packed_batch, row, device="cpu", seq=seq, prepare=enable_varlen,
+                     attention_stats=packed_attention_stats)
         row["masking"] = masking_check(model, s, args, g, packed_batch, device="cpu", seq=seq)
         row["dry"] = f"mb {s['mb']} x {seq}"
         log(f"[dry] setting {i} ({label(s)}): {row['dry']}, loss {row['loss_first']:.4f} -> {row['loss_last']:.4f}, "
@@ -714,21 +390,17 @@ def dry_cpu(args, settings, g, ckpt_dir, result, rows):
 
 # ------------------------------------------------------------------------------------------ report
 def print_table(rows, args):
-    log("\n| run | layers | mb x seq x accum | setting | tok/s | TF/s 4N | peak GiB | first step s | load s | masking |")
-    log("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        shape = f"{r['mb']}x{args.seq}" + (f"x{r['accum']}" if r["accum"] > 1 else "")
-        mask = (r.get("masking") or {}).get("verdict", "")
+    def line(r, shape, mask):
         if "dry" in r:
-            log(f"| dry run: HF + peft on CPU, {r['dry']} | {args.layers} | {shape} | {r['label']} | (CPU) | | | | "
-                f"| {mask} |")
-        elif r.get("error"):
-            log(f"| unsloth {r.get('unsloth', '')} | {args.layers} | {shape} | {r['label']} | FAILED: {r['error']} "
-                f"| | | | | {mask} |")
-        else:
-            log(f"| unsloth {r.get('unsloth', '')} | {args.layers} | {shape} | {r['label']}, "
+            return (f"| dry run: HF + peft on CPU, {r['dry']} | {args.layers} | {shape} | {r['label']} | (CPU) | | | | "
+                    f"| {mask} |")
+        if r.get("error"):
+            return (f"| unsloth {r.get('unsloth', '')} | {args.layers} | {shape} | {r['label']} | FAILED: {r['error']} "
+                    f"| | | | | {mask} |")
+        return (f"| unsloth {r.get('unsloth', '')} | {args.layers} | {shape} | {r['label']}, "
                 f"{r.get('moe_backend', '')} | {r['tok_s']:,.0f} | {r['tflops4']:.1f} | {r['peak_gib']:.2f} | "
                 f"{r.get('first_step_s', '')} | {r.get('load_s', '')} | {mask} |")
+    markdown_table(rows, args, "load s", line)
 
 
 def build_parser():
@@ -760,42 +432,6 @@ def build_parser():
     p.add_argument("--_write-checkpoint", dest="write_checkpoint", default="", help=argparse.SUPPRESS)
     p.add_argument("--_device", dest="device", default="cuda", help=argparse.SUPPRESS)
     return p
-
-
-def check_geometry(name: str) -> None:
-    """This script's copy of the geometry equals mixtune's (mixtune.model.config.GEOMETRIES[name]) where mixtune is
-    importable, and its LoRA at 4 layers has the adapter count the anchors were measured with."""
-    model_type, g, _ = GEOMETRIES[name]
-    exp = expected_adapter_params(g, 4)["total"]
-    if exp != EXPECTED_ADAPTERS_4L[name]:
-        raise AssertionError(f"{name}: LoRA at 4 layers has {exp:,} parameters, "
-                             f"expected {EXPECTED_ADAPTERS_4L[name]:,}")
-    try:
-        from mixtune.model.config import GEOMETRIES as MIXTUNE_GEOMETRIES
-    except ImportError:
-        log("note: mixtune not importable (PYTHONPATH=src?): geometry not cross-checked")
-        return
-    m = MIXTUNE_GEOMETRIES[name]
-    assert m.model_type == model_type, (name, m.model_type, model_type)
-    for k in g:
-        assert getattr(m, k) == g[k], (name, k, getattr(m, k), g[k])
-    if model_type == "qwen3_moe":  # every layer MoE, as this script builds it
-        assert m.decoder_sparse_step == 1 and not m.mlp_only_layers, (m.decoder_sparse_step, m.mlp_only_layers)
-
-
-def check_written_config(ckpt_dir: str, g: dict, layers: int, model_type: str) -> None:
-    """The checkpoint's config.json, read back through mixtune's family-aware reader, has the geometry asked for
-    (catches a family key transformers would ignore or rename, e.g. rope_theta or moe_intermediate_size)."""
-    try:
-        from mixtune.model.config import MoEConfig
-    except ImportError:
-        return
-    m = MoEConfig.from_pretrained(ckpt_dir)
-    got = {k: getattr(m, k) for k in g}
-    if m.model_type != model_type or m.num_hidden_layers != layers or got != g or not all(
-            m.is_moe_layer(li) for li in range(layers)):
-        raise RuntimeError(f"{ckpt_dir}/config.json: {m.model_type}, {m.num_hidden_layers} layers, {got}; "
-                           f"expected {model_type}, {layers} layers (all MoE), {g}")
 
 
 def setup_env(workdir):

@@ -62,7 +62,8 @@ def test_unsloth_bench_geometries_match_mixtune_and_the_anchor_adapter_counts():
     ub = _load("unsloth_bench")
     for name in ("mixtral-8x7b", "qwen3-30b-a3b"):
         ub.check_geometry(name)  # equal to mixtune's GEOMETRIES[name]; LoRA count at 4 layers as measured
-    assert ub.expected_adapter_params(ub.QWEN3_GEOMETRY, 4)["total"] == 214_171_648
+    pc = _load("peer_common")  # the geometries and the adapter count, shared with bench/experts4bit_bench.py
+    assert pc.expected_adapter_params(pc.QWEN3_GEOMETRY, 4)["total"] == 214_171_648
     assert ub.build_parser().parse_args([]).geometry == "mixtral-8x7b"  # the default is unchanged
 
 
@@ -81,8 +82,8 @@ def test_unsloth_bench_qwen3_dry_run_in_process(tmp_path, monkeypatch, capsys):
               "HF_HUB_DISABLE_TELEMETRY", "TOKENIZERS_PARALLELISM", "UNSLOTH_COMPILE_LOCATION", "HF_HOME",
               "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
         monkeypatch.delenv(k, raising=False)  # main() sets them; restored after the test
-    info = ub.write_checkpoint(str(work / "ckpt-qwen3-30b-a3b-L1-tiny"), dict(ub.QWEN3_TINY), 1, 0, str(tok), "cpu",
-                               "qwen3_moe")
+    tiny = dict(_load("peer_common").QWEN3_TINY)
+    info = ub.write_checkpoint(str(work / "ckpt-qwen3-30b-a3b-L1-tiny"), tiny, 1, 0, str(tok), "cpu", "qwen3_moe")
     assert info["model_type"] == "qwen3_moe" and info["tokenizer_files"] >= 2
     rc = ub.main(["--dry-cpu", "--geometry", "qwen3-30b-a3b", "--tokenizer-dir", str(tok), "--workdir", str(work),
                   "--settings", "mb=1,ckpt=0", "--seq", "128"])
@@ -122,7 +123,7 @@ def test_experts4bit_bench_settings_and_usage_errors(capsys):
     # the full geometries are mixtune's, and e4b's LoRA (one A for gate|up per expert) has peft's count
     model_type, g = eb.geometry("qwen3-30b-a3b", dry=False)
     assert model_type == "qwen3_moe" and g["num_local_experts"] == GEOMETRIES["qwen3-30b-a3b"].num_local_experts
-    assert eb.ub.expected_adapter_params(g, 4)["total"] == 214_171_648
+    assert eb.pc.expected_adapter_params(g, 4)["total"] == 214_171_648
     assert eb.geometry("mixtral-8x7b", dry=True)[1]["intermediate_size"] % 64 == 0  # e4b's blocksize
 
 
