@@ -16,14 +16,17 @@ def test_two_ranks_time_ddp_and_fsdp_on_the_same_model_and_rows():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "mixtune", "bench", "--cpu-tiny", "--layers", "2", "--steps", "1", "--warmup", "1",
-                        "--settings", "mb=2,ckpt=0,dist=ddp;mb=2,ckpt=2,dist=fsdp;mb=2,ckpt=0,dist=fsdp,prec=fp8"],
+                        "--settings", "mb=2,ckpt=0,dist=ddp;mb=2,ckpt=2,dist=fsdp;mb=2,ckpt=0,dist=fsdp,prec=fp8;"
+                        "mb=2,dist=fsdp,backend=grouped_lowmem,actk=1"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert p.stdout.count("mixtune bench on 2 ranks") == 1  # rank 0 alone prints
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["ok"] and res["ranks"] == 2 and res["geometry"] == "tiny"
-    ddp, fsdp, fp8 = res["rows"]
+    ddp, fsdp, fp8, lowmem = res["rows"]
     assert fp8["setting"].endswith("fp8") and not fp8["error"]  # FP8 experts under fsdp (emulated on CPU)
+    # the low-memory MoE backend with attention recomputation under fsdp: the same numbers as ddp's grouped
+    assert "grouped_lowmem" in lowmem["setting"] and lowmem["loss"] == pytest.approx(ddp["loss"], rel=1e-4)
     assert ddp["setting"].startswith("ddp x2") and fsdp["setting"].startswith("fsdp x2, grouped, ckpt=all")
     for r in (ddp, fsdp):
         assert not r["error"] and r["tok_s"] > 0
