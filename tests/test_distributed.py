@@ -80,3 +80,40 @@ def test_single_process_helpers():
     with d.main_first():
         pass
     assert len({step_generator_seed(7, s, r) for s in range(4) for r in range(3)}) == 12
+
+
+FAILING_RANK = '''
+import os, sys
+from mixtune import cli, train
+main = train.main
+
+def failing_main(cfg, **kw):
+    def on_step(step):
+        if os.environ["RANK"] == "1" and step == 2:
+            raise OSError("the disk under rank 1 went away (injected)")
+    kw["on_step"] = on_step
+    return main(cfg, **kw)
+
+train.main = failing_main
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.torchrun
+def test_a_failing_rank_takes_the_job_down_with_its_one_line_error(tmp_path):
+    """Rank 1 fails after its second step (of 3): the job ends (no rank left waiting at a collective) with a non-zero
+    code, and rank 1's error is one line that names the rank."""
+    import time
+    script = tmp_path / "fail_rank1.py"
+    script.write_text(FAILING_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), "train", *COMMON, "--train.ddp_timeout", "120",
+                        "--train.output_dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode != 0
+    assert time.monotonic() - t0 < 300  # not the collective timeout, let alone a hang
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("mixtune: error (rank 1 of 2): ")]
+    assert len(err) == 1 and "the disk under rank 1 went away (injected)" in err[0], p.stderr[-3000:]
+    assert "mixtune: done in" not in p.stderr

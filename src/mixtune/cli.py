@@ -354,6 +354,12 @@ def _one_line(e: BaseException) -> str:
     return " ".join(part.strip() for part in msg.splitlines() if part.strip())
 
 
+def _rank_tag() -> str:
+    """' (rank r of N)' under torchrun (which rank failed, in a job whose ranks share one terminal), else ''."""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    return f" (rank {rank} of {world})" if world.isdigit() and int(world) > 1 else ""
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of `mixtune` and `python -m mixtune`; returns the exit code (0 ok, 2 user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -387,7 +393,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:
         if os.environ.get("MIXTUNE_DEBUG"):
             raise
-        print(f"mixtune: error: {_one_line(e)}", file=sys.stderr)
+        print(f"mixtune: error{_rank_tag()}: {_one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # OSError, or a Rust writer's "... (os error 28)": the path and the cause
         from ._fs import as_os_error
@@ -395,7 +401,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if err is None or os.environ.get("MIXTUNE_DEBUG"):
             raise
         line = _one_line(err) if err.errno is None else _os_line(err, verb)
-        print(f"mixtune: error: {line}", file=sys.stderr)
+        print(f"mixtune: error{_rank_tag()}: {line}", file=sys.stderr)
         return 2
 
 

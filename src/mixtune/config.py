@@ -204,6 +204,10 @@ class TrainConfig:
                                  "state; gradients summed) or fsdp (FSDP2: the 4-bit base, the adapter, its "
                                  "gradients and optimizer state sharded per decoder layer over the ranks). On one "
                                  "process both are plain training.", ("ddp", "fsdp"))
+    ddp_timeout: int = _f(3600, "Under torchrun: seconds any rank waits in a collective (a barrier, a gradient "
+                                "sum) before it gives up with an error, e.g. when another rank died outside "
+                                "torchrun's watch (srun-style launchers). It must cover rank 0's longest solo "
+                                "work the others wait for: checkpoint writes and train.merge_after.")
 
 
 @dataclass
@@ -422,6 +426,8 @@ def validate(cfg: Config) -> Config:
                           "with model.moe_backend reference")
     if cfg.model.checkpoint_layers < -1:
         raise ConfigError(f"model.checkpoint_layers: must be -1 (all layers) or >= 0, got {cfg.model.checkpoint_layers}")
+    if t.ddp_timeout < 1:
+        raise ConfigError(f"train.ddp_timeout: seconds, at least 1, got {t.ddp_timeout}")
     if t.max_bad_steps < 1:
         raise ConfigError(f"train.max_bad_steps: must be at least 1, got {t.max_bad_steps}")
     if not t.output_dir.strip():

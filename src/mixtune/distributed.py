@@ -87,9 +87,10 @@ def world_from_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def setup(device: torch.device) -> tuple[Dist, torch.device]:
+def setup(device: torch.device, timeout_s: int = 3600) -> tuple[Dist, torch.device]:
     """Join the torchrun job if there is one. Returns the Dist and this rank's compute device: with CUDA,
-    cuda:LOCAL_RANK (unless the config named an explicit index)."""
+    cuda:LOCAL_RANK (unless the config named an explicit index). timeout_s bounds every collective's wait
+    (`train.ddp_timeout`)."""
     world, rank, local_rank = world_from_env()
     if world <= 1:
         return Dist(), device
@@ -106,7 +107,7 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
         backend = "gloo"
     if not tdist.is_initialized():
         kw = {"device_id": device} if backend == "nccl" else {}
-        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60), **kw)
+        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
     return Dist(world, rank, local_rank, device if backend == "nccl" else torch.device("cpu")), device
 
 

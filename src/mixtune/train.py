@@ -97,7 +97,7 @@ def set_up(cfg: Config) -> Run:
         if t.merge_after or t.push_merged:  # a merge.out that the final merge would refuse: say so now, not after training
             from .merge import _check_out_dir
             _check_out_dir(os.path.abspath(cfg.merge.out or os.path.join(out_dir, "merged")), cfg.model.name_or_path)
-        dist, device = join_ranks(resolve_device(cfg.model.device))  # torchrun: rank r -> cuda:LOCAL_RANK
+        dist, device = join_ranks(resolve_device(cfg.model.device), t.ddp_timeout)  # rank r -> cuda:LOCAL_RANK
         run = Run(out_dir=out_dir, device=device, dist=dist, resume_path=resume_path, quiet=not dist.is_main,
                   lock=lock)
         dist.barrier()  # every rank has checked the output dir before rank 0 writes into it
