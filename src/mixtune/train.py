@@ -46,7 +46,7 @@ def main(cfg: Config, *, on_step: Optional[Callable[[int], None]] = None, comman
     every optimizer step (and its checkpoint), e.g. by tests that simulate a kill."""
     preflight(cfg)
     run = set_up(cfg)
-    with run.lock, trackers.session(cfg, run.out_dir, run.dist.is_main):  # one writer; wandb/mlflow runs
+    with run.lock, trackers.session(cfg, run.out_dir, run.dist.is_main, resume=run.resume_path is not None):
         model_path, tokenizer, data = prepare(cfg, run)
         model, params, lora_report = build_model(cfg, run, model_path)
         eval_before = evaluate_ranks(model, data.eval_rows, cfg.train.per_device_eval_batch_size, run.bf16,

@@ -127,3 +127,52 @@ def test_unknown_tracker_is_one_line_and_nothing_is_written(tmp_path, capsys):
     assert len(err) == 1 and "unknown tracker 'comet'" in err[0]
     assert not out.exists()
     assert load_config(None, ["--train.report_to", ""]).train.tensorboard is False
+
+
+def test_a_resumed_run_continues_the_same_tracker_runs(tmp_path, monkeypatch):
+    """A run that stopped after step 2 and resumed (a longer max_steps) logs step 3 into the same W&B and MLflow
+    runs (ids kept in trackers.json); MLflow keeps the first max_steps and tags the changed one."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from mlflow.tracking import MlflowClient
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    first = load_config(None, ["--train.report_to", "wandb,mlflow", "--train.output_dir", out,
+                               "--train.max_steps", "2"])
+    with trackers.session(first, out):
+        for step in (1, 2):
+            trackers.log({"kind": "train", "step": step, "loss": 3.0 - step})
+    # the run stopped here (session exit closes without finishing); it resumes with more steps
+    ids = json.load(open(os.path.join(out, trackers.RUNS_FILE)))
+    assert set(ids) == {"wandb", "mlflow"}
+    again = load_config(None, ["--train.report_to", "wandb,mlflow", "--train.output_dir", out,
+                               "--train.max_steps", "3"])
+    with trackers.session(again, out, resume=True):
+        trackers.log({"kind": "train", "step": 3, "loss": 0.5})
+        trackers.finish(None, None, {"steps": 3})
+    assert json.load(open(os.path.join(out, trackers.RUNS_FILE))) == ids
+    client = MlflowClient("file://" + os.path.join(out, "mlruns"))
+    [exp] = [e for e in client.search_experiments() if e.name == "mixtune"]
+    [run] = client.search_runs([exp.experiment_id])  # one run, not two
+    assert run.info.run_id == ids["mlflow"] and run.info.status == "FINISHED"
+    hist = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in hist) == [(1, 2.0), (2, 1.0), (3, 0.5)]
+    assert run.data.params["train.max_steps"] == "2" and run.data.tags["resumed.train.max_steps"] == "3"
+    logs = sorted(glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb")))
+    assert len(logs) == 2 and all(os.path.basename(p) == f"run-{ids['wandb']}.wandb" for p in logs)
+    parts = []
+    for log in logs:
+        for _ in range(60):  # wandb's service may still be writing the log's tail
+            records = _wandb_records(log)
+            if any(r.WhichOneof("record_type") == "exit" for r in records):
+                break
+            time.sleep(0.5)
+        parts.append(sorted(int(i.value_json) for r in records if r.WhichOneof("record_type") == "history"
+                            for i in r.history.item if (i.key or "/".join(i.nested_key)) == "_step"))
+    assert sorted(parts) == [[1, 2], [3]]  # the resumed part carries on at step 3 in the same run
+    # a fresh (not resumed) start opens new runs
+    with trackers.session(again, out):
+        pass
+    assert json.load(open(os.path.join(out, trackers.RUNS_FILE)))["mlflow"] != ids["mlflow"]

@@ -9,15 +9,24 @@ W&B offline with WANDB_MODE=offline (records under output_dir/wandb, `wandb sync
 MLflow into MLFLOW_TRACKING_URI, by default the local file store file://<output_dir>/mlruns (MLflow 3.x keeps
 that store behind MLFLOW_ALLOW_FILE_STORE=true, which mixtune sets for its default).
 TensorBoard itself stays in `metrics.MetricsLog` (tb/).
+
+A resumed run continues the same tracker runs: their ids are kept in output_dir/trackers.json (written when
+they open), and `start(..., resume=True)` reopens them (W&B `resume="allow"` with that id; MLflow
+`start_run(run_id=...)`). Config values that changed on resume (e.g. a longer train.max_steps) update W&B's
+config and become MLflow tags `resumed.<key>` (MLflow refuses to change a logged parameter).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, Optional
 
+from .._fs import atomic_write
+
 TRACKERS = ("tensorboard", "wandb", "mlflow")
+RUNS_FILE = "trackers.json"  # {"wandb": run id, "mlflow": run id}: what a resumed run reopens
 _active: list = []
 
 
@@ -47,13 +56,20 @@ def _scalars(record: dict) -> dict[str, float]:
 
 
 class _Wandb:
-    def __init__(self, config: dict, out_dir: str):
+    name = "wandb"
+
+    def __init__(self, config: dict, out_dir: str, run_id: Optional[str] = None):
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "mixtune", dir=out_dir,
-                              name=os.path.basename(os.path.abspath(out_dir)), config=config,
-                              settings=wandb.Settings(silent=True))
+        kw = dict(project=os.environ.get("WANDB_PROJECT") or "mixtune", dir=out_dir,
+                  name=os.path.basename(os.path.abspath(out_dir)), settings=wandb.Settings(silent=True))
+        if run_id:  # a resumed run: the same W&B run, its config updated where the resume changed it
+            self.run = wandb.init(id=run_id, resume="allow", **kw)
+            self.run.config.update(config, allow_val_change=True)
+        else:
+            self.run = wandb.init(config=config, **kw)
+        self.id = self.run.id
 
     def log(self, step: int, values: dict) -> None:
         self.run.log(values, step=step)
@@ -71,7 +87,9 @@ class _Wandb:
 
 
 class _Mlflow:
-    def __init__(self, config: dict, out_dir: str):
+    name = "mlflow"
+
+    def __init__(self, config: dict, out_dir: str, run_id: Optional[str] = None):
         import mlflow
 
         self.mlflow = mlflow
@@ -81,8 +99,18 @@ class _Mlflow:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or "mixtune")
-        self.run = mlflow.start_run(run_name=os.path.basename(os.path.abspath(out_dir)))
-        mlflow.log_params({k: str(v)[:5000] for k, v in _flat(config).items()})
+        params = {k: str(v)[:5000] for k, v in _flat(config).items()}
+        if run_id:  # a resumed run: the same MLflow run; a changed value becomes a tag (params are immutable)
+            self.run = mlflow.start_run(run_id=run_id)
+            old = mlflow.get_run(run_id).data.params
+            mlflow.log_params({k: v for k, v in params.items() if k not in old})
+            changed = {f"resumed.{k}": v for k, v in params.items() if k in old and old[k] != v}
+            if changed:
+                mlflow.set_tags(changed)
+        else:
+            self.run = mlflow.start_run(run_name=os.path.basename(os.path.abspath(out_dir)))
+            mlflow.log_params(params)
+        self.id = self.run.info.run_id
 
     def log(self, step: int, values: dict) -> None:
         self.mlflow.log_metrics(values, step=step)
@@ -96,15 +124,33 @@ class _Mlflow:
         self.mlflow.end_run()
 
 
-def start(cfg, out_dir: str) -> list:
-    """Open the trackers named in cfg.train.report_to (tensorboard aside) and record the config."""
+def _saved_ids(out_dir: str) -> dict:
+    try:
+        with open(os.path.join(out_dir, RUNS_FILE)) as fh:
+            ids = json.load(fh)
+    except (OSError, ValueError):  # none yet (or unreadable): the trackers start new runs
+        return {}
+    return ids if isinstance(ids, dict) else {}
+
+
+def start(cfg, out_dir: str, resume: bool = False) -> list:
+    """Open the trackers named in cfg.train.report_to (tensorboard aside) and record the config; resume=True
+    reopens the runs recorded in out_dir/trackers.json. Their ids are written there (atomically)."""
     close()
     config = cfg.to_dict() if hasattr(cfg, "to_dict") else _asdict(cfg)
+    ids = _saved_ids(out_dir) if resume else {}
     for name in cfg.train.report_to:
         if name == "wandb":
-            _active.append(_Wandb(config, out_dir))
+            _active.append(_Wandb(config, out_dir, ids.get("wandb")))
         elif name == "mlflow":
-            _active.append(_Mlflow(config, out_dir))
+            _active.append(_Mlflow(config, out_dir, ids.get("mlflow")))
+    if _active:
+        runs = {**ids, **{t.name: t.id for t in _active}}
+
+        def write(path: str) -> None:
+            with open(path, "w") as fh:
+                json.dump(runs, fh, indent=1)
+        atomic_write(os.path.join(out_dir, RUNS_FILE), write)
     return _active
 
 
@@ -142,11 +188,12 @@ def close() -> None:
 
 
 class session:
-    """`with session(cfg, out_dir, is_main):` opens the trackers (rank 0 only) and closes any still open at exit
-    (a run that failed or stopped early); a finished run has closed them through `finish`."""
+    """`with session(cfg, out_dir, is_main, resume):` opens the trackers (rank 0 only; resume: the runs of
+    trackers.json) and closes any still open at exit (a run that failed or stopped early); a finished run has
+    closed them through `finish`."""
 
-    def __init__(self, cfg, out_dir: str, is_main: bool = True):
-        self.args = (cfg, out_dir) if is_main else None
+    def __init__(self, cfg, out_dir: str, is_main: bool = True, resume: bool = False):
+        self.args = (cfg, out_dir, resume) if is_main else None
 
     def __enter__(self):
         if self.args is not None:
