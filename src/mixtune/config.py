@@ -131,7 +131,12 @@ class DataConfig:
     datasets: list[dict] = _f([], "A mixture instead of source/path: [{path: a.jsonl, weight: 2}, {source: "
                                   "org/ds, template: text, columns: {text: body}, max_rows: 1000}]; keys source|path, "
                                   "split, template, columns, weight (> 0, the share of training tokens), max_rows. "
-                                  "Mixed by weight without repeating rows (the scarcest source is used whole).")
+                                  "Mixed by weight (data.mixture says how the shares are met).")
+    mixture: str = _f("down", "How data.datasets meets its weights: down (no row repeated: the source scarcest "
+                              "for its weight is used whole, the others sampled down to their share) or up (no "
+                              "row dropped: the most plentiful source for its weight is used whole, the others "
+                              "repeated whole and topped up with a seeded sample). Evaluation rows are never "
+                              "repeated.", ("down", "up"))
     streaming: bool = _f(False, "Read Hub datasets as a stream (datasets' streaming=True): rows are read as "
                                 "needed (max_rows stops early) instead of downloading the whole split first.")
     train_on_prompt: bool = _f(False, "Compute the loss on the whole text (the recipe) instead of the answer + eos.")

@@ -228,6 +228,40 @@ def test_mixture_token_shares_follow_the_weights(tmp_path, tok, capsys):
     assert "weight 2 (50.0%)" in report and "text.jsonl (text -> text)" in report
 
 
+def test_mixture_up_repeats_instead_of_dropping(tmp_path, tok):
+    """data.mixture up: the same token shares (within 1%), every training example of every source used at least
+    once (sources short for their weight repeated), evaluation never repeated."""
+    text, alpaca, sharegpt = _mixture_files(tmp_path)
+    spec = (f"[{{path: {text}, template: text, weight: 2}}, {{path: {alpaca}, template: alpaca, weight: 1}}, "
+            f"{{path: {sharegpt}, template: mixtral-chat, weight: 1}}]")
+    down = prepare_data(_cfg(tmp_path, "--data.datasets", spec, "--data.max_seq_length", "128"), tok).stats
+    up = prepare_data(_cfg(tmp_path, "--data.datasets", spec, "--data.max_seq_length", "128",
+                           "--data.mixture", "up"), tok).stats
+    assert up["cached"] is False  # another cache entry than down's
+    total = sum(s["tokens"] for s in up["sources"])
+    for s, w in zip(up["sources"], (0.5, 0.25, 0.25)):
+        assert abs(s["tokens"] / total - w) <= 0.01 * w, (s, w)
+    rows = (150, 300, 300)
+    for s, d, n in zip(up["sources"], down["sources"], rows):
+        assert s["train_examples"] >= round(n * 0.95) and s["train_examples"] >= d["train_examples"]
+    assert up["sources"][0]["train_examples"] > 2 * round(150 * 0.95)  # text: short for weight 2, repeated
+    assert up["eval_examples"] == down["eval_examples"]
+
+
+def test_select_by_weight_up_and_down():
+    from mixtune.data.mixture import select_by_weight
+    pools = [[10] * 10, [10] * 40]  # 100 and 400 tokens
+    kept, budgets = select_by_weight(pools, [1, 1], seed=0)  # down: 100 + 100
+    assert kept[0] == list(range(10)) and len(kept[1]) == 10 and budgets == [100, 100]
+    kept, budgets = select_by_weight(pools, [1, 1], seed=0, mode="up")  # up: 400 + 400
+    assert kept[1] == list(range(40)) and budgets == [400, 400]
+    assert sorted(kept[0]) == sorted(list(range(10)) * 4)  # repeated whole 4 times, nothing dropped
+    kept, _ = select_by_weight(pools, [1, 3], seed=0, mode="up")  # 400 is 3/4: 133.3 tokens for the first
+    assert kept[0][:10] == list(range(10)) and len(kept[0]) == 13  # whole once + a 3-example top-up
+    with pytest.raises(ValueError, match="down or up"):
+        select_by_weight(pools, [1, 1], 0, mode="sideways")
+
+
 def test_mixture_through_prepare_reports_rows_and_tokens_per_source(tmp_path, capsys, monkeypatch, tok):
     text, alpaca, _ = _mixture_files(tmp_path)
     from mixtune.cli import main

@@ -5,11 +5,14 @@
         - {path: chat.jsonl, template: chat-template, weight: 3}
         - {source: org/corpus, template: text, columns: {text: body}, weight: 1, max_rows: 100000}
 
-A weight is a share of the training tokens: source k gets w_k / sum(w) of them. No row is repeated: the source
-that is scarcest relative to its weight is used whole and every other one contributes a seeded sample of whole
-examples up to its share (so the shares hold to within about one example's length). Evaluation rows are held out
-per source (data.eval_fraction, seeded) before the selection and mixed by the same weights. Without
-`data.datasets`, the data is one part (data.source / data.path) and nothing is sampled.
+A weight is a share of the training tokens: source k gets w_k / sum(w) of them. With data.mixture down (the
+default) no row is repeated: the source that is scarcest relative to its weight is used whole and every other
+one contributes a seeded sample of whole examples up to its share (so the shares hold to within about one
+example's length). With data.mixture up no row is dropped: the source most plentiful relative to its weight is
+used whole and every other one is repeated whole as often as its share allows, then topped up with a seeded
+sample. Evaluation rows are held out per source (data.eval_fraction, seeded) before the selection and mixed by
+the same weights, sampled down (never repeated). Without `data.datasets`, the data is one part (data.source /
+data.path) and nothing is sampled.
 """
 
 from __future__ import annotations
@@ -93,31 +96,38 @@ def resolve_parts(d) -> list:
     return parts
 
 
-def select_by_weight(pools: list, weights: list, seed: int) -> tuple[list, list]:
-    """pools: per source, the example lengths (tokens) in source order -> (per source the kept indices, sorted;
-    per source the token budget). Source k's budget is p_k * N with p_k = w_k / sum(w) and N the largest total
-    no source must exceed: min_k T_k / p_k. Each source keeps a seeded random subset of whole examples whose
-    token count is as close to its budget as the greedy walk gets (the scarcest source keeps everything)."""
+def select_by_weight(pools: list, weights: list, seed: int, mode: str = "down") -> tuple[list, list]:
+    """pools: per source, the example lengths (tokens) in source order -> (per source the kept indices; per
+    source the token budget). Source k's budget is p_k * N with p_k = w_k / sum(w). mode down: N is the largest
+    total no source must exceed, min_k T_k / p_k; up: the smallest total that drops no row, max_k T_k / p_k.
+    A source whose budget is below its tokens keeps a seeded random subset of whole examples whose token count is
+    as close to the budget as the greedy walk gets; above them (up), it is repeated whole floor(budget / T_k)
+    times and the rest of its budget is such a subset. Indices are sorted within each repetition."""
+    if mode not in ("down", "up"):
+        raise ValueError(f"data.mixture: down or up, got {mode!r}")
     total_w = float(sum(weights))
     shares = [w / total_w for w in weights]
     totals = [sum(p) for p in pools]
     live = [k for k in range(len(pools)) if totals[k] > 0]
     if not live:
         return [[] for _ in pools], [0 for _ in pools]
-    n = min(totals[k] / shares[k] for k in live)  # a source with nothing (no eval rows) contributes nothing
+    ratios = [totals[k] / shares[k] for k in live]  # a source with nothing (no eval rows) contributes nothing
+    n = min(ratios) if mode == "down" else max(ratios)
     kept, budgets = [], []
     for k, lengths in enumerate(pools):
         budget = shares[k] * n
         budgets.append(budget)
-        if budget >= totals[k] - 1e-9:
-            kept.append(list(range(len(lengths))))
-            continue
-        g = torch.Generator().manual_seed(int(seed) * 1000 + k)
-        order = torch.randperm(len(lengths), generator=g).tolist()
-        have, take = 0, []
-        for i in order:
-            if have + lengths[i] / 2 <= budget:  # take it when that lands nearer the budget than leaving it
-                take.append(i)
-                have += lengths[i]
-        kept.append(sorted(take))
+        whole = int(budget // totals[k] + 1e-9) if totals[k] > 0 else 1  # times used whole (down: at most 1)
+        keep = list(range(len(lengths))) * min(whole, 1 if mode == "down" else whole)
+        rest = budget - totals[k] * (len(keep) // max(1, len(lengths)))
+        if rest > 1e-9 and totals[k] > 0:
+            g = torch.Generator().manual_seed(int(seed) * 1000 + k)
+            order = torch.randperm(len(lengths), generator=g).tolist()
+            have, take = 0, []
+            for i in order:
+                if have + lengths[i] / 2 <= rest:  # take it when that lands nearer the budget than leaving it
+                    take.append(i)
+                    have += lengths[i]
+            keep += sorted(take)
+        kept.append(keep)
     return kept, budgets

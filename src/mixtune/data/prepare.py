@@ -36,7 +36,7 @@ from .tokenize import IGNORE, fit_length, split_document, tokenize_example
 CACHE_FORMAT = 3
 _KEY_FIELDS = ("source", "path", "train_split", "eval_split", "eval_fraction", "eval_max_rows", "max_rows",
                "template", "columns", "train_on_prompt", "max_seq_length", "packing", "overlong",
-               "skip_bad_rows", "seed", "chat_template_kwargs", "datasets", "streaming")
+               "skip_bad_rows", "seed", "chat_template_kwargs", "datasets", "streaming", "mixture")
 
 
 @dataclass
@@ -245,7 +245,8 @@ def _mix(parts: list, pds: list, d) -> tuple[list, list, list, list]:
         pd = pds[0]
         return pd.train_kept, pd.eval_kept, pd.eval_records, [list(range(len(pd.train_kept)))]
     weights = [p.weight for p in parts]
-    keep_t, _ = select_by_weight([[len(i) for i, _ in pd.train_kept] for pd in pds], weights, d.seed)
+    keep_t, _ = select_by_weight([[len(i) for i, _ in pd.train_kept] for pd in pds], weights, d.seed,
+                                 getattr(d, "mixture", "down"))
     keep_e, _ = select_by_weight([[len(i) for i, _ in pd.eval_kept] for pd in pds], weights, d.seed + 1)
     train = [pd.train_kept[i] for pd, keep in zip(pds, keep_t) for i in keep]
     evals = [(pd.eval_kept[i], k, i) for k, (pd, keep) in enumerate(zip(pds, keep_e)) for i in keep]
