@@ -6,24 +6,26 @@
 For each setting every rank builds the same random NF4 model with the benchmark's adapter (seed-for-seed the
 one-GPU bench's), then trains as `mixtune train` does on that many ranks: ddp keeps everything on every rank
 and sums the adapter gradients after the backward passes (`Dist.sum_grads`); fsdp parks each decoder layer on
-the CPU as it is built and shards it when it comes back (`loop.fsdp.shard_model`: the NF4 base, the adapter,
-its gradients and the AdamW state), so no rank ever holds the whole 4-bit model — what lets Mixtral-8x22B
-train on cards smaller than it; a parked layer keeps only this rank's chunk of its NF4 storage on the host. Each rank trains its own packed rows; tokens/s counts all ranks' tokens, the
-peak is the largest rank's `max_memory_allocated` over the timed steps (as in the one-GPU bench) and, on its
-own, over building and sharding (`build peak`), and the planner's per-GPU estimate for the strategy sits beside
-it. The one-GPU figure to compare with is `mixtune bench` with the same settings in the same call (bench/fsdp_bench.sh).
-A model is built per setting (an FSDP-sharded model cannot be un-sharded). The numerics checks belong to the
-one-GPU run: here they are skipped. Rank 0 prints the table and one JSON line last.
+the CPU as it is built, keeping only this rank's chunk of its NF4 storage, and shards it when it comes back
+(`loop.fsdp.shard_model`: the NF4 base, the adapter, its gradients and the AdamW state), so no rank ever holds
+the whole 4-bit model — what lets Mixtral-8x22B train on cards smaller than it. Each rank trains its own packed
+rows; tokens/s counts all ranks' tokens; the peak is the largest rank's `max_memory_allocated` over the timed
+steps (as in the one-GPU bench) and, on its own, over building and sharding (`build peak`); the planner's
+per-GPU estimate for the strategy sits beside it. The one-GPU figure to compare with is `mixtune bench` with the
+same settings in the same call (bench/fsdp_bench.sh). A model is built per setting (an FSDP-sharded model cannot
+be un-sharded). The numerics checks belong to the one-GPU run: here they are skipped. Rank 0 prints the table
+and one JSON line last. A refused setting (the same on every rank, before any collective) is reported and the
+next one runs; any other failure (out of memory, ...) may strike one rank alone, mid-collective, so it ends the
+job, naming the rank, rather than leave the others waiting.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import torch
-
-import sys
 
 from .bench import (HEADER, TINY, Row, build_parser, ckpt_label, free, parse_settings, planned_peak_gib, print_row,
                     time_mixtune, versions)
@@ -66,12 +68,14 @@ def run_one(cfg: MixtralConfig, s: dict, seq: int, dist, device, steps: int, war
         time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], steps, warmup, seed, attn=s.get("attn", "sdpa"),
                      optim=s.get("opt", "adamw"), actk=s.get("actk", 0), gqa=s.get("gqa", 1),
                      prec=s.get("prec", "bf16"), dist=dist)
-    except torch.OutOfMemoryError as e:
-        row.error = "OOM: " + str(e).split("\n")[0][:80]
-    except ValueError as e:  # a refused combination: the first clause of its message
+    except ValueError as e:  # a refused combination (every rank, before any collective): the next setting runs
         row.error = "refused: " + str(e).split(":")[0]
-    except RuntimeError as e:
-        row.error = f"{type(e).__name__}: {str(e)[:160]}"
+    except (torch.OutOfMemoryError, RuntimeError) as e:  # maybe this rank alone: end the job, do not hang it
+        what = "OOM: " + str(e).split("\n")[0][:120] if isinstance(e, torch.OutOfMemoryError) else \
+            f"{type(e).__name__}: {str(e)[:200]}"
+        print(f"mixtune bench: rank {dist.rank} of {dist.world}, {row.setting}: {what}; ending the job",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         del model
         free(device)
@@ -80,7 +84,7 @@ def run_one(cfg: MixtralConfig, s: dict, seq: int, dist, device, steps: int, war
 
 def main_dist(args, cfg: MixtralConfig, settings: list[dict]) -> int:
     """`mixtune bench` on every rank of a torchrun job (WORLD_SIZE > 1). Returns the exit code."""
-    dist, device = setup(torch.device(args.device or "cuda"))
+    dist, device = setup(torch.device(args.device or "cuda"), timeout_s=900)  # no wait in a collective is longer
     say = print if dist.is_main else (lambda *a, **k: None)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, gloo"
     say(f"mixtune bench on {dist.world} ranks ({where}); numerics checks: run the one-GPU bench (skipped here)",
