@@ -430,21 +430,9 @@ def main(argv=None) -> int:
         run(args, settings, model_type, g, result, rows, device)
         exit_code = 0 if all(not r.get("error") for r in rows) else 1
     except Exception as e:  # noqa: BLE001
-        traceback.print_exc()
-        result["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-        for r in rows:
-            r.setdefault("error", "not run: " + result["error"][:200])
-        exit_code = 1
+        exit_code = pc.fail_rows(result, rows, e)
     print_table(rows, args, result.get("versions", {}))
-    result["rows"] = rows
-    result["ok"] = exit_code == 0
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    line = json.dumps(result, default=str)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
-    print(line, flush=True)
-    return exit_code
+    return pc.emit_result(result, rows, exit_code, t0, args.json_out)
 
 
 if __name__ == "__main__":

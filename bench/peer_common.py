@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import time
+import traceback
 
 # The benchmarked geometries, in mixtune's field names (num_local_experts = expert count, intermediate_size = one
 # expert's width), the same as mixtune.model.config.GEOMETRIES[name] (check_geometry compares them).
@@ -438,3 +439,26 @@ def check_written_config(ckpt_dir: str, g: dict, layers: int, model_type: str) -
             m.is_moe_layer(li) for li in range(layers)):
         raise RuntimeError(f"{ckpt_dir}/config.json: {m.model_type}, {m.num_hidden_layers} layers, {got}; "
                            f"expected {model_type}, {layers} layers (all MoE), {g}")
+
+
+def fail_rows(result: dict, rows: list, e: BaseException) -> int:
+    """A run that stopped on `e`: its traceback printed, the error in the result and on every row not yet
+    timed; returns the exit code (1)."""
+    traceback.print_exc()
+    result["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+    for r in rows:
+        r.setdefault("error", "not run: " + result["error"][:200])
+    return 1
+
+
+def emit_result(result: dict, rows: list, exit_code: int, t0: float, json_out: str = "") -> int:
+    """The JSON line last (and into json_out): rows, ok, seconds since t0. Returns exit_code."""
+    result["rows"] = rows
+    result["ok"] = exit_code == 0
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    line = json.dumps(result, default=str)
+    if json_out:
+        with open(json_out, "w") as f:
+            f.write(line + "\n")
+    print(line, flush=True)
+    return exit_code

@@ -108,8 +108,8 @@ if "_bench_peer_common" not in sys.modules:
     _spec.loader.exec_module(sys.modules[_spec.name])
 from _bench_peer_common import (ALPHA, ATTN_TARGETS, EXPERT_TARGETS, GEOMETRIES, R, check_adapters,  # noqa: E402
                                 check_geometry, check_written_config, checkpoint_complete, checkpoint_spec,
-                                free_cuda, hf_model_class, log, make_batches, markdown_table, masking_check,
-                                settings_parts, sync, time_setting, write_checkpoint)
+                                emit_result, fail_rows, free_cuda, hf_model_class, log, make_batches,
+                                markdown_table, masking_check, settings_parts, sync, time_setting, write_checkpoint)
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -504,24 +504,12 @@ def main(argv=None) -> int:
             run_unsloth(args, settings, g, ckpt_dir, result, rows)
             exit_code = 0 if all(not r.get("error") for r in rows) else 1
     except Exception as e:  # noqa: BLE001
-        traceback.print_exc()
-        result["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-        for r in rows:
-            r.setdefault("error", "not run: " + result["error"][:200])
-        exit_code = 1
+        exit_code = fail_rows(result, rows, e)
     for r in rows:
         r["unsloth"] = result["versions"].get("unsloth", "")
     print_table(rows, args)
     result.pop("_t0", None)
-    result["rows"] = rows
-    result["ok"] = exit_code == 0
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    line = json.dumps(result, default=str)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
-    print(line, flush=True)
-    return exit_code
+    return emit_result(result, rows, exit_code, t0, args.json_out)
 
 
 if __name__ == "__main__":
