@@ -69,6 +69,26 @@ def _hf_model_from_fixture():
     return hf_model_from
 
 
+def randomize_lora_b(model, seed: int = 1, std: float = 0.05) -> None:
+    """Give every LoRA B (linears and expert stacks) N(0, std²) values from one seeded stream, so an adapter has
+    an effect (B starts at zero)."""
+    from mixtune.lora import ExpertLoRA, LoRALinear
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, LoRALinear):
+                mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * std)
+            elif isinstance(mod, ExpertLoRA):
+                for b in mod.B.values():
+                    b.copy_(torch.randn(b.shape, generator=g) * std)
+
+
+@pytest.fixture(scope="session", name="randomize_b")
+def _randomize_b_fixture():
+    """`randomize_lora_b(model, seed=1, std=0.05)` as a fixture (tests can't import conftest)."""
+    return randomize_lora_b
+
+
 def _can_run_torchrun() -> bool:
     """gloo is built in and loopback TCP works (torchrun's rendezvous): otherwise a 2-rank test cannot run here."""
     import socket

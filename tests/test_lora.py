@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mixtune.config import ConfigError, LoraConfig
-from mixtune.lora import (ExpertLoRA, LoRALinear, adapter_state_dict, apply_lora, load_adapter, lora_parameters,
+from mixtune.lora import (LoRALinear, adapter_state_dict, apply_lora, load_adapter, lora_parameters,
                           save_adapter)
 from mixtune.model import MIXTRAL_8X7B_CONFIG, NF4Linear
 from mixtune.model import build_model_on_meta, load_model
@@ -24,17 +24,6 @@ RECIPE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 
 def _ids(vocab: int, B: int = 2, T: int = 24, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def _randomize_b(model, seed: int = 1, std: float = 0.05) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, LoRALinear):
-                mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * std)
-            elif isinstance(mod, ExpertLoRA):
-                for b in mod.B.values():
-                    b.copy_(torch.randn(b.shape, generator=g) * std)
 
 
 @pytest.fixture(scope="module")
@@ -202,10 +191,10 @@ def _peft_logits(ckpt, adapter_dir, ids, hf_model_from):
 @pytest.mark.parametrize("targets,dropout", [(ALL, 0.0), (["q_proj", "o_proj", "w1", "w2"], 0.1),
                                              (["q_proj", "w1"], 0.0)])
 def test_stock_peft_loads_our_adapter(fp32_model_factory, tiny_ckpt, tiny_config, hf_model_from, tmp_path,
-                                      targets, dropout):
+                                      targets, dropout, randomize_b):
     model = fp32_model_factory("none")
     apply_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout, targets=targets), seed=0)
-    _randomize_b(model)
+    randomize_b(model)
     model.eval()
     ids = _ids(tiny_config.vocab_size)
     with torch.no_grad():
@@ -228,11 +217,11 @@ def test_stock_peft_loads_our_adapter(fp32_model_factory, tiny_ckpt, tiny_config
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=2e-5)
 
 
-def test_mixtune_round_trip_and_errors(fp32_model_factory, tiny_config, tmp_path):
+def test_mixtune_round_trip_and_errors(fp32_model_factory, tiny_config, tmp_path, randomize_b):
     model = fp32_model_factory("nf4")
     lcfg = LoraConfig(r=4, alpha=8, dropout=0.05, targets=["q_proj", "v_proj", "lm_head", "gate", "w3"])
     rep = apply_lora(model, lcfg, seed=0)
-    _randomize_b(model)
+    randomize_b(model)
     out = str(tmp_path / "adapter")
     save_adapter(model, out, lcfg, "tiny", report=rep)
     cfg = json.load(open(os.path.join(out, "adapter_config.json")))

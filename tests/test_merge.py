@@ -18,7 +18,7 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head", "gate", "experts"]
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_ckpt, tmp_path_factory):
+def adapter(tiny_ckpt, tmp_path_factory, randomize_b):
     """(adapter dir, the fp32 adapter model, its logits on `ids`, the base logits, ids)."""
     model = load_model(tiny_ckpt, quant="none", dtype=torch.float32, report=None)
     ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -26,14 +26,7 @@ def adapter(tiny_ckpt, tmp_path_factory):
         base = model(ids).logits
     lcfg = LoraConfig(r=4, alpha=8, targets=ALL)
     apply_lora(model, lcfg, seed=0)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, LoRALinear):
-                mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * 0.05)
-            elif isinstance(mod, ExpertLoRA):
-                for b in mod.B.values():
-                    b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+    randomize_b(model, seed=5)
     model.eval()
     with torch.no_grad():
         logits = model(ids).logits

@@ -214,19 +214,15 @@ def test_every_rank_takes_the_same_skip_decision(tmp_path):
 
 # ------------------------------------------------------------------------------------------ adapters on disk
 @pytest.fixture(scope="module")
-def adapter16(tiny_ckpt, tmp_path_factory):
+def adapter16(tiny_ckpt, tmp_path_factory, randomize_b):
     """An r=16 alpha=16 adapter on q_proj / v_proj of the tiny model with non-zero B (the path)."""
-    from mixtune.lora import LoRALinear, apply_lora, save_adapter
+    from mixtune.lora import apply_lora, save_adapter
     from mixtune.model import load_model
 
     model = load_model(tiny_ckpt, quant="none", dtype=torch.float32, report=None)
     lcfg = LoraConfig(r=16, alpha=16, targets=["q_proj", "v_proj"])
     apply_lora(model, lcfg, seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, LoRALinear):
-                mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * 0.05)
+    randomize_b(model)
     d = str(tmp_path_factory.mktemp("ad16") / "adapter")
     save_adapter(model, d, lcfg, tiny_ckpt)
     return d
