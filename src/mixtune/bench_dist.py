@@ -105,7 +105,8 @@ def main_dist(args, cfg: MixtralConfig, settings: list[dict]) -> int:
         for r in out:
             print_row(r)
         print(json.dumps({"versions": versions(), "ranks": dist.world, "model": cfg.model_type,
-                          "geometry": "tiny" if args.cpu_tiny else args.geometry, "layers": args.layers, "seq": args.seq,
+                          "geometry": "tiny" if args.cpu_tiny else args.geometry, "layers": args.layers,
+                          "seq": args.seq,
                           "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "targets": LORA_TARGETS},
                           "rows": [r.__dict__ for r in out], "ok": ok,
                           "seconds": round(time.perf_counter() - t_start, 1)}, default=str), flush=True)

@@ -346,9 +346,15 @@ def test_shard_of_keeps_this_ranks_chunk_of_the_nf4_storage(tiny_ckpt):
                 assert full.shape == b._parameters[name].shape
                 lo = min(full.shape[0], rank * -(-full.shape[0] // world))
                 assert torch.equal(full[lo:lo + chunk.shape[0]].view(torch.int16), chunk.view(torch.int16))
-            a.check_shard(kept, lambda p, kept=kept: kept[next(k for k in kept if a._parameters[k] is p)])
-            if kept and rank == 1:
-                with pytest.raises(RuntimeError, match="not the dim-0 chunk"):
-                    a.check_shard(kept, lambda p: torch.roll(p.detach(), 1))
+            def local(p, shift=0, a=a, b=b, kept=kept):  # what fully_shard would leave: the chunk (shifted)
+                name = next(k for k in kept if a._parameters[k] is p)
+                full, n = b._parameters[name].detach(), kept[name].shape[0]
+                lo = min(full.shape[0], rank * -(-full.shape[0] // world)) + shift
+                return full[lo:lo + n]
+            a.check_shard(kept, local)
+            if kept and rank == 1:  # a chunk one element off (same shape), or a whole tensor: refused
+                for wrong in (lambda p: local(p, shift=-1), lambda p: p.detach()):
+                    with pytest.raises(RuntimeError, match="not the dim-0 chunk"):
+                        a.check_shard(kept, wrong)
     # unsharded parts are whole: the embedding and the adapter-free norms
     assert parked.model.embed_tokens.weight.shape == plain.model.embed_tokens.weight.shape

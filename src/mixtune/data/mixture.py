@@ -117,10 +117,15 @@ def select_by_weight(pools: list, weights: list, seed: int, mode: str = "down") 
     for k, lengths in enumerate(pools):
         budget = shares[k] * n
         budgets.append(budget)
-        whole = int(budget // totals[k] + 1e-9) if totals[k] > 0 else 1  # times used whole (down: at most 1)
-        keep = list(range(len(lengths))) * min(whole, 1 if mode == "down" else whole)
-        rest = budget - totals[k] * (len(keep) // max(1, len(lengths)))
-        if rest > 1e-9 and totals[k] > 0:
+        if totals[k] == 0:  # nothing to take (no eval rows of this source)
+            kept.append([])
+            continue
+        reps = math.floor(budget / totals[k] + 1e-9)  # times used whole
+        if mode == "down":
+            reps = min(reps, 1)
+        keep = list(range(len(lengths))) * reps
+        rest = budget - totals[k] * reps
+        if rest > 1e-9:
             g = torch.Generator().manual_seed(int(seed) * 1000 + k)
             order = torch.randperm(len(lengths), generator=g).tolist()
             have, take = 0, []

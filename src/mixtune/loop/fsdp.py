@@ -9,10 +9,11 @@ Each decoder layer is one FSDP unit, then the root (embedding, final norm, lm_he
 with the weight (packed codes, absmax, absmax2: 1-D, `NF4Weight.as_parameters`) becomes frozen Parameters that
 FSDP2 shards along dim 0 and all-gathers before the layer runs; the code tables stay replicated buffers. The
 LoRA parameters, their gradients and the AdamW state are DTensor shards. A model larger than one GPU is loaded
-with its decoder layers parked on the CPU (`load_model(..., offload_layers=True)`); each comes back to the GPU
-just before it is sharded, so a rank's device never holds more than its shards plus one whole layer. A layer is resharded after its
-forward and all-gathered again before its backward, so the MoE kernels' autograd functions, which re-read the
-NF4Weight's storage in backward, find it whole. The next layer's all-gather is issued while the current one
+with its decoder layers parked on the CPU, each keeping only this rank's chunk of its NF4 storage
+(`load_model(..., offload_layers=True, shard_of=(rank, world))`); each comes back to the GPU just before it is
+sharded, so a rank's device never holds more than its shards plus one whole layer. A layer is resharded after
+its forward and all-gathered again before its backward, so the MoE kernels' autograd functions, which re-read
+the NF4Weight's storage in backward, find it whole. The next layer's all-gather is issued while the current one
 computes (`set_modules_to_forward_prefetch`).
 
 Exact accumulation as under ddp: each rank's loss is already normalised by the whole step's label tokens, so
