@@ -4,6 +4,7 @@
     linear_cross_entropy(h, head, labels) -> (loss_sum fp32, n_tokens)
     build_attention(position_ids, S, n_rep, impl, decoding) -> callable(q, k, v)
     rms_norm(x, weight, eps) -> like x;  nf4_linear(x, w4) -> x @ W^T;  apply_rope(q, k, cos, sin) -> (q, k)
+    moe_route(logits (N, E), k, renormalize, weights=None) -> (topk_w (N, k) fp32, topk_idx (N, k), RouterStats)
 
 MoE backends: "reference" (the per-expert loop), "grouped" (sorted tokens, grouped matrix products, fused
 NF4 dequantization; saves the (M, 2I) expert pre-activations), "grouped_lowmem" (the same, recomputing those
@@ -74,3 +75,12 @@ def nf4_linear(x, w):
     """x (..., in) @ W^T for an NF4Weight W (out, in), re-dequantizing in backward instead of saving W."""
     from .linear import nf4_linear as _lin
     return _lin(x, w)
+
+
+def moe_route(logits, k: int, renormalize: bool, weights=None, triton=None):
+    """The router: fp32 softmax over logits (N, E), top-k, renormalised if asked -> (topk_w (N, k) fp32,
+    topk_idx (N, k) int64, RouterStats: the load-balancing loss's per-expert sums, weighted by weights (N,));
+    fused in Triton on CUDA (triton=True forces it, for the interpreter), see kernels.router. (Not
+    `route`: that name is the submodule kernels.route, the tokens' gather / combine.)"""
+    from .router import route as _route
+    return _route(logits, k, renormalize, weights, triton)

@@ -186,19 +186,18 @@ class MoEBlock(nn.Module):
             self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
-    def forward(self, x: torch.Tensor):
-        """x (B, T, H) -> (B, T, H), router stats for the load-balancing loss."""
+    def forward(self, x: torch.Tensor, token_weight: Optional[torch.Tensor] = None):
+        """x (B, T, H) -> (B, T, H), the layer's `kernels.router.RouterStats` for the load-balancing loss.
+        token_weight (B*T,) fp32, optional: weighs each token in those statistics (the attention mask)."""
         B, T, H = x.shape
         flat = x.reshape(-1, H)  # (N, H)
-        logits = self.gate(flat)  # (N, E)
-        probs = logits.float().softmax(dim=-1)  # (N, E) fp32
-        topk_w, topk_idx = probs.topk(self.top_k, dim=-1)  # (N, k)
-        if self.norm_topk:
-            topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
+        logits = self.gate(flat)  # (N, E) in the compute dtype
+        # fp32 softmax -> top-k -> renormalise, fused; topk_w (N, k) fp32, topk_idx (N, k) int64
+        topk_w, topk_idx, stats = kernels.moe_route(logits, self.top_k, self.norm_topk, token_weight)
         y = self.experts(flat, topk_idx, topk_w.to(x.dtype))
         if hasattr(self, "shared_expert"):
             y = y + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-        return y.view(B, T, H), (probs, topk_idx)
+        return y.view(B, T, H), stats
 
 
 class MoEDecoderLayer(nn.Module):
@@ -217,7 +216,8 @@ class MoEDecoderLayer(nn.Module):
     def _attn_block(self, x, cos, sin, attn, kv_cache=None):
         return self.self_attn(self.input_layernorm(x), cos, sin, attn, kv_cache)
 
-    def forward(self, x, cos, sin, attn, kv_cache=None):
+    def forward(self, x, cos, sin, attn, kv_cache=None, token_weight=None):
+        """token_weight (B*T,) or None: the tokens' weights in the router statistics (MoEBlock)."""
         # [kernels hook] `checkpoint_attn`: recompute only the attention block in backward (keeps its input);
         # the MoE block keeps what its backend saves (grouped_lowmem: little more than its input and output)
         if (getattr(self, "checkpoint_attn", False) and kv_cache is None and self.training
@@ -228,7 +228,7 @@ class MoEDecoderLayer(nn.Module):
         h = self.post_attention_layernorm(x)
         if hasattr(self, "mlp"):  # a dense layer: no routing
             return x + self.mlp(h), None
-        y, router = self.block_sparse_moe(h)
+        y, router = self.block_sparse_moe(h, token_weight)
         return x + y, router
 
 
@@ -309,13 +309,16 @@ class MoEForCausalLM(nn.Module):
         attn = kernels.build_attention(position_ids, past + T, n_rep, self.attn_implementation,
                                        decoding=kv_cache is not None)
         aux_parts = []
+        # padding stays out of the router statistics: each token weighs its attention-mask value in them
+        tok_w = None if attention_mask is None else attention_mask.reshape(-1).to(torch.float32)  # (B*T,)
         for layer in self.model.layers:
             # [kernels hook] a layer with `checkpoint = False` keeps its activations (selective checkpointing)
             if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
                     and getattr(layer, "checkpoint", True)):
-                h, router = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn, None, use_reentrant=False)
+                h, router = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn, None, tok_w,
+                                                              use_reentrant=False)
             else:
-                h, router = layer(h, cos, sin, attn, kv_cache)
+                h, router = layer(h, cos, sin, attn, kv_cache, tok_w)
             if router is not None and (output_router_stats or (labels is not None and self.training)):
                 aux_parts.append(router)
         if kv_cache is not None:
@@ -323,7 +326,7 @@ class MoEForCausalLM(nn.Module):
         h = self.model.norm(h)
         out = CausalLMOutput()
         if aux_parts:
-            out.aux_loss = load_balancing_loss(aux_parts, self.config.num_local_experts, attention_mask)
+            out.aux_loss = load_balancing_loss(aux_parts, self.config.num_local_experts)
         if labels is not None:
             out.loss_sum, out.n_tokens = kernels.linear_cross_entropy(h, self.lm_head, labels)
             out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
@@ -332,32 +335,16 @@ class MoEForCausalLM(nn.Module):
         return out
 
 
-def load_balancing_loss(router_stats, num_experts: int,
-                        attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def load_balancing_loss(router_stats, num_experts: int) -> torch.Tensor:
     """Mixtral's auxiliary loss over all layers' routing, as transformers' `load_balancing_loss_func` computes it:
     E * sum_e (fraction of top-k assignments to e) * (mean router probability of e), over the tokens of all
-    layers concatenated. attention_mask (B, T) with 1 on real tokens: only those enter the two means (padding
-    does not); None counts every token."""
-    w = None
-    if attention_mask is not None:
-        w = attention_mask.reshape(-1).to(torch.float32)  # (N,) per layer, N = B * T
-    frac = 0.0
-    prob = 0.0
-    n = 0.0
-    for probs, idx in router_stats:  # probs (N, E) fp32, idx (N, k)
-        onehot = F.one_hot(idx, num_experts).float()  # (N, k, E)
-        if w is None:
-            frac = frac + onehot.sum(0)  # (k, E)
-            prob = prob + probs.sum(0)  # (E,)
-            n = n + probs.shape[0]
-        else:
-            ww = w.to(probs.device)
-            frac = frac + (onehot * ww[:, None, None]).sum(0)
-            prob = prob + (probs * ww[:, None]).sum(0)
-            n = n + ww.sum()
-    frac = frac / n
-    prob = prob / n
-    return (frac * prob[None]).sum() * num_experts
+    layers concatenated. router_stats: one `kernels.router.RouterStats` per MoE layer, each already weighted by the
+    attention mask given to `kernels.moe_route` (1 on real tokens: only those enter the two means; none: every token
+    counts). () fp32, differentiable through the statistics' prob_sums into the router logits."""
+    counts = sum(s.counts for s in router_stats)  # (E,) top-k assignments per expert, all layers
+    prob_sums = sum(s.prob_sums for s in router_stats)  # (E,) router probabilities summed, all layers
+    n = sum(s.tokens for s in router_stats)  # () tokens (weights) of all layers
+    return ((counts / n) * (prob_sums / n)).sum() * num_experts
 
 
 # the names every module used before the families (the same classes)
