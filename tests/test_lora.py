@@ -271,3 +271,57 @@ def test_mixtune_round_trip_and_errors(fp32_model_factory, tiny_config, tmp_path
     other = MixtralConfig(**{**tiny_config.__dict__, "intermediate_size": 192, "extra": {}})
     with pytest.raises(ConfigError, match="has shape .* but the model expects"):
         load_adapter(MixtralForCausalLM(other), out)
+
+
+def test_shared_gate_up_a_is_one_parameter_round_trips_and_stock_peft_agrees(
+        fp32_model_factory, tiny_ckpt, tiny_config, hf_model_from, tmp_path, randomize_b):
+    """lora.shared_gate_up_a: w1 and w3 share one A per expert (peft's fused gate_up_proj LoRA). The A is one
+    parameter (counted, optimized and saved once per matrix key), training reaches it from both products, the
+    PEFT files carry it under the w1 and w3 keys, and stock peft, mixtune's own loader (separate A's) and a
+    shared model all give the same logits. A separately trained adapter does not load into a shared model."""
+    from mixtune.lora.modules import ExpertLoRA
+    from mixtune.lora.peft_format import set_adapter_state_dict
+
+    c = tiny_config
+    targets = ["q_proj", "experts"]
+    sep = apply_lora(fp32_model_factory("none"), LoraConfig(r=4, alpha=8, targets=targets), seed=0)
+    model = fp32_model_factory("none")
+    lcfg = LoraConfig(r=4, alpha=8, targets=targets, shared_gate_up_a=True)
+    rep = apply_lora(model, lcfg, seed=0)
+    assert rep.trainable_params == sep.trainable_params - c.num_hidden_layers * c.num_local_experts * 4 * c.hidden_size
+    params = lora_parameters(model)
+    assert len({id(p) for p in params}) == len(params) and sum(p.numel() for p in params) == rep.trainable_params
+    el = [m for m in model.modules() if isinstance(m, ExpertLoRA)]
+    assert el and all(m.A["w3"] is m.A["w1"] and m.shared_gate_up_a for m in el)
+    randomize_b(model)
+    ids = _ids(c.vocab_size)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        ours = model(ids).logits
+    ad = str(tmp_path / "shared")
+    save_adapter(model, ad, lcfg, tiny_ckpt)
+    from safetensors.torch import load_file
+    t = load_file(os.path.join(ad, "adapter_model.safetensors"))
+    pre = "base_model.model.model.layers.1.block_sparse_moe.experts.3"
+    assert torch.equal(t[f"{pre}.w1.lora_A.weight"], t[f"{pre}.w3.lora_A.weight"])
+    assert not torch.equal(t[f"{pre}.w1.lora_B.weight"], t[f"{pre}.w3.lora_B.weight"])
+    fresh = fp32_model_factory("none")
+    load_adapter(fresh, ad)  # separate A's, equal values
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, ours, rtol=0, atol=0)
+    torch.testing.assert_close(_peft_logits(tiny_ckpt, ad, ids, hf_model_from), ours, rtol=1e-5, atol=2e-5)
+    # back into a shared model (resume): the same adapter
+    again = fp32_model_factory("none")
+    apply_lora(again, lcfg, seed=5)
+    set_adapter_state_dict(again, t)
+    assert all(torch.equal(a, b) for a, b in zip(lora_parameters(again), params))
+    # a separately trained adapter has different w1 / w3 A's: refused, naming the option
+    sep_model = fp32_model_factory("none")
+    apply_lora(sep_model, LoraConfig(r=4, alpha=8, targets=targets), seed=0)
+    with pytest.raises(ConfigError, match="shared_gate_up_a"):
+        set_adapter_state_dict(again, adapter_state_dict(sep_model))

@@ -169,7 +169,7 @@ def _sync(device):
 
 
 def time_mixtune(model, cfg, row: Row, device, backend, ckpt, steps, warmup, seed=0, opt_fused=True,
-                 attn="sdpa", optim="adamw", actk=0, gqa=1, prec="bf16", dist=None):
+                 attn="auto", optim="adamw", actk=0, gqa=1, prec="bf16", dist=None):
     """Times `steps` optimizer steps (after `warmup`) of row.accum micro-batches each; fills `row`.
     dist (a Dist of several ranks, mixtune.bench_dist): each rank trains its own rows and the gradients are
     reduced as `mixtune train` reduces them (ddp: summed after the backward passes; fsdp: FSDP's own
@@ -244,16 +244,18 @@ def parse_settings(spec: str):
     backend, attn = attention implementation, opt = adamw | adamw_8bit, actk=1: the layers not fully
     checkpointed recompute their attention block, gqa=1 (default): sdpa reads the shared k/v heads (enable_gqa),
     gqa=0: k/v repeated per query head, prec = expert precision bf16 | fp8, dist = ddp | fsdp (under torchrun:
-    mixtune.bench_dist; one process trains plainly either way), r = LoRA rank (default 64; alpha stays 16)."""
+    mixtune.bench_dist; one process trains plainly either way), r = LoRA rank (default 64; alpha stays 16),
+    shared=1: the experts' w1/w3 share one LoRA A (lora.shared_gate_up_a; peft's fused gate_up_proj adapter, the
+    peers' workload)."""
     out = []
     for part in filter(None, (s.strip() for s in spec.split(";"))):
-        d = {"mb": 8, "accum": 1, "ckpt": 0, "backend": "grouped", "attn": "sdpa", "opt": "adamw", "actk": 0,
-             "gqa": 1, "prec": "bf16", "dist": "ddp", "r": LORA_R}
+        d = {"mb": 8, "accum": 1, "ckpt": 0, "backend": "grouped", "attn": "auto", "opt": "adamw", "actk": 0,
+             "gqa": 1, "prec": "bf16", "dist": "ddp", "r": LORA_R, "shared": 0}
         for kv in part.split(","):
             key, _, val = kv.partition("=")
             if key not in d:
                 raise ValueError(f"--settings: unknown key {key!r} in {part!r} (mb, accum, ckpt, backend, attn, opt, "
-                                 "actk, gqa, prec, dist, r)")
+                                 "actk, gqa, prec, dist, r, shared)")
             if key == "dist" and val not in ("ddp", "fsdp"):
                 raise ValueError(f"--settings: dist must be ddp or fsdp, got {val!r} in {part!r}")
             if key in ("backend", "attn", "opt", "prec", "dist"):
@@ -271,17 +273,21 @@ def parse_settings(spec: str):
 
 
 def profile_step(model, cfg, s, seq, device, path, seed=0):
-    """One profiled training step at setting s; the top CUDA kernels by total time go to `path`."""
+    """One profiled training step at setting s; the top ops and kernels by CUDA time, then by host (CPU) self
+    time — where a step that launches faster than it computes loses its time — go to `path`."""
     from torch.profiler import ProfilerActivity, profile
     row = Row("profile", cfg.num_hidden_layers, s["mb"], seq, s["accum"])
-    kw = dict(attn=s.get("attn", "sdpa"), optim=s.get("opt", "adamw"), actk=s.get("actk", 0), gqa=s.get("gqa", 1),
+    kw = dict(attn=s.get("attn", "auto"), optim=s.get("opt", "adamw"), actk=s.get("actk", 0), gqa=s.get("gqa", 1),
               prec=s.get("prec", "bf16"))
     time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], 1, 1, seed, **kw)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], 1, 0, seed, **kw)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    avg = prof.key_averages()
+    table = avg.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
     with open(path, "w") as f:
         f.write(table)
+        f.write("\n\nby host self time:\n")
+        f.write(avg.table(sort_by="self_cpu_time_total", row_limit=60, max_name_column_width=70))
     print("\n".join(table.splitlines()[:30]), flush=True)
 
 
@@ -298,28 +304,30 @@ def planned_peak_gib(model, cfg: MixtralConfig, s: dict, seq: int, ranks: int = 
     pol = Policy(min(int(s["ckpt"]), cfg.num_hidden_layers), bool(s.get("actk")), s["backend"])
     return estimate_bytes(cfg, memory_estimate(model)["weights_nf4"], trainable, s["mb"], seq, s.get("r", LORA_R),
                           s.get("opt", "adamw"), pol, precision=s.get("prec", "bf16"), ranks=ranks,
-                          strategy=s.get("dist", "ddp"), accum=s.get("accum", 1)) / GiB
+                          strategy=s.get("dist", "ddp"), accum=s.get("accum", 1),
+                          shared_a=bool(s.get("shared", 0))) / GiB
 
 
 def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed=0, profile_path=""):
-    """Time each setting on one random model, rebuilt only when a setting asks for another LoRA rank (r=);
+    """Time each setting on one random model, rebuilt only when a setting asks for another adapter (r=, shared=);
     with profile_path, one profiled step of the first setting follows its row."""
     c = MixtralConfig(**{**cfg.__dict__, "num_hidden_layers": layers})
     model, model_r, build_s = None, None, float("nan")
     try:
         for i, s in enumerate(settings):
             r = s.get("r", LORA_R)
-            if r != model_r:  # another rank: another adapter (and the old model freed first)
+            shared = bool(s.get("shared", 0))
+            if (r, shared) != model_r:  # another adapter (and the old model freed first)
                 del model
                 model = None
                 free(device)
                 t0 = time.perf_counter()
-                model, model_r = build_model(c, device, seed, r=r), r
+                model, model_r = build_model(c, device, seed, r=r, shared_a=shared), (r, shared)
                 build_s = getattr(model, "load_seconds", time.perf_counter() - t0)
             row = Row(f"mixtune {label}", layers, s["mb"], rows["seq"], s["accum"],
                       f"{s['backend']}, ckpt={ckpt_label(s['ckpt'], layers)}"
-                      + (f", r={r}" if r != LORA_R else "")
-                      + (f", attn={s['attn']}" if s.get("attn", "sdpa") != "sdpa" else "")
+                      + (f", r={r}" if r != LORA_R else "") + (", shared A" if shared else "")
+                      + (f", attn={s['attn']}" if s.get("attn", "auto") != "auto" else "")
                       + (f", {s['opt']}" if s.get("opt", "adamw") != "adamw" else "")
                       + (", attn-ckpt" if s.get("actk") else "") + ("" if s.get("gqa", 1) else ", k/v repeated")
                       + (", fp8" if s.get("prec", "bf16") != "bf16" else ""),
@@ -327,7 +335,7 @@ def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed
             row.est_gib = planned_peak_gib(model, c, s, rows["seq"])
             try:
                 time_mixtune(model, c, row, device, s["backend"], s["ckpt"], steps, warmup, seed,
-                             attn=s.get("attn", "sdpa"), optim=s.get("opt", "adamw"), actk=s.get("actk", 0),
+                             attn=s.get("attn", "auto"), optim=s.get("opt", "adamw"), actk=s.get("actk", 0),
                              gqa=s.get("gqa", 1), prec=s.get("prec", "bf16"))
             except torch.OutOfMemoryError as e:
                 row.error = "OOM: " + str(e).split("\n")[0][:80]

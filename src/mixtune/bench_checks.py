@@ -55,10 +55,12 @@ class _LoRA:
 
 
 def check_moe(device, E, H, I, N, k, r, seed=0, dtype=torch.bfloat16,
-              backends=("grouped", "grouped_lowmem", "grouped+fp8", "grouped_lowmem+fp8")):
+              backends=("grouped", "grouped_lowmem", "grouped+fp8", "grouped_lowmem+fp8", "grouped+shared",
+                        "grouped_lowmem+shared")):
     """Our MoE layer vs the reference on the same random NF4 weights (LoRA on w1/w3/w2, B nonzero).
     Returns {backend: {output: err, ...}, "reference_bf16": {...}}, errors against an fp32 reference
-    ("+fp8": the backend with expert_precision fp8)."""
+    ("+fp8": the backend with expert_precision fp8; "+shared": w1 and w3 share one LoRA A, against the
+    reference with the same sharing, "reference_bf16+shared")."""
     from . import kernels
     from .quant.nf4 import NF4Weight
     g = torch.Generator(device=device).manual_seed(seed)
@@ -81,19 +83,26 @@ def check_moe(device, E, H, I, N, k, r, seed=0, dtype=torch.bfloat16,
         x = x0.detach().to(dt).clone().requires_grad_()
         tw = tw0.detach().to(dt).clone().requires_grad_()
         a = {n: t.clone().requires_grad_() for n, t in A.items()}
+        name, *opts = backend.split("+")
+        if "shared" in opts:
+            a["w3"] = a["w1"]
         b = {n: t.clone().requires_grad_() for n, t in Bm.items()}
         lora = _LoRA(a, b, 2.0)
         wts = ws if dt != torch.float32 else [w.dequantize(torch.float32) for w in ws]
-        name, _, prec = backend.partition("+")
-        y = kernels.moe_experts(x, idx, tw, *wts, lora=lora, backend=name, precision=prec or "bf16")
+        prec = "fp8" if "fp8" in opts else "bf16"
+        y = kernels.moe_experts(x, idx, tw, *wts, lora=lora, backend=name, precision=prec)
         (y.float() * go).sum().backward()
         return dict(out=y, dx=x.grad, dw=tw.grad, **{f"dA_{n}": a[n].grad for n in a},
                     **{f"dB_{n}": b[n].grad for n in b})
 
-    ref32 = run("reference", torch.float32)
-    for name in ("reference",) + tuple(backends):
+    refs = {"": run("reference", torch.float32)}
+    if any("+shared" in b for b in backends):
+        refs["+shared"] = run("reference+shared", torch.float32)
+    for name in ("reference",) + (("reference+shared",) if "+shared" in refs else ()) + tuple(backends):
+        ref32 = refs["+shared" if "+shared" in name else ""]
         res = run(name, dtype)
-        out[name if name != "reference" else "reference_bf16"] = {kk: rel(res[kk], ref32[kk]) for kk in ref32}
+        key = name.replace("reference", "reference_bf16") if name.startswith("reference") else name
+        out[key] = {kk: rel(res[kk], ref32[kk]) for kk in ref32}
         del res
     return out
 
@@ -104,11 +113,11 @@ FP8_MOE_MAX_ERR = 0.1  # e4m3 rounds each operand by ~2.6% rms; h13 -> SwiGLU ->
 def moe_check_passes(res: dict) -> bool:
     """Every bf16 fast-path error within 2x the reference's own bf16 error (+1e-3), and under 3e-2; every
     FP8 error finite and under FP8_MOE_MAX_ERR."""
-    ref = res["reference_bf16"]
     ok = True
     for name, errs in res.items():
-        if name == "reference_bf16":
+        if name.startswith("reference_bf16"):
             continue
+        ref = res["reference_bf16+shared" if "+shared" in name else "reference_bf16"]
         for kk, e in errs.items():
             if name.endswith("+fp8"):
                 ok &= math.isfinite(e) and e < FP8_MOE_MAX_ERR
@@ -151,8 +160,8 @@ def check_fp8(cfg: MixtralConfig, device, M: int = 8192, seed: int = 0) -> dict:
 
 
 def check_attention(cfg: MixtralConfig, device, B=2, T=1024, seed=0) -> dict:
-    """FlexAttention (block-sparse document mask) and sdpa (dense mask) vs an fp32 eager evaluation, forward and
-    input gradients, on packed rows at the model's head geometry."""
+    """FlexAttention (block-sparse document mask), FlashAttention varlen (one list of examples) and sdpa (dense
+    mask) vs an fp32 eager evaluation, forward and input gradients, on packed rows at the model's head geometry."""
     from .kernels.attention import build_attention
     _, _, pos = packed_batch(B, T, 100, device, seed)
     nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -170,7 +179,8 @@ def check_attention(cfg: MixtralConfig, device, B=2, T=1024, seed=0) -> dict:
     ref = run("eager", torch.float32)
     out = {}
     saved = _attention.SDPA_GQA
-    for name, impl, gqa in (("sdpa", "sdpa", False), ("sdpa-gqa", "sdpa", True), ("flex", "flex", False)):
+    for name, impl, gqa in (("sdpa", "sdpa", False), ("sdpa-gqa", "sdpa", True), ("varlen", "varlen", False),
+                            ("flex", "flex", False)):
         _attention.SDPA_GQA = gqa
         try:
             out[name] = {n: rel(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), run(impl, torch.bfloat16), ref)}
@@ -244,15 +254,15 @@ def model_hidden(model, ids, pos):
 
 # ------------------------------------------------------------------------------------------ the model under test
 def build_model(cfg: MixtralConfig, device, seed=0, r=LORA_R, alpha=LORA_ALPHA, quant="nf4", offload_layers=False,
-                shard_of=None):
+                shard_of=None, shared_a=False):
     """The random NF4 model with the benchmark's adapter. offload_layers: decoder layers parked on the CPU as
     they are built (for fsdp, which brings them back one at a time when it shards), keeping only rank's chunk of
-    the NF4 storage with shard_of=(rank, world)."""
+    the NF4 storage with shard_of=(rank, world). shared_a: lora.shared_gate_up_a."""
     from .config import LoraConfig
     from .lora import apply_lora
     from .model.random_init import build_random_nf4_model
     model = build_random_nf4_model(cfg, device=device, seed=seed, quant=quant, offload_layers=offload_layers,
                                    shard_of=shard_of)
-    apply_lora(model, LoraConfig(r=r, alpha=alpha, targets=list(LORA_TARGETS)), seed=seed)
+    apply_lora(model, LoraConfig(r=r, alpha=alpha, targets=list(LORA_TARGETS), shared_gate_up_a=shared_a), seed=seed)
     model.train()
     return model

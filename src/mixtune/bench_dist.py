@@ -54,7 +54,7 @@ def run_one(cfg: MixtralConfig, s: dict, seq: int, dist, device, steps: int, war
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        model = build_model(cfg, device, seed, r=s["r"], offload_layers=fsdp,
+        model = build_model(cfg, device, seed, r=s["r"], offload_layers=fsdp, shared_a=bool(s.get("shared", 0)),
                             shard_of=(dist.rank, dist.world) if fsdp else None)
         row.est_gib = planned_peak_gib(model, cfg, s, seq, ranks=dist.world)  # before sharding: whole counts
         if fsdp:
@@ -65,7 +65,7 @@ def run_one(cfg: MixtralConfig, s: dict, seq: int, dist, device, steps: int, war
             torch.distributed.all_reduce(build_peak, op=torch.distributed.ReduceOp.MAX)
             row.build_peak_gib = float(build_peak[0]) / 2**30
         row.build_s = time.perf_counter() - t0
-        time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], steps, warmup, seed, attn=s.get("attn", "sdpa"),
+        time_mixtune(model, cfg, row, device, s["backend"], s["ckpt"], steps, warmup, seed, attn=s.get("attn", "auto"),
                      optim=s.get("opt", "adamw"), actk=s.get("actk", 0), gqa=s.get("gqa", 1),
                      prec=s.get("prec", "bf16"), dist=dist)
     except ValueError as e:  # a refused combination (every rank, before any collective): the next setting runs

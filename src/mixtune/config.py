@@ -60,8 +60,10 @@ class ModelConfig:
     dtype: str = _f("auto", "Compute dtype: auto (bfloat16 where supported, else float32), bfloat16, float16, float32.",
                     ("auto", "bfloat16", "float16", "float32"))
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
-    attn_implementation: str = _f("auto", "Attention: auto, sdpa (dense document mask), flex (FlexAttention "
-                                          "block mask, GPU), eager.", ("auto", "sdpa", "flex", "eager"))
+    attn_implementation: str = _f("auto", "Attention: auto (varlen where FlashAttention runs, else sdpa), varlen "
+                                          "(FlashAttention over the packed examples, no mask), sdpa (dense "
+                                          "document mask), flex (FlexAttention block mask, GPU), eager.",
+                                  ("auto", "varlen", "sdpa", "flex", "eager"))
     moe_backend: str = _f("auto", "Expert computation: auto (grouped on CUDA, reference elsewhere), reference "
                                   "(pure PyTorch loop), grouped (sorted tokens + grouped matmuls over 4-bit "
                                   "weights; keeps the (tokens x 2 x intermediate) pre-activations for backward), "
@@ -101,6 +103,11 @@ class LoraConfig:
                        "Modules to adapt, by name: q_proj k_proj v_proj o_proj lm_head gate (router) w1 w2 w3 "
                        "(every expert's) or experts (= w1 w2 w3). Comma-separated on the command line.")
     strict_targets: bool = _f(False, "Make a target name that matches nothing an error instead of a warning.")
+    shared_gate_up_a: bool = _f(False, "Experts' gate (w1/gate_proj) and up (w3/up_proj) adapters share one LoRA A "
+                                       "per expert, as peft's adapter on the fused gate_up_proj does: r x hidden "
+                                       "fewer parameters per expert (Qwen3-30B-A3B r=64: 24% fewer adapter "
+                                       "parameters), one rank-r product for both. The adapter files stay per "
+                                       "matrix (w1 and w3 carry the same A).")
     bias: str = _f("none", "Bias training (only 'none' is supported: Mixtral has no biases).", ("none",))
     init_seed: Optional[int] = _f(None, "Seed for LoRA A initialisation (default: train.seed).")
 

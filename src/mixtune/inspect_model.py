@@ -146,7 +146,8 @@ def training_peaks(cfg: Config, config, mem: dict, ranks: int = 1) -> dict:
     prec = cfg.model.expert_precision
     trainable = mem["adapter_fp32"] // 4
     args = (config, mem["weights_nf4"], trainable)
-    dist = {"ranks": ranks, "strategy": cfg.train.distributed, "accum": cfg.train.gradient_accumulation_steps}
+    dist = {"ranks": ranks, "strategy": cfg.train.distributed, "accum": cfg.train.gradient_accumulation_steps,
+            "shared_a": cfg.lora.shared_gate_up_a}
     out = {"micro_batch": mb, "seq": seq, "optim": optim, "expert_precision": prec, **dist, "policies": []}
     for pol in (Policy(0, False, "grouped"), Policy(0, True, "grouped"), Policy(0, True, "grouped_lowmem"),
                 Policy(L, False, "grouped")):

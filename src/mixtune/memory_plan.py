@@ -78,9 +78,10 @@ class Policy:
         return ", ".join(parts)
 
 
-def _per_token_layer(c: MixtralConfig, r: int, lora_dropout: float = 0.0) -> dict:
+def _per_token_layer(c: MixtralConfig, r: int, lora_dropout: float = 0.0, shared_a: bool = False) -> dict:
     """Bytes autograd keeps per token and layer, by part (every family: q/k/v widths from head_dim, q/k norms,
-    q/k/v clipping, a shared expert, dense MLP layers)."""
+    q/k/v clipping, a shared expert, dense MLP layers). shared_a: the experts' w1/w3 share one LoRA A (one
+    inner product for both)."""
     H, I, k, E = c.hidden_size, c.intermediate_size, c.num_experts_per_tok, c.num_local_experts
     fam = c.family
     qd = c.num_attention_heads * c.head_dim  # query width (= H for Mixtral; Qwen3: independent of H)
@@ -101,7 +102,7 @@ def _per_token_layer(c: MixtralConfig, r: int, lora_dropout: float = 0.0) -> dic
         "attention_recomputed": H * BF16,  # the block's input only
         # residual (norm input), normed x (router + experts input), router probs/ids, expert outputs y (k x H),
         # LoRA inner products
-        "moe": 2 * H * BF16 + E * 4 * 2 + k * 10 + k * H * BF16 + k * 3 * r * BF16,
+        "moe": 2 * H * BF16 + E * 4 * 2 + k * 10 + k * H * BF16 + k * (2 if shared_a else 3) * r * BF16,
         "h13": k * 2 * I * BF16,  # the (tokens x 2I) pre-activations `grouped` keeps
         # Qwen2-MoE's shared expert: gate and up outputs, silu(gate), their product (down_proj input), its output
         # for the sigmoid gate's product, the gate (1 value); LoRA inner products
@@ -125,7 +126,7 @@ def _kept(p: dict, moe: bool, attention: bool, lowmem: bool) -> float:
     return attn + p["moe"] + p["shared_expert"] + (0 if lowmem else p["h13"])
 
 
-def _moe_backward(c: MixtralConfig, T: int, r: int, lowmem: bool, fp8: bool) -> float:
+def _moe_backward(c: MixtralConfig, T: int, r: int, lowmem: bool, fp8: bool, shared_a: bool = False) -> float:
     """(A, B, C): bytes one MoE layer's experts backward (kernels/moe.py, moe_fp8.py) allocates on top of what the layer
     keeps in each of its three phases, M = T·k assignments (q: FP8's e4m3 copy of a product's
     activation operand, wb: bytes per dequantized weight):
@@ -133,10 +134,12 @@ def _moe_backward(c: MixtralConfig, T: int, r: int, lowmem: bool, fp8: bool) -> 
       B  SwiGLU:  dg (g is written over it), [dh13 | du13] (M, 2I+2r); grouped_lowmem adds the recomputed h13
                   (M, 2I), [xs | s·u13] (M, H+2r) and (bf16) the [W1; W3 | B] buffer it keeps for dxs;
       C  w1|w3:   [dh13 | du13], dxs (M, H), [W1; W3] with A13 rows (E, 2I+2r, H) — dg is freed before.
-    (The estimate once added dg to C: M·I·2 bytes too many, 0.9 GiB for Mixtral at 16k tokens.)"""
+    (The estimate once added dg to C: M·I·2 bytes too many, 0.9 GiB for Mixtral at 16k tokens.) With shared_a
+    the w1|w3 LoRA's inner width "2r" below is r."""
     H, I, k, E = c.hidden_size, c.intermediate_size, c.num_experts_per_tok, c.num_local_experts
     M, q, wb = T * k, (1 if fp8 else 0), (1 if fp8 else BF16)
-    a = M * ((H + r) * (BF16 + q) + I * BF16) + E * (H + r) * I * wb
+    r2, r = r, (r / 2 if shared_a else r)  # below, 2 * r is the w1|w3 LoRA width; r2 is w2's rank
+    a = M * ((H + r2) * (BF16 + q) + I * BF16) + E * (H + r2) * I * wb
     b = M * (I + 2 * I + 2 * r) * BF16
     cc = M * ((2 * I + 2 * r) * (BF16 + q) + H * BF16) + E * (2 * I + 2 * r) * H * wb
     if lowmem:
@@ -152,7 +155,7 @@ def _moe_backward(c: MixtralConfig, T: int, r: int, lowmem: bool, fp8: bool) -> 
 
 def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro_batch: int, seq: int, r: int,
                    optim: str, policy: Policy, lora_dropout: float = 0.0, precision: str = "bf16",
-                   ranks: int = 1, strategy: str = "ddp", accum: int = 1) -> float:
+                   ranks: int = 1, strategy: str = "ddp", accum: int = 1, shared_a: bool = False) -> float:
     """Peak bytes of one training step on one GPU (see the module doc). lora_dropout > 0 counts the dropped
     inputs that LoRA on q/k/v/o keeps (an upper bound when fewer of them are targets); precision is the experts'
     (model.expert_precision). `ranks` GPUs under `strategy` fsdp: the decoder layers' weights, the adapter, its
@@ -160,7 +163,8 @@ def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro
     one and the prefetched next) and the root (embeddings, lm_head), which FSDP2 keeps whole through the step;
     activations are per GPU either way. ddp: every rank holds everything. `accum` (gradient accumulation
     steps): 1 -- no gradient exists before the backward (zero_grad(set_to_none=True)), each layer's appear as
-    its backward runs; > 1 -- every gradient is held from the first micro-batch on."""
+    its backward runs; > 1 -- every gradient is held from the first micro-batch on. shared_a: lora.shared_gate_up_a
+    (`trainable` already counts the shared A once)."""
     L = c.num_hidden_layers
     H, I = c.hidden_size, c.intermediate_size
     T = micro_batch * seq
@@ -179,7 +183,7 @@ def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro
         fixed = root + (weights_bytes - root + trainable * 4 + state) / ranks + gathered
     grads = trainable * 4 / div  # fp32, sharded under fsdp
     per_layer_grads = trainable * 4 / L  # split evenly over the layers (a LoRA lm_head counts in its share)
-    p = _per_token_layer(c, r, lora_dropout)
+    p = _per_token_layer(c, r, lora_dropout, shared_a)
     lowmem = policy.backend == "grouped_lowmem"
     fp8 = precision == "fp8"
     kinds = _moe_layers(c)
@@ -196,7 +200,7 @@ def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro
         rebuilt = T * (_kept(p, moe, False, lowmem) - p["layer_recomputed"]) if recomputed else 0
         if not moe:
             return Id * H * BF16 + T * (3 * Id + H) * BF16 + rebuilt + T * H * BF16
-        a, b, cc = _moe_backward(c, T, r, lowmem, fp8)
+        a, b, cc = _moe_backward(c, T, r, lowmem, fp8, shared_a)
         # a recomputed layer's h13 lives in the checkpoint's frame until the experts' backward unpacks it;
         # its backward drops it before phase C (a layer that is not recomputed keeps it in its saved set)
         h13 = T * p["h13"] if recomputed and not lowmem else 0
@@ -257,7 +261,7 @@ def relative_work(c: MixtralConfig, policy: Policy) -> float:
 
 def plan(budget_bytes: float, c: MixtralConfig, weights_bytes: float, trainable: int, micro_batch: int, seq: int,
          r: int, optim: str, lora_dropout: float = 0.0, precision: str = "bf16", ranks: int = 1,
-         strategy: str = "ddp", accum: int = 1) -> tuple[Policy, float]:
+         strategy: str = "ddp", accum: int = 1, shared_a: bool = False) -> tuple[Policy, float]:
     """The policy with the least recomputation whose estimate fits `budget_bytes` (per GPU) -> (policy,
     estimate). Raises ValueError naming the smallest estimate when nothing fits."""
     L = c.num_hidden_layers
@@ -268,7 +272,7 @@ def plan(budget_bytes: float, c: MixtralConfig, weights_bytes: float, trainable:
             for full in range(L + 1):
                 pol = Policy(full, attention and full < L, backend)
                 est = estimate_bytes(c, weights_bytes, trainable, micro_batch, seq, r, optim, pol, lora_dropout,
-                                     precision, ranks, strategy, accum)
+                                     precision, ranks, strategy, accum, shared_a)
                 if smallest is None or est < smallest[1]:
                     smallest = (pol, est)
                 if est <= budget_bytes:

@@ -170,7 +170,7 @@ def _plan_recomputation(cfg: Config, run: Run, model, n_trainable: int) -> None:
         policy, est = plan(cfg.model.memory_budget_gib * GiB, model.config, memory_estimate(model)["weights_nf4"],
                            n_trainable, t.per_device_train_batch_size, cfg.data.max_seq_length, cfg.lora.r,
                            t.optim, cfg.lora.dropout, cfg.model.expert_precision, run.dist.world, t.distributed,
-                           accum=t.gradient_accumulation_steps)
+                           accum=t.gradient_accumulation_steps, shared_a=cfg.lora.shared_gate_up_a)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     model.set_checkpointing(policy.full, policy.attention)

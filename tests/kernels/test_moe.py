@@ -28,10 +28,13 @@ def _case(seed, nf4, dtype, names, E=4, H=64, I=128, N=41, k=2, r=8):
     return ws, A, B, x, idx, tw, go
 
 
-def _run(backend, ws, A, B, x, idx, tw, go, precision="bf16"):
+def _run(backend, ws, A, B, x, idx, tw, go, precision="bf16", shared=False):
+    """shared: w3's A is w1's (one tensor under both names, as ExpertLoRA(shared_gate_up_a=True) holds it)."""
     x = x.clone().requires_grad_()
     tw = tw.clone().requires_grad_()
     a = {n: t.clone().requires_grad_() for n, t in A.items()}
+    if shared:
+        a["w3"] = a["w1"]
     b = {n: t.clone().requires_grad_() for n, t in B.items()}
     lora = _LoRA(a, b, 2.0) if a else None
     y = kernels.moe_experts(x, idx, tw, *ws, lora=lora, backend=backend, precision=precision)
@@ -57,6 +60,34 @@ def test_grouped_matches_reference_fp32(backend, nf4, names):
     for key in ref:
         assert torch.isfinite(got[key]).all(), key
         assert _rel(got[key], ref[key]) < 1e-5, (key, _rel(got[key], ref[key]))
+
+
+@pytest.mark.parametrize("backend", ["grouped", "grouped_lowmem"])
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("names", [("w1", "w2", "w3"), ("w1", "w3")])
+def test_grouped_with_shared_gate_up_a_matches_reference_fp32(backend, nf4, names):
+    """One A for w1 and w3 (peft's fused gate_up_proj LoRA): the rank-r fused products give the reference's
+    values, and the shared A's gradient is the sum of both uses (autograd's, in the reference)."""
+    case = _case(hash((backend, nf4, names, "shared")) % 1000, nf4, torch.float32, names)
+    ref = _run("reference", *case, shared=True)
+    got = _run(backend, *case, shared=True)
+    sep = _run("reference", *case)
+    assert _rel(sep["y"], ref["y"]) > 1e-3  # sharing changes the function (w3 uses w1's A)
+    for key in ref:
+        assert _rel(got[key], ref[key]) < 1e-5, (key, _rel(got[key], ref[key]))
+    assert got["dA_w1"] is got["dA_w3"]  # one tensor, one gradient
+
+
+def test_shared_gate_up_a_bf16_as_close_as_reference_bf16():
+    names = ("w1", "w2", "w3")
+    ws, A, B, x, idx, tw, go = _case(11, True, torch.bfloat16, names)
+    ref32 = _run("reference", [w.dequantize(torch.float32) for w in ws], A, B, x.float(), idx, tw.float(), go,
+                 shared=True)
+    ref16 = _run("reference", ws, A, B, x, idx, tw, go, shared=True)
+    got = _run("grouped", ws, A, B, x, idx, tw, go, shared=True)
+    for key in ref32:
+        e_ref, e_got = _rel(ref16[key], ref32[key]), _rel(got[key], ref32[key])
+        assert e_got < 2 * e_ref + 1e-3 and e_got < 3e-2, (key, e_got, e_ref)
 
 
 def test_grouped_bf16_as_close_as_reference_bf16():

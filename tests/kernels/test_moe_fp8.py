@@ -31,6 +31,17 @@ def test_fp8_path_is_the_reference_function_without_rounding(monkeypatch, backen
 
 
 @pytest.mark.parametrize("backend", ["grouped", "grouped_lowmem"])
+def test_fp8_path_with_shared_gate_up_a_is_the_reference_without_rounding(monkeypatch, backend):
+    monkeypatch.setattr(fp8, "F8", torch.float32)
+    monkeypatch.setattr(dequant, "F8", torch.float32)
+    case = _case(hash((backend, "shared", 8)) % 1000, True, torch.float32, ("w1", "w2", "w3"))
+    ref = _run("reference", *case, shared=True)
+    got = _run(backend, *case, precision="fp8", shared=True)
+    for key in ref:
+        assert _rel(got[key], ref[key]) < 1e-5, (key, _rel(got[key], ref[key]))
+
+
+@pytest.mark.parametrize("backend", ["grouped", "grouped_lowmem"])
 @pytest.mark.parametrize("names", NAMES[:2])
 def test_fp8_within_e4m3_noise_of_reference(backend, names):
     case = _case(11, True, torch.float32, names)

@@ -212,6 +212,14 @@ def test_trainable_counts_equal_peft_on_the_same_targets(family_ckpt):
     assert pm.get_nb_trainable_parameters()[0] == rep.trainable_params
     c = ours_model.config
     assert rep.trainable_params == n_moe * c.num_local_experts * 4 * (c.intermediate_size + c.hidden_size)
+    # gate and up with one shared A (lora.shared_gate_up_a) = peft's LoRA on the fused gate_up_proj
+    gate_up = ["experts." + fam_role for fam_role in (("w1", "w3") if fam == "mixtral" else ("gate_proj", "up_proj"))]
+    ours_model = load_model(path, quant="none", dtype=torch.float32, report=None)
+    rep = apply_lora(ours_model, LoraConfig(r=4, alpha=8, targets=gate_up, shared_gate_up_a=True), warn=False)
+    pm = get_peft_model(_stock_class(fam).from_pretrained(path, dtype=torch.float32),
+                        PeftLoraConfig(r=4, lora_alpha=8, target_parameters=["experts.gate_up_proj"]))
+    assert pm.get_nb_trainable_parameters()[0] == rep.trainable_params
+    assert rep.trainable_params == n_moe * c.num_local_experts * 4 * (2 * c.intermediate_size + c.hidden_size)
 
 
 def test_family_target_names(family_ckpt):

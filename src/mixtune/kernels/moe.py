@@ -18,6 +18,8 @@ With save_h=False the backward does the w2 part first, then recomputes h13 and r
 
 LoRA rides inside the big products by widening the contraction (no (M, I) adds, no B·A):
   h13 = [xs | s·u1 | s·u3] @ [[W1 | B1 | 0], [W3 | 0 | B3]]^T        with u = xs @ A^T          (K = H + 2r)
+        [xs | s·u13] @ [[W1 | B1], [W3 | B3]]^T                      when w1 and w3 share one A (K = H + r;
+                                                                      peft's fused gate_up_proj adapter)
   y   = [g | s·u2] @ [W2 | B2]^T                                      with u2 = g @ A2^T         (K = I + r)
   dg  = [dy | du2] @ [W2; A2]                                         with du2 = s·dy @ B2
   dxs = [dh13 | du13] @ [W13; A13]                                    with du13 = s·dh13 @ blockdiag(B1, B3)
@@ -81,24 +83,38 @@ _NAMES = ("w1", "w3", "w2")
 
 
 def _lora_args(lora):
-    """ExpertLoRA or None -> (scaling, [A1, B1, A3, B3, A2, B2]) with None where a matrix has no LoRA."""
+    """ExpertLoRA or None -> (scaling, shared, [A1, B1, A3, B3, A2, B2]) with None where a matrix has no LoRA.
+    shared: w1 and w3 share one A (the same Parameter, in both slots; its gradient comes back in A1's only)."""
     ab = []
     for n in _NAMES:
         ab += [lora.A[n], lora.B[n]] if lora is not None and n in lora.A else [None, None]
-    return (float(lora.scaling) if lora is not None else 1.0), ab
+    shared = ab[0] is not None and ab[0] is ab[2]
+    return (float(lora.scaling) if lora is not None else 1.0), shared, ab
 
 
-def _saved_lora(names, rest, dt):
+def _cast_lora(params: dict, dt, shared: bool) -> dict:
+    """{name: (A, B)} -> compute-dtype copies {name: (A, B)}, a shared A cast once."""
+    lc = {n: (A.to(dt), B.to(dt)) for n, (A, B) in params.items() if not (shared and n == "w3")}
+    if shared:
+        lc["w3"] = (lc["w1"][0], params["w3"][1].to(dt))
+    return lc
+
+
+def _saved_lora(names, rest, dt, shared=False):
     """The saved LoRA parameters -> (their dtypes {name: (A, B)}, compute-dtype copies {name: (A, B)})."""
     params = {n: (rest[2 * i], rest[2 * i + 1]) for i, n in enumerate(names)}
-    return ({n: (A.dtype, B.dtype) for n, (A, B) in params.items()},
-            {n: (A.to(dt), B.to(dt)) for n, (A, B) in params.items()})
+    return ({n: (A.dtype, B.dtype) for n, (A, B) in params.items()}, _cast_lora(params, dt, shared))
 
 
-def _w13_lora_grads(grads, lc, du13, xs, u13, dh13, offs, s, r, I):
-    """dA13 = du13^T xs, dB13 = s u13^T dh13 per expert, split into grads["w1"], grads["w3"] (where present)."""
-    dA13 = grouped_mm_k(du13.t(), xs, offs)  # (E, 2r, H)
-    dBt = grouped_mm_k(u13.t(), dh13, offs).mul_(s)  # (E, 2r, 2I): [u1|u3]^T [dh1|dh3]
+def _w13_lora_grads(grads, lc, du13, xs, u13, dh13, offs, s, r, I, shared=False):
+    """dA13 = du13^T xs, dB13 = s u13^T dh13 per expert, split into grads["w1"], grads["w3"] (where present);
+    with a shared A its whole gradient goes to w1 (w3's A slot gets None)."""
+    dA13 = grouped_mm_k(du13.t(), xs, offs)  # (E, R, H), R = 2r (r shared)
+    dBt = grouped_mm_k(u13.t(), dh13, offs).mul_(s)  # (E, R, 2I): [u1|u3]^T [dh1|dh3]
+    if shared:
+        grads["w1"] = (dA13, dBt[:, :, :I].transpose(1, 2))
+        grads["w3"] = (None, dBt[:, :, I:].transpose(1, 2))
+        return
     if "w1" in lc:
         grads["w1"] = (dA13[:, :r], dBt[:, :r, :I].transpose(1, 2))
     if "w3" in lc:
@@ -109,8 +125,11 @@ def _ab_grads(grads, pdt) -> list:
     """grads {name: (dA, dB)} -> the autograd outputs for [A1, B1, A3, B3, A2, B2], in the parameters' dtypes."""
     out = []
     for n in _NAMES:
-        out += ([grads[n][0].to(pdt[n][0]).contiguous(), grads[n][1].to(pdt[n][1]).contiguous()]
-                if n in grads else [None, None])
+        if n not in grads:
+            out += [None, None]
+            continue
+        dA, dB = grads[n]
+        out += [dA.to(pdt[n][0]).contiguous() if dA is not None else None, dB.to(pdt[n][1]).contiguous()]
     return out
 
 
@@ -123,16 +142,20 @@ def _sort(topk_idx, E):
     return order, offs
 
 
-def _cat_lora(lc, n1, n3, dim):
-    """A13 = [A1; A3] along the rank dim (zeros where a matrix has no LoRA)."""
+def _cat_lora(lc, n1, n3, dim, shared=False):
+    """A13 = [A1; A3] along the rank dim (zeros where a matrix has no LoRA); the one A itself when shared."""
+    if shared:
+        return lc[n1][0]
     ref = lc[n1][0] if n1 in lc else lc[n3][0]
     a1 = lc[n1][0] if n1 in lc else torch.zeros_like(ref)
     a3 = lc[n3][0] if n3 in lc else torch.zeros_like(ref)
     return torch.cat([a1, a3], dim=dim)
 
 
-def _bblk(lc, E, I, r, dt, dev):
-    """blockdiag(B1, B3): (E, 2I, 2r), zeros where a matrix has no LoRA."""
+def _bblk(lc, E, I, r, dt, dev, shared=False):
+    """blockdiag(B1, B3): (E, 2I, 2r), zeros where a matrix has no LoRA; [B1; B3] (E, 2I, r) when A is shared."""
+    if shared:
+        return torch.cat([lc["w1"][1], lc["w3"][1]], dim=1)
     out = torch.zeros(E, 2 * I, 2 * r, dtype=dt, device=dev)
     if "w1" in lc:
         out[:, :I, :r] = lc["w1"][1]
@@ -141,23 +164,29 @@ def _bblk(lc, E, I, r, dt, dev):
     return out
 
 
-def _up(x, tok, offs, w1, w3, lc, s, I, dt):
-    """h13 = x[tok] @ [w1; w3]^T + LoRA, (M, 2I); also u13 = xs @ [A1; A3]^T (M, 2r) or None, xs = x[tok]
-    (M, H) — with LoRA a view into the widened [xs | s·u13] buffer, gathered straight into it — and the
-    dequantized weight buffer Wa (E, 2I, H [+ 2r]) whose [:, :, :H] is [W1; W3] (the backward reuses it)."""
-    E, H = w1.shape[0], w1.shape[-1]
+def _up(x, tok, offs, w1, w3, lc, s, I, dt, shared=False):
+    """h13 = x[tok] @ [w1; w3]^T + LoRA, (M, 2I); also u13 = xs @ A13^T (M, R) or None (R = 2r, or r with a
+    shared A), xs = x[tok] (M, H) — with LoRA a view into the widened [xs | s·u13] buffer, gathered straight
+    into it — and the dequantized weight buffer Wa (E, 2I, H [+ R]) whose [:, :, :H] is [W1; W3] (the backward
+    reuses it)."""
+    H = w1.shape[-1]
     M = tok.numel()
     if "w1" not in lc and "w3" not in lc:
         xs = gather_rows(x, tok)
         W13 = dequantize_nf4_stack([w1, w3], dt)  # (E, 2I, H)
         return grouped_mm(xs, W13.transpose(1, 2), offs), None, xs, W13
-    A13 = _cat_lora(lc, "w1", "w3", 1)  # (E, 2r, H)
-    r = A13.shape[1] // 2
-    xa = torch.empty(M, H + 2 * r, dtype=dt, device=x.device)  # [xs | s·u13]
+    A13 = _cat_lora(lc, "w1", "w3", 1, shared)  # (E, R, H)
+    R = A13.shape[1]
+    xa = torch.empty(M, H + R, dtype=dt, device=x.device)  # [xs | s·u13]
     xs = gather_rows(x, tok, out=xa[:, :H])
-    u13 = grouped_mm(xs, A13.transpose(1, 2), offs)  # (M, 2r)
+    u13 = grouped_mm(xs, A13.transpose(1, 2), offs)  # (M, R)
     torch.mul(u13, s, out=xa[:, H:])
-    Wa = dequantize_nf4_stack([w1, w3], dt, cols=H + 2 * r)  # (E, 2I, H + 2r), LoRA columns next
+    Wa = dequantize_nf4_stack([w1, w3], dt, cols=H + R)  # (E, 2I, H + R), LoRA columns next
+    if shared:  # [[W1 | B1], [W3 | B3]]
+        Wa[:, :I, H:] = lc["w1"][1]
+        Wa[:, I:, H:] = lc["w3"][1]
+        return grouped_mm(xa, Wa.transpose(1, 2), offs), u13, xs, Wa
+    r = R // 2
     Wa[:, :I, H + r:].zero_()
     Wa[:, I:, H:H + r].zero_()
     for n, rows, cols in (("w1", slice(0, I), slice(H, H + r)), ("w3", slice(I, 2 * I), slice(H + r, H + 2 * r))):
@@ -171,8 +200,8 @@ def _up(x, tok, offs, w1, w3, lc, s, I, dt):
 
 class _GroupedMoE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topk_weight, topk_idx, w1, w3, w2, scaling, save_h, *ab):
-        # ab = (A1, B1, A3, B3, A2, B2), any pair None; A (E, r, in), B (E, out, r)
+    def forward(ctx, x, topk_weight, topk_idx, w1, w3, w2, scaling, save_h, shared, *ab):
+        # ab = (A1, B1, A3, B3, A2, B2), any pair None; A (E, r, in), B (E, out, r); shared: A3 is A1
         N, H = x.shape
         k = topk_idx.shape[1]
         E, I = w1.shape[0], w1.shape[1]
@@ -182,9 +211,9 @@ class _GroupedMoE(torch.autograd.Function):
         tok = order // k  # (M,) token of each sorted assignment
         M = order.numel()
         lora = {n: (ab[2 * i], ab[2 * i + 1]) for i, n in enumerate(_NAMES) if ab[2 * i] is not None}
-        lc = {n: (A.to(dt), B.to(dt)) for n, (A, B) in lora.items()}  # compute-dtype copies (small)
+        lc = _cast_lora(lora, dt, shared)  # compute-dtype copies (small)
 
-        h13, u13 = _up(x, tok, offs, w1, w3, lc, s, I, dt)[:2]  # the weight buffer is freed here
+        h13, u13 = _up(x, tok, offs, w1, w3, lc, s, I, dt, shared)[:2]  # the weight buffer is freed here
         if "w2" in lc:
             A2, B2 = lc["w2"]
             r2 = A2.shape[1]
@@ -206,7 +235,7 @@ class _GroupedMoE(torch.autograd.Function):
         inv[order] = torch.arange(M, device=order.device)  # sorted position of each assignment
         out = combine(y, inv, topk_weight, N, k)  # (N, H), fp32 accumulation
 
-        ctx.meta = (w1, w3, w2, s, save_h, I, k, list(lora))
+        ctx.meta = (w1, w3, w2, s, save_h, I, k, list(lora), shared)
         # the LoRA parameters themselves (already resident), not their compute-dtype copies
         ctx.save_for_backward(x, topk_weight, order, inv, offs, h13 if save_h else None, y, u13, u2,
                               *[t for n in lora for t in lora[n]])
@@ -214,13 +243,13 @@ class _GroupedMoE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        w1, w3, w2, s, save_h, I, k, names = ctx.meta
+        w1, w3, w2, s, save_h, I, k, names, shared = ctx.meta
         x, topk_weight, order, inv, offs, h13, y, u13, u2, *rest = ctx.saved_tensors
         N, H = x.shape
         E = w1.shape[0]
         M = order.numel()
         dt = x.dtype
-        pdt, lc = _saved_lora(names, rest, dt)
+        pdt, lc = _saved_lora(names, rest, dt, shared)
         tok = order // k
         dout = dout.contiguous()
         xs = Wa = None
@@ -248,10 +277,11 @@ class _GroupedMoE(torch.autograd.Function):
             del W2
         del dy, ya
         if h13 is None:  # grouped_lowmem: recompute h13 now, keeping the dequantized [W1; W3] for dxs below
-            h13, _, xs, Wa = _up(x, tok, offs, w1, w3, lc, s, I, dt)
+            h13, _, xs, Wa = _up(x, tok, offs, w1, w3, lc, s, I, dt, shared)
         # ---- SwiGLU backward; g (for dA2) comes out of the same pass, written over dg
-        r = u13.shape[1] // 2 if u13 is not None else 0
-        rw = 2 * r if Wa is None else 0  # with Wa reused, du13 @ A13 is a separate product
+        R = u13.shape[1] if u13 is not None else 0  # 2r, or r with a shared A
+        r = R // 2
+        rw = R if Wa is None else 0  # with Wa reused, du13 @ A13 is a separate product
         dha = torch.empty(M, 2 * I + rw, dtype=dt, device=x.device)  # [dh13 | du13]
         if "w2" in lc:
             dh13, g = swiglu_backward(h13, dg, out=dha[:, :2 * I], want_g=True)  # (M, 2I) view, (M, I)
@@ -266,26 +296,26 @@ class _GroupedMoE(torch.autograd.Function):
             dxs = grouped_mm(dh13, W13, offs)  # (M, H)
             del W13, Wa
         else:
-            du13 = grouped_mm(dh13, _bblk(lc, E, I, r, dt, x.device), offs).mul_(s)  # (M, 2r)
+            du13 = grouped_mm(dh13, _bblk(lc, E, I, r, dt, x.device, shared), offs).mul_(s)  # (M, R)
             if Wa is not None:  # dxs = dh13 @ [W1; W3] (the forward's buffer, LoRA columns skipped) + du13 @ A13
                 dxs = grouped_mm(dh13, Wa[:, :, :H], offs)  # (M, H)
                 del Wa
-                dxs += grouped_mm(du13, _cat_lora(lc, "w1", "w3", 1), offs)
+                dxs += grouped_mm(du13, _cat_lora(lc, "w1", "w3", 1, shared), offs)
             else:
                 dha[:, 2 * I:] = du13
-                Wb = dequantize_nf4_stack([w1, w3], dt, rows=2 * I + 2 * r)  # (E, 2I + 2r, H)
-                Wb[:, 2 * I:] = _cat_lora(lc, "w1", "w3", 1)
+                Wb = dequantize_nf4_stack([w1, w3], dt, rows=2 * I + R)  # (E, 2I + R, H)
+                Wb[:, 2 * I:] = _cat_lora(lc, "w1", "w3", 1, shared)
                 dxs = grouped_mm(dha, Wb, offs)  # (M, H)
                 del Wb
             if xs is None:
                 xs = gather_rows(x, tok)  # (M, H)
-            _w13_lora_grads(grads, lc, du13, xs, u13, dh13, offs, s, r, I)
+            _w13_lora_grads(grads, lc, du13, xs, u13, dh13, offs, s, r, I, shared)
         del dha, dh13
         dx = combine(dxs, inv, None, N, k)  # (N, H)
-        return (dx, dtw, None, None, None, None, None, None, *_ab_grads(grads, pdt))
+        return (dx, dtw, None, None, None, None, None, None, None, *_ab_grads(grads, pdt))
 
 
 def moe_experts_grouped(x, topk_idx, topk_weight, w1, w3, w2, lora=None, save_h: bool = True):
     """x (N, H), topk_idx (N, k) long, topk_weight (N, k) -> (N, H); see the module docstring."""
-    scaling, ab = _lora_args(lora)
-    return _GroupedMoE.apply(x, topk_weight, topk_idx, w1, w3, w2, scaling, save_h, *ab)
+    scaling, shared, ab = _lora_args(lora)
+    return _GroupedMoE.apply(x, topk_weight, topk_idx, w1, w3, w2, scaling, save_h, shared, *ab)

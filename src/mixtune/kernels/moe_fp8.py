@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from .fp8 import fp8_weights, quantize_rows, scaled_grouped_mm
-from .moe import (_NAMES, _ab_grads, _bblk, _cat_lora, _lora_args, _saved_lora, _sort, _w13_lora_grads, grouped_mm,
-                  grouped_mm_k)
+from .moe import (_NAMES, _ab_grads, _bblk, _cast_lora, _cat_lora, _lora_args, _saved_lora, _sort, _w13_lora_grads,
+                  grouped_mm, grouped_mm_k)
 from .route import combine, combine_backward, gather_rows
 from .swiglu import swiglu_backward, swiglu_forward
 
@@ -54,22 +54,24 @@ def _rank(lc, names) -> int:
     return next((lc[n][0].shape[1] for n in names if n in lc), 0)
 
 
-def _up8(x, tok, offs, w1, w3, lc, s, r, dt):
-    """h13 = [xs | s·u13] @ [W13 | blockdiag(B1, B3)]^T (M, 2I), u13 = xs @ A13^T (M, 2r) or None, xs (M, H)."""
+def _up8(x, tok, offs, w1, w3, lc, s, r, dt, shared=False):
+    """h13 = [xs | s·u13] @ [W13 | blockdiag(B1, B3)]^T (M, 2I) ([W13 | [B1; B3]] with a shared A),
+    u13 = xs @ A13^T (M, R) or None (R = 2r, or r shared), xs (M, H)."""
     E, H, I = w1.shape[0], w1.shape[-1], w1.shape[1]
-    xa = _buf(tok.numel(), H, 2 * r, dt, x.device)
+    R = r if shared else 2 * r
+    xa = _buf(tok.numel(), H, R, dt, x.device)
     xs = gather_rows(x, tok, out=xa[:, :H])
     u13 = None
     if r:
-        u13 = grouped_mm(xs, _cat_lora(lc, "w1", "w3", 1).transpose(1, 2), offs)
-        torch.mul(u13, s, out=xa[:, H:H + 2 * r])
-    W8, sw = _weights([w1, w3], _bblk(lc, E, I, r, dt, x.device) if r else None, H, xa.shape[1])
+        u13 = grouped_mm(xs, _cat_lora(lc, "w1", "w3", 1, shared).transpose(1, 2), offs)
+        torch.mul(u13, s, out=xa[:, H:H + R])
+    W8, sw = _weights([w1, w3], _bblk(lc, E, I, r, dt, x.device, shared) if r else None, H, xa.shape[1])
     return _mm8(xa, W8, sw, offs), u13, xs
 
 
 class _GroupedMoEFP8(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topk_weight, topk_idx, w1, w3, w2, scaling, save_h, *ab):
+    def forward(ctx, x, topk_weight, topk_idx, w1, w3, w2, scaling, save_h, shared, *ab):
         N, H = x.shape
         k = topk_idx.shape[1]
         E, I = w1.shape[0], w1.shape[1]
@@ -79,10 +81,10 @@ class _GroupedMoEFP8(torch.autograd.Function):
         tok = order // k
         M = order.numel()
         lora = {n: (ab[2 * i], ab[2 * i + 1]) for i, n in enumerate(_NAMES) if ab[2 * i] is not None}
-        lc = {n: (A.to(dt), B.to(dt)) for n, (A, B) in lora.items()}
+        lc = _cast_lora(lora, dt, shared)
         r, r2 = _rank(lc, ("w1", "w3")), _rank(lc, ("w2",))
 
-        h13, u13, _ = _up8(x, tok, offs, w1, w3, lc, s, r, dt)
+        h13, u13, _ = _up8(x, tok, offs, w1, w3, lc, s, r, dt, shared)
         ga = _buf(M, I, r2, dt, x.device)  # [g | s·u2]
         g = swiglu_forward(h13, out=ga[:, :I])
         u2 = None
@@ -97,20 +99,21 @@ class _GroupedMoEFP8(torch.autograd.Function):
         inv[order] = torch.arange(M, device=order.device)
         out = combine(y, inv, topk_weight, N, k)
 
-        ctx.meta = (w1, w3, w2, s, save_h, I, k, r, r2, list(lora))
+        ctx.meta = (w1, w3, w2, s, save_h, I, k, r, r2, list(lora), shared)
         ctx.save_for_backward(x, topk_weight, order, inv, offs, h13 if save_h else None, y, u13, u2,
                               *[t for n in lora for t in lora[n]])
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        w1, w3, w2, s, save_h, I, k, r, r2, names = ctx.meta
+        w1, w3, w2, s, save_h, I, k, r, r2, names, shared = ctx.meta
         x, topk_weight, order, inv, offs, h13, y, u13, u2, *rest = ctx.saved_tensors
         N, H = x.shape
         E = w1.shape[0]
         M = order.numel()
         dt = x.dtype
-        pdt, lc = _saved_lora(names, rest, dt)
+        pdt, lc = _saved_lora(names, rest, dt, shared)
+        R = r if shared else 2 * r  # the w1|w3 LoRA's inner width
         tok = order // k
         dout = dout.contiguous()
         wsort = topk_weight.reshape(-1)[order]
@@ -130,8 +133,8 @@ class _GroupedMoEFP8(torch.autograd.Function):
         del W8
         xs = None
         if h13 is None:  # grouped_lowmem: recompute h13
-            h13, _, xs = _up8(x, tok, offs, w1, w3, lc, s, r, dt)
-        dha = _buf(M, 2 * I, 2 * r, dt, x.device)  # [dh13 | du13]
+            h13, _, xs = _up8(x, tok, offs, w1, w3, lc, s, r, dt, shared)
+        dha = _buf(M, 2 * I, R, dt, x.device)  # [dh13 | du13]
         if r2:
             dh13, g = swiglu_backward(h13, dg, out=dha[:, :2 * I], want_g=True)
             grads["w2"] = (grouped_mm_k(du2.t(), g, offs), dB2)  # dA2 (E, r2, I)
@@ -140,23 +143,23 @@ class _GroupedMoEFP8(torch.autograd.Function):
             dh13 = swiglu_backward(h13, dg, out=dha[:, :2 * I])
         del dg, h13, ya, dy, du2
         # ---- w1/w3:  dxs = [dh13 | du13] @ [W13; A13]
-        A13 = _cat_lora(lc, "w1", "w3", 1) if r else None  # (E, 2r, H)
+        A13 = _cat_lora(lc, "w1", "w3", 1, shared) if r else None  # (E, R, H)
         if r:
-            du13 = dha[:, 2 * I:2 * I + 2 * r]
-            torch.mul(grouped_mm(dh13, _bblk(lc, E, I, r, dt, x.device), offs), s, out=du13)
-        W8, sw = _weights([w1, w3], A13.transpose(1, 2) if r else None, 2 * I, dha.shape[1], True)  # (E, H, 2I+2r)
+            du13 = dha[:, 2 * I:2 * I + R]
+            torch.mul(grouped_mm(dh13, _bblk(lc, E, I, r, dt, x.device, shared), offs), s, out=du13)
+        W8, sw = _weights([w1, w3], A13.transpose(1, 2) if r else None, 2 * I, dha.shape[1], True)  # (E, H, 2I+R)
         dxs = _mm8(dha, W8, sw, offs)  # (M, H)
         del W8
         if r:
             if xs is None:
                 xs = gather_rows(x, tok)
-            _w13_lora_grads(grads, lc, du13, xs, u13, dh13, offs, s, r, I)
+            _w13_lora_grads(grads, lc, du13, xs, u13, dh13, offs, s, r, I, shared)
         del dha, dh13
         dx = combine(dxs, inv, None, N, k)
-        return (dx, dtw, None, None, None, None, None, None, *_ab_grads(grads, pdt))
+        return (dx, dtw, None, None, None, None, None, None, None, *_ab_grads(grads, pdt))
 
 
 def moe_experts_grouped_fp8(x, topk_idx, topk_weight, w1, w3, w2, lora=None, save_h: bool = True):
     """x (N, H), topk_idx (N, k) long, topk_weight (N, k) -> (N, H); see the module docstring."""
-    scaling, ab = _lora_args(lora)
-    return _GroupedMoEFP8.apply(x, topk_weight, topk_idx, w1, w3, w2, scaling, save_h, *ab)
+    scaling, shared, ab = _lora_args(lora)
+    return _GroupedMoEFP8.apply(x, topk_weight, topk_idx, w1, w3, w2, scaling, save_h, shared, *ab)

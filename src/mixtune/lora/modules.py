@@ -77,10 +77,13 @@ class ExpertLoRA(nn.Module):
 
     A[name] (E, r, in), B[name] (E, out, r) for each name in `names`, in that order: a stacked (E, out, in) matrix
     of `experts` (Mixtral: w1/w3: in=H, out=I; w2: in=I, out=H); `scaling` = alpha / r. No dropout (as peft's
-    target_parameters require)."""
+    target_parameters require). shared_gate_up_a (with both w1 and w3): A["w3"] IS A["w1"], one Parameter
+    under both names — peft's LoRA on the fused gate_up_proj (A (r, H), B (2I, r) per expert), which the PEFT
+    files still write per matrix (w1 and w3 keys with equal A); the kernels then run one rank-r product for
+    both."""
 
     def __init__(self, experts: MixtralExperts, names: Iterable[str], r: int, alpha: float,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, shared_gate_up_a: bool = False):
         super().__init__()
         E = experts.num_experts
         self.num_experts, self.r, self.alpha, self.scaling = E, r, float(alpha), float(alpha) / r
@@ -93,12 +96,17 @@ class ExpertLoRA(nn.Module):
             fout, fin = w.shape[1], w.shape[2]
             self.A[name] = nn.Parameter(torch.zeros(E, r, fin, device=w.device, dtype=dtype))  # (E, r, in)
             self.B[name] = nn.Parameter(torch.zeros(E, fout, r, device=w.device, dtype=dtype))  # (E, out, r)
+        self.shared_gate_up_a = bool(shared_gate_up_a and "w1" in self.A and "w3" in self.A)
+        if self.shared_gate_up_a:
+            self.A["w3"] = self.A["w1"]
 
     @torch.no_grad()
     def reset_parameters(self, gen: torch.Generator) -> None:
         for name in self.A:
             A = self.A[name]
-            if A.device.type != "meta":
+            if self.shared_gate_up_a and name == "w3":
+                self.B[name].zero_()  # its A is w1's, drawn once
+            elif A.device.type != "meta":
                 A.copy_(_uniform_kaiming(tuple(A.shape), A.shape[-1], gen))
                 self.B[name].zero_()
 
@@ -107,4 +115,5 @@ class ExpertLoRA(nn.Module):
         return (self.B[name][e].float() @ self.A[name][e].float()) * self.scaling
 
     def extra_repr(self) -> str:
-        return f"targets={list(self.A.keys())}, experts={self.num_experts}, r={self.r}, alpha={self.alpha:g}"
+        return (f"targets={list(self.A.keys())}, experts={self.num_experts}, r={self.r}, alpha={self.alpha:g}"
+                + (", gate/up share A" if self.shared_gate_up_a else ""))

@@ -78,6 +78,7 @@ def set_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], s
     skip = set(skip_leaves)
     slots = _adapter_slots(model)
     unknown, loaded = [], set()
+    first: dict = {}  # (parameter id, expert) -> the key that filled it (a shared gate/up A has two keys)
     with torch.no_grad():
         for key, t in tensors.items():
             if key not in slots:
@@ -90,6 +91,11 @@ def set_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], s
             if tuple(dst.shape) != tuple(t.shape):
                 raise ConfigError(f"adapter: {key} has shape {tuple(t.shape)} but the model expects "
                                   f"{tuple(dst.shape)}; is {origin} an adapter for this base model and rank?")
+            twin = first.setdefault((id(p), e), key)
+            if twin != key and not torch.equal(dst, t.to(dst.dtype)):
+                raise ConfigError(f"adapter: {key} and {twin} differ, but this model's gate and up adapters share "
+                                  f"one A (lora.shared_gate_up_a); {origin} was trained with separate ones: "
+                                  "set lora.shared_gate_up_a false to load it")
             dst.copy_(t.to(dst.dtype))
             loaded.add(key)
     if unknown:

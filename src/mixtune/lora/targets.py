@@ -295,7 +295,8 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, seed: int = 0, warn: bool
             adapted.add(leaf)
         elif name in exp_by_module:
             # in EXPERT_NAMES order, whatever the order of the targets (the adapter depends only on which)
-            el = ExpertLoRA(mod, [w for w in EXPERT_NAMES if w in exp_by_module[name]], r, alpha)
+            el = ExpertLoRA(mod, [w for w in EXPERT_NAMES if w in exp_by_module[name]], r, alpha,
+                            shared_gate_up_a=lora_cfg.shared_gate_up_a)
             el.reset_parameters(gen)
             mod.lora = el
             adapted.update(fam.checkpoint_name_of_role(w) for w in exp_by_module[name])
@@ -305,11 +306,11 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, seed: int = 0, warn: bool
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The adapter parameters (what the optimizer updates)."""
+    """The adapter parameters (what the optimizer updates), each once (a shared gate/up A is one parameter)."""
     out = []
     for mod in model.modules():
         if isinstance(mod, LoRALinear):
             out += [mod.lora_A, mod.lora_B]
         elif isinstance(mod, ExpertLoRA):
-            out += list(mod.A.values()) + list(mod.B.values())
+            out += list({id(p): p for p in mod.A.values()}.values()) + list(mod.B.values())
     return out
