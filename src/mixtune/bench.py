@@ -310,11 +310,13 @@ def planned_peak_gib(model, cfg: MixtralConfig, s: dict, seq: int, ranks: int = 
 
 def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed=0, profile_path=""):
     """Time each setting on one random model, rebuilt only when a setting asks for another adapter (r=, shared=);
-    with profile_path, one profiled step of the first setting follows its row."""
+    with profile_path, one profiled step of the first setting follows the last row (after it: in session 6 the
+    rows timed after a profile ran up to 16% slower where the step is host-bound, as if profiling had left the
+    CUDA launch path slower)."""
     c = MixtralConfig(**{**cfg.__dict__, "num_hidden_layers": layers})
     model, model_r, build_s = None, None, float("nan")
     try:
-        for i, s in enumerate(settings):
+        for s in settings:
             r = s.get("r", LORA_R)
             shared = bool(s.get("shared", 0))
             if (r, shared) != model_r:  # another adapter (and the old model freed first)
@@ -344,12 +346,18 @@ def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed
             rows["out"].append(row)
             print_row(row)
             free(device)
-            if profile_path and i == 0:
-                try:
-                    profile_step(model, c, s, rows["seq"], device, profile_path, seed)
-                except Exception as e:  # the profile is a diagnostic: never lose the rows for it
-                    print(f"profile failed: {type(e).__name__}: {str(e)[:200]}")
-                free(device)
+        if profile_path and settings:
+            s = settings[0]
+            try:
+                if (s.get("r", LORA_R), bool(s.get("shared", 0))) != model_r:
+                    del model
+                    model = None
+                    free(device)
+                    model = build_model(c, device, seed, r=s.get("r", LORA_R), shared_a=bool(s.get("shared", 0)))
+                profile_step(model, c, s, rows["seq"], device, profile_path, seed)
+            except Exception as e:  # the profile is a diagnostic: never lose the rows for it
+                print(f"profile failed: {type(e).__name__}: {str(e)[:200]}")
+            free(device)
     finally:
         del model
         free(device)
