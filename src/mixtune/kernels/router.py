@@ -12,9 +12,12 @@ Gradients flow from `topk_w` and from `stats.prob_sums` (the load-balancing loss
 (in the logits' dtype); `topk_idx`, `counts` and `tokens` have none. `route_reference` is the ground truth and the
 CPU path: the arithmetic `MoEBlock` used before this module (fp32 softmax, top-k, renormalise), the statistics
 summed per expert instead of through a (N, k, E) one-hot. On CUDA, `_Route` runs one Triton kernel
-forward (a program takes several token rows of up to next_pow2(E) experts; per-program partial statistics,
-summed after in one small deterministic reduction: no atomics) and one backward, which recomputes the softmax
-from the saved logits instead of keeping the (N, E) fp32 probabilities alive.
+forward (blocks of token rows, next_pow2(E) experts wide; at most 16 programs per SM, each looping over blocks
+and keeping its partial statistics, summed after in one small deterministic reduction: no atomics) and one
+backward, which recomputes the softmax from the saved logits instead of keeping the (N, E) fp32 probabilities.
+H200, Qwen3's E = 128, k = 8, 65,536 bf16 tokens, forward + backward with the loss: 6.3 MB kept for backward
+and an 8.5 MB forward peak, against 42 MB and 848 MB (the one-hot) before. At 131,072 tokens the forward
+(with its reduction) took ~0.14 ms, the backward ~0.06 ms.
 
 Top-k: the kernel takes the k largest logits by iterative arg-max, the reference by a stable descending sort of
 the logits (softmax is monotone, so both are the top-k of the probabilities; comparing logits keeps an fp32
@@ -36,7 +39,9 @@ import torch
 
 from ._triton import use_triton
 
-ROW_ELEMS = 2048  # logits per program: ROWS = ROW_ELEMS // next_pow2(E) token rows (16 at E = 128), 1..128
+# Launch settings: logits per row block (ROWS = elems // next_pow2(E) token rows, 1..128), warps, and the
+# forward's programs per SM (each loops over row blocks; bounds the per-program partial statistics).
+CONFIG = {"fwd_elems": 512, "fwd_warps": 1, "fwd_programs_per_sm": 16, "bwd_elems": 512, "bwd_warps": 1}
 
 
 class RouterStats(NamedTuple):
@@ -76,44 +81,54 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def route_fwd(l_ptr, wt_ptr, tw_ptr, ti_ptr, part_ptr, N, E, K: tl.constexpr, KP: tl.constexpr,
+    def route_fwd(l_ptr, wt_ptr, tw_ptr, ti_ptr, part_ptr, N, E, n_blocks, K: tl.constexpr, KP: tl.constexpr,
                   BLOCK_E: tl.constexpr, ROWS: tl.constexpr, RENORM: tl.constexpr, HAS_W: tl.constexpr):
+        # a program takes row blocks pid, pid + programs, ... and sums its statistics over them
         pid = tl.program_id(0)
-        rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) token rows
         col = tl.arange(0, BLOCK_E)  # (BLOCK_E,) experts
-        rm = rows < N
         cm = col < E
-        # fp32 logits x (-inf on padded experts, 0 on rows past N) and probabilities p, both (ROWS, BLOCK_E)
-        x = tl.load(l_ptr + rows[:, None] * E + col[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
-        x = tl.where(cm[None, :], x.to(tl.float32), float("-inf"))
-        ex = tl.exp(x - tl.max(x, axis=1)[:, None])
-        p = ex / tl.sum(ex, axis=1)[:, None]  # 0 on padded experts
         slot = tl.arange(0, KP)  # (KP,) top-k slots (KP = next_pow2(K))
-        tw = tl.zeros((ROWS, KP), dtype=tl.float32)
-        ti = tl.zeros((ROWS, KP), dtype=tl.int64)
-        hits = tl.zeros((ROWS, BLOCK_E), dtype=tl.float32)  # 1 where an expert was picked
-        for j in tl.static_range(K):
-            sel = tl.argmax(x, axis=1, tie_break_left=True)  # (ROWS,) largest left; ties: lowest expert
-            hit = col[None, :] == sel[:, None]  # (ROWS, BLOCK_E)
-            pj = tl.sum(tl.where(hit, p, 0.0), axis=1)  # (ROWS,) its probability
-            tw = tl.where(slot[None, :] == j, pj[:, None], tw)
-            ti = tl.where(slot[None, :] == j, sel[:, None].to(tl.int64), ti)
-            x = tl.where(hit, float("-inf"), x)
-            hits += hit.to(tl.float32)
-        if RENORM:
-            tw = tw / tl.sum(tw, axis=1)[:, None]  # unused slots hold 0
-        out = rows[:, None] * K + slot[None, :]  # (ROWS, KP)
-        om = rm[:, None] & (slot[None, :] < K)
-        tl.store(tw_ptr + out, tw, mask=om)
-        tl.store(ti_ptr + out, ti, mask=om)
-        if HAS_W:
-            wt = tl.load(wt_ptr + rows, mask=rm, other=0.0)  # (ROWS,)
-        else:
-            wt = rm.to(tl.float32)
+        acc_c = tl.zeros((BLOCK_E,), dtype=tl.float32)  # counts
+        acc_p = tl.zeros((BLOCK_E,), dtype=tl.float32)  # probability sums
+        acc_w = tl.zeros((ROWS,), dtype=tl.float32)  # token weights
+        for blk in range(pid, n_blocks, tl.num_programs(0)):
+            rows = (blk * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # (ROWS,) token rows (N < 2^31)
+            rm = rows < N
+            # fp32 logits x (-inf on padded experts, 0 on rows past N) and probabilities p, both (ROWS, BLOCK_E)
+            x = tl.load(l_ptr + rows[:, None] * E + col[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+            x = tl.where(cm[None, :], x.to(tl.float32), float("-inf"))
+            m = tl.max(x, axis=1)  # (ROWS,)
+            den = tl.sum(tl.exp(x - m[:, None]), axis=1)  # (ROWS,)
+            p = tl.exp(x - m[:, None]) / den[:, None]  # 0 on padded experts
+            tw = tl.zeros((ROWS, KP), dtype=tl.float32)
+            ti = tl.zeros((ROWS, KP), dtype=tl.int64)
+            hits = tl.zeros((ROWS, BLOCK_E), dtype=tl.int1)  # the k picked experts
+            for j in tl.static_range(K):
+                # the largest logit left and its expert (ties: the lowest), one reduction; its probability is
+                # computed as p's entries are, so it equals p[sel] exactly
+                v, sel = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)  # (ROWS,)
+                tw = tl.where(slot[None, :] == j, (tl.exp(v - m) / den)[:, None], tw)
+                ti = tl.where(slot[None, :] == j, sel[:, None].to(tl.int64), ti)
+                hit = col[None, :] == sel[:, None]  # (ROWS, BLOCK_E)
+                x = tl.where(hit, float("-inf"), x)
+                hits = hits | hit
+            if RENORM:
+                tw = tw / tl.sum(tw, axis=1)[:, None]  # unused slots hold 0
+            out = rows[:, None] * K + slot[None, :]  # (ROWS, KP)
+            om = rm[:, None] & (slot[None, :] < K)
+            tl.store(tw_ptr + out, tw, mask=om)
+            tl.store(ti_ptr + out, ti, mask=om)
+            if HAS_W:
+                wt = tl.load(wt_ptr + rows, mask=rm, other=0.0)  # (ROWS,)
+            else:
+                wt = rm.to(tl.float32)
+            acc_c += tl.sum(tl.where(hits, wt[:, None], 0.0), axis=0)
+            acc_p += tl.sum(p * wt[:, None], axis=0)
+            acc_w += wt
         part = part_ptr + pid.to(tl.int64) * (2 * E + 1)  # this program's row: [counts E | prob sums E | tokens]
-        tl.store(part + col, tl.sum(hits * wt[:, None], axis=0), mask=cm)
-        tl.store(part + E + col, tl.sum(p * wt[:, None], axis=0), mask=cm)
-        tl.store(part + 2 * E, tl.sum(wt, axis=0))
+        tl.store(part + col, acc_c, mask=cm)
+        tl.store(part + E + col, acc_p, mask=cm)
+        tl.store(part + 2 * E, tl.sum(acc_w, axis=0))
 
     @triton.jit
     def route_bwd(l_ptr, ti_ptr, gw_ptr, gps_ptr, wt_ptr, dl_ptr, N, E, K: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -126,8 +141,9 @@ def _kernels():
         # fp32 logits x and probabilities p (as forward), both (ROWS, BLOCK_E)
         x = tl.load(l_ptr + rows[:, None] * E + col[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
         x = tl.where(cm[None, :], x.to(tl.float32), float("-inf"))
-        ex = tl.exp(x - tl.max(x, axis=1)[:, None])
-        p = ex / tl.sum(ex, axis=1)[:, None]  # 0 on padded experts
+        m = tl.max(x, axis=1)  # (ROWS,)
+        den = tl.sum(tl.exp(x - m[:, None]), axis=1)  # (ROWS,)
+        p = tl.exp(x - m[:, None]) / den[:, None]
         g = tl.zeros((ROWS, BLOCK_E), dtype=tl.float32)  # d loss / d probabilities
         if HAS_GPS:  # prob_sums[e] = sum_n w_n p[n, e]
             if HAS_W:
@@ -143,7 +159,8 @@ def _kernels():
                 for j in tl.static_range(K):
                     sel = tl.load(ti_ptr + rows * K + j, mask=rm, other=0)  # (ROWS,)
                     gj = tl.load(gw_ptr + rows * K + j, mask=rm, other=0.0)
-                    pj = tl.sum(tl.where(col[None, :] == sel[:, None], p, 0.0), axis=1)
+                    xj = tl.load(l_ptr + rows * E + sel, mask=rm, other=0.0).to(tl.float32)  # its logit
+                    pj = tl.exp(xj - m) / den  # = p[sel], computed alike
                     s += pj
                     dot += gj * pj
                 s = tl.where(rm, s, 1.0)  # rows past N: keep their (unstored) arithmetic finite
@@ -161,11 +178,19 @@ def _kernels():
     return route_fwd, route_bwd
 
 
-def _launch(N: int, E: int):
-    """(programs, BLOCK_E, ROWS) for N rows of E logits."""
+def _rows(E: int, elems: int):
+    """(BLOCK_E, ROWS): next_pow2(E) experts, about `elems` logits per row block."""
     block = 1 << max(0, (E - 1).bit_length())
-    rows = max(1, min(128, ROW_ELEMS // block))
-    return -(-N // rows), block, rows
+    return block, max(1, min(128, elems // block))
+
+
+def _fwd_programs(n_blocks: int, device: torch.device) -> int:
+    """Programs of the forward, each looping over row blocks: bounded, so the partial statistics stay small
+    (on a CPU, 2: the interpreter's tests then run the loop)."""
+    if device.type != "cuda":
+        return min(n_blocks, 2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return min(n_blocks, CONFIG["fwd_programs_per_sm"] * sms)
 
 
 class _Route(torch.autograd.Function):
@@ -177,14 +202,17 @@ class _Route(torch.autograd.Function):
         dev = logits.device
         topk_w = torch.empty(N, k, dtype=torch.float32, device=dev)
         topk_idx = torch.empty(N, k, dtype=torch.int64, device=dev)
-        grid, block, rows = _launch(N, E)
+        block, rows = _rows(E, CONFIG["fwd_elems"])
+        n_blocks = -(-N // rows)
+        grid = _fwd_programs(n_blocks, dev)
         part = torch.empty(max(grid, 1), 2 * E + 1, dtype=torch.float32, device=dev)  # per-program partials
         if N == 0:
             part.zero_()
         else:
             _kernels()[0][(grid,)](logits, weights if weights is not None else logits, topk_w, topk_idx, part,
-                                   N, E, K=k, KP=1 << max(0, (k - 1).bit_length()), BLOCK_E=block, ROWS=rows,
-                                   RENORM=renormalize, HAS_W=weights is not None, num_warps=4)
+                                   N, E, n_blocks, K=k, KP=1 << max(0, (k - 1).bit_length()), BLOCK_E=block,
+                                   ROWS=rows, RENORM=renormalize, HAS_W=weights is not None,
+                                   num_warps=CONFIG["fwd_warps"])
         tot = part.sum(0)  # (2E+1,) in a fixed order: deterministic
         counts, prob_sums, tokens = tot[:E], tot[E:2 * E], tot[2 * E]
         ctx.mark_non_differentiable(topk_idx, counts, tokens)
@@ -205,10 +233,11 @@ class _Route(torch.autograd.Function):
             return dl, None, None, None
         gw = g_w.float().contiguous() if g_w is not None else logits  # any pointer when absent
         gps = g_ps.float().contiguous() if g_ps is not None else logits
-        grid, block, rows = _launch(N, E)
-        _kernels()[1][(grid,)](logits, topk_idx, gw, gps, weights if weights is not None else logits, dl, N, E,
-                               K=k, BLOCK_E=block, ROWS=rows, RENORM=ctx.renormalize, HAS_GW=g_w is not None,
-                               HAS_GPS=g_ps is not None, HAS_W=weights is not None, num_warps=4)
+        block, rows = _rows(E, CONFIG["bwd_elems"])
+        wt = weights if weights is not None else logits
+        _kernels()[1][(-(-N // rows),)](logits, topk_idx, gw, gps, wt, dl, N, E, K=k, BLOCK_E=block, ROWS=rows,
+                                        RENORM=ctx.renormalize, HAS_GW=g_w is not None, HAS_GPS=g_ps is not None,
+                                        HAS_W=weights is not None, num_warps=CONFIG["bwd_warps"])
         return dl, None, None, None
 
 
