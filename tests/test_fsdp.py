@@ -96,6 +96,36 @@ def test_fsdp_two_ranks_equal_one_process_then_resume_and_refuse_another_world(t
     assert {f: (run / f).stat().st_mtime_ns for f in before} == before
 
 
+@pytest.mark.torchrun
+def test_fsdp_with_a_shared_gate_up_a_equals_one_process_and_resumes(tmp_path):
+    """lora.shared_gate_up_a under fsdp: the one A under two names is sharded, gathered for the adapter files
+    (once, into both names: gathering per name hung the ranks) and checkpointed once; the run equals one
+    process and a resume from its sharded checkpoint ends with the same adapter."""
+    shared = ["--lora.shared_gate_up_a", "true"]
+    single = tmp_path / "single"
+    train.main(load_config(None, FSDP + shared + ["--train.gradient_accumulation_steps", "2",
+                                                  "--train.output_dir", str(single)]))
+    run = tmp_path / "fsdp"
+    args = [*FSDP, *shared, "--train.gradient_accumulation_steps", "1", "--train.output_dir", str(run),
+            "--train.ddp_timeout", "120"]
+    p = _torchrun(*args)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    a, b = _adapter(single), _adapter(run)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    w1 = [k for k in b if ".experts.1.w1.lora_A" in k]
+    assert w1 and all(torch.equal(b[k], b[k.replace(".w1.", ".w3.")]) for k in w1)
+    shutil.rmtree(run / "checkpoints" / "step-3")
+    shutil.rmtree(run / "adapter")
+    p = _torchrun(*args, "--train.resume", "auto")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resuming from" in p.stderr
+    c = _adapter(run)
+    for k in a:
+        torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=1e-6)
+
+
 def test_nf4_storage_as_parameters_counts_once_and_computes_the_same():
     """What fsdp shards: NF4Weight's packed codes / absmax / absmax2 as frozen 1-D Parameters. Counts and memory
     estimates see each NF4 weight once, by its logical shape, before and after; the output is unchanged."""

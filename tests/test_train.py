@@ -37,9 +37,16 @@ def _cfg_opt(out_dir, *extra, optim="adamw"):
     return _cfg(out_dir, "--train.optim", optim, *extra)
 
 
-@pytest.mark.parametrize("optim", ["adamw", "adamw_8bit"])
+@pytest.mark.parametrize("optim", ["adamw", "adamw_8bit", "adamw+shared_a"])
 def test_kill_and_resume_gives_the_same_adapter(tmp_path, optim):
-    _cfg = functools.partial(_cfg_opt, optim=optim)
+    """adamw+shared_a: lora.shared_gate_up_a, whose one A under two names is saved and restored once."""
+    if optim == "adamw+shared_a":
+        optim = "adamw"
+
+        def _cfg(out_dir, *extra):
+            return _cfg_opt(out_dir, "--lora.shared_gate_up_a", "true", *extra, optim="adamw")
+    else:
+        _cfg = functools.partial(_cfg_opt, optim=optim)
     full = tmp_path / "full"
     train.main(_cfg(full))
     if optim == "adamw_8bit":  # the checkpoint really holds 8-bit moments (lm_head's LoRA B is large enough)

@@ -119,9 +119,10 @@ def _reshard(model: nn.Module) -> None:
 
 
 def _lora_slots(model: nn.Module):
-    """(module, name, parameter) of every trainable parameter."""
+    """(module, name, parameter) of every trainable parameter, once per name it is registered under (a shared
+    gate/up A, lora.shared_gate_up_a, is one parameter under two names)."""
     for mod in model.modules():
-        for name, p in mod.named_parameters(recurse=False):
+        for name, p in mod.named_parameters(recurse=False, remove_duplicate=False):
             if p.requires_grad:
                 yield mod, name, p
 
@@ -136,14 +137,17 @@ def full_adapter(model: nn.Module, dist, restore: bool = True):
         return
     _reshard(model)
     swapped = []
+    whole = {}  # id(parameter) -> its whole tensor on rank 0: a parameter under two names is gathered once
     for mod, name, p in list(_lora_slots(model)):
         if not is_dtensor(p):
             continue
-        full = p.detach().full_tensor()  # a collective: every rank, in the same order
+        if id(p) not in whole:
+            full = p.detach().full_tensor()  # a collective: every rank, in the same order
+            whole[id(p)] = nn.Parameter(full.cpu()) if dist.is_main else None  # still trainable (report)
+            del full
         if dist.is_main:
             swapped.append((mod, name, p))
-            mod._parameters[name] = nn.Parameter(full.cpu())  # still counted as trainable (report)
-        del full
+            mod._parameters[name] = whole[id(p)]  # both names of a shared parameter: the same whole one
     try:
         yield
     finally:
