@@ -100,9 +100,10 @@ def _per_token_layer(c: MixtralConfig, r: int, lora_dropout: float = 0.0, shared
         "attention": BF16 * (2 * H + 2 * qd + 2 * kv) + 4 * c.num_attention_heads + 4 * r * BF16 + dropout
         + qk_norm + clip,
         "attention_recomputed": H * BF16,  # the block's input only
-        # residual (norm input), normed x (router + experts input), router probs/ids, expert outputs y (k x H),
+        # residual (norm input), normed x (router + experts input), the router's logits (compute dtype: its fused
+        # backward recomputes the softmax; kernels/router.py) and top-k weights/ids, expert outputs y (k x H),
         # LoRA inner products
-        "moe": 2 * H * BF16 + E * 4 * 2 + k * 10 + k * H * BF16 + k * (2 if shared_a else 3) * r * BF16,
+        "moe": 2 * H * BF16 + E * BF16 + k * 12 + k * H * BF16 + k * (2 if shared_a else 3) * r * BF16,
         "h13": k * 2 * I * BF16,  # the (tokens x 2I) pre-activations `grouped` keeps
         # Qwen2-MoE's shared expert: gate and up outputs, silu(gate), their product (down_proj input), its output
         # for the sigmoid gate's product, the gate (1 value); LoRA inner products
