@@ -15,6 +15,7 @@ dense-mask sdpa path), "auto" (= varlen where it runs, else sdpa).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -125,7 +126,12 @@ def flash_varlen_ok(device: torch.device) -> bool:
     """Whether FlashAttention's varlen kernel runs here: CUDA, compute capability >= 8.0, flash sdp enabled."""
     if device.type != "cuda" or not torch.backends.cuda.flash_sdp_enabled():
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 8 and hasattr(torch.ops.aten, "_flash_attention_forward")
+    return _flash_capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 8 and hasattr(torch.ops.aten, "_flash_attention_forward")
 
 
 class _FlashVarlen(torch.autograd.Function):
