@@ -106,8 +106,9 @@ class LoraConfig:
     shared_gate_up_a: bool = _f(False, "Experts' gate (w1/gate_proj) and up (w3/up_proj) adapters share one LoRA A "
                                        "per expert, as peft's adapter on the fused gate_up_proj does: r x hidden "
                                        "fewer parameters per expert (Qwen3-30B-A3B r=64: 24% fewer adapter "
-                                       "parameters), one rank-r product for both. The adapter files stay per "
-                                       "matrix (w1 and w3 carry the same A).")
+                                       "parameters), one rank-r product for both; as fast or faster at r=64, but "
+                                       "22% slower at r=8 under full recomputation (BENCHMARKS.md, session 6). "
+                                       "The adapter files stay per matrix (w1 and w3 carry the same A).")
     bias: str = _f("none", "Bias training (only 'none' is supported: Mixtral has no biases).", ("none",))
     init_seed: Optional[int] = _f(None, "Seed for LoRA A initialisation (default: train.seed).")
 
