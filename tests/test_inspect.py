@@ -207,7 +207,8 @@ def expected(g: dict, r: int = R) -> dict:
     attn_kept = 2 * (2 * H + 2 * qd + 2 * kvd) + 4 * g["nh"] + 4 * r * 2  # norm in, normed x, q|k|v, o in, lse, LoRA
     attn_kept += {"head": 2 * (qd + kvd) + 4 * (g["nh"] + g["nkv"]), "proj": 2 * (qd + kvd) + 8, "none": 0}[
         g["qk_norm"]]  # q/k norm inputs + rstd per normed row
-    moe_kept = 2 * 2 * H + E * 8 + k * 10 + k * H * 2 + k * 3 * r * 2 + k * 2 * I * 2  # ... + h13 pre-activations
+    # residual, normed x, the router's bf16 logits and top-k weights/ids, y, LoRA inner products, h13
+    moe_kept = 2 * 2 * H + E * 2 + k * 12 + k * H * 2 + k * 3 * r * 2 + k * 2 * I * 2
     moe_kept += 2 * (4 * Is + H + 1) + 4 + 3 * r * 2 if Is else 0
     dense_kept = 2 * (2 * H + 4 * Id) + 3 * r * 2
     fixed = nf4 + trainable * 4 + trainable * 2.02  # fp32 adapter, 8-bit moments
