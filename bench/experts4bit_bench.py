@@ -373,15 +373,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--geometry", default="mixtral-8x7b", choices=GEOMETRY_NAMES,
                    help="model geometry (random weights): mixtral-8x7b (default) or qwen3-30b-a3b")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers of the geometry (default 4)")
-    p.add_argument("--settings", default="mb=8",
-                   help="'mb=8,accum=1,ckpt=0|1,keep=0|n|all,kernel=grouped|reference,attn4=1|0;...'")
-    p.add_argument("--seq", type=int, default=1024, help="packed row length (default 1024)")
-    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per setting")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles Triton kernels)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-mask-check", action="store_true", help="skip the document-masking check")
-    p.add_argument("--json-out", default="", help="also write the final JSON object to this file")
+    pc.add_common_args(p, "mb=8", "'mb=8,accum=1,ckpt=0|1,keep=0|n|all,kernel=grouped|reference,attn4=1|0;...'",
+                       "untimed steps first (the first compiles Triton kernels)")
     p.add_argument("--dry-cpu", action="store_true",
                    help="CPU check: tiny 1-layer model built by the same code, adapter count, one reference-path step "
                         "+ masking per setting, enable_fast_train patch count (no fused kernel runs)")

@@ -392,6 +392,20 @@ def free_cuda():
         pass
 
 
+# ------------------------------------------------------------------------------------------ command line
+def add_common_args(p, settings_default: str, settings_help: str, warmup_help: str) -> None:
+    """The arguments both runners take, after their own --geometry: --layers, --settings, --seq, --steps, --warmup,
+    --seed, --no-mask-check, --json-out."""
+    p.add_argument("--layers", type=int, default=4, help="decoder layers of the geometry (default 4)")
+    p.add_argument("--settings", default=settings_default, help=settings_help)
+    p.add_argument("--seq", type=int, default=1024, help="packed row length (default 1024)")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per setting")
+    p.add_argument("--warmup", type=int, default=2, help=warmup_help)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-mask-check", action="store_true", help="skip the document-masking check")
+    p.add_argument("--json-out", default="", help="also write the final JSON object to this file")
+
+
 # ------------------------------------------------------------------------------------------ report
 def markdown_table(rows, args, column, line):
     """The table both runners end with: run | layers | mb x seq x accum | setting | tok/s | TF/s 4N | peak GiB |

@@ -106,9 +106,9 @@ if "_bench_peer_common" not in sys.modules:
         "_bench_peer_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_common.py"))
     sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(sys.modules[_spec.name])
-from _bench_peer_common import (ALPHA, ATTN_TARGETS, EXPERT_TARGETS, GEOMETRIES, R, check_adapters,  # noqa: E402
-                                check_geometry, check_written_config, checkpoint_complete, checkpoint_spec,
-                                emit_result, fail_rows, free_cuda, hf_model_class, log, make_batches,
+from _bench_peer_common import (ALPHA, ATTN_TARGETS, EXPERT_TARGETS, GEOMETRIES, R, add_common_args,  # noqa: E402
+                                check_adapters, check_geometry, check_written_config, checkpoint_complete,
+                                checkpoint_spec, emit_result, fail_rows, free_cuda, hf_model_class, log, make_batches,
                                 markdown_table, masking_check, settings_parts, sync, time_setting, write_checkpoint)
 
 
@@ -408,25 +408,19 @@ def build_parser():
     p.add_argument("--geometry", default="mixtral-8x7b", choices=sorted(GEOMETRIES),
                    help="model geometry (random weights): mixtral-8x7b (MixtralForCausalLM, default) or "
                         "qwen3-30b-a3b (Qwen3MoeForCausalLM)")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers of the geometry (default 4)")
-    p.add_argument("--settings", default="mb=8,ckpt=0;mb=8,ckpt=1;mb=16,ckpt=0",
-                   help="'mb=8,accum=1,ckpt=0|1|hf,flat=0|1;...' (ckpt=1: Unsloth's offloaded checkpointing)")
-    p.add_argument("--seq", type=int, default=1024, help="packed row length (default 1024)")
-    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per setting")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles, ~60 s)")
+    add_common_args(p, "mb=8,ckpt=0;mb=8,ckpt=1;mb=16,ckpt=0",
+                    "'mb=8,accum=1,ckpt=0|1|hf,flat=0|1;...' (ckpt=1: Unsloth's offloaded checkpointing)",
+                    "untimed steps first (the first compiles, ~60 s)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "unsloth_bench"),
                    help="checkpoint + compile cache go here (4 layers: ~11 GB Mixtral, ~6 GB Qwen3)")
     p.add_argument("--tokenizer-dir", default="",
                    help="HF tokenizer files to copy into the checkpoint (e.g. .gpu/tok); default: generate them "
                         "with mixtune.data.tokenizer.load_tokenizer('') (needs mistral-common)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rewrite", action="store_true", help="rewrite the checkpoint even if a complete one exists")
     p.add_argument("--load-in-16bit", action="store_true", help="bf16 base instead of 4-bit (not the benchmark)")
-    p.add_argument("--no-mask-check", action="store_true", help="skip the document-masking check")
     p.add_argument("--time-budget", type=int, default=540,
                    help="seconds: settings that would start past this (minus a margin) are skipped and reported; "
                         "0 = no limit (default 540, for a 600 s call)")
-    p.add_argument("--json-out", default="", help="also write the final JSON object to this file")
     p.add_argument("--dry-cpu", action="store_true",
                    help="CPU check without Unsloth: tiny 1-layer checkpoint written + reloaded, batches built")
     p.add_argument("--_write-checkpoint", dest="write_checkpoint", default="", help=argparse.SUPPRESS)

@@ -136,21 +136,21 @@ def _moe_backward(c: MixtralConfig, T: int, r: int, lowmem: bool, fp8: bool, sha
                   (M, 2I), [xs | s·u13] (M, H+2r) and (bf16) the [W1; W3 | B] buffer it keeps for dxs;
       C  w1|w3:   [dh13 | du13], dxs (M, H), [W1; W3] with A13 rows (E, 2I+2r, H) — dg is freed before.
     (The estimate once added dg to C: M·I·2 bytes too many, 0.9 GiB for Mixtral at 16k tokens.) With shared_a
-    the w1|w3 LoRA's inner width "2r" below is r."""
+    the w1|w3 LoRA's inner width, 2r above, is r."""
     H, I, k, E = c.hidden_size, c.intermediate_size, c.num_experts_per_tok, c.num_local_experts
     M, q, wb = T * k, (1 if fp8 else 0), (1 if fp8 else BF16)
-    r2, r = r, (r / 2 if shared_a else r)  # below, 2 * r is the w1|w3 LoRA width; r2 is w2's rank
-    a = M * ((H + r2) * (BF16 + q) + I * BF16) + E * (H + r2) * I * wb
-    b = M * (I + 2 * I + 2 * r) * BF16
-    cc = M * ((2 * I + 2 * r) * (BF16 + q) + H * BF16) + E * (2 * I + 2 * r) * H * wb
+    w = r if shared_a else 2 * r  # the w1|w3 LoRA's inner width (r is also w2's rank)
+    a = M * ((H + r) * (BF16 + q) + I * BF16) + E * (H + r) * I * wb
+    b = M * (I + 2 * I + w) * BF16
+    cc = M * ((2 * I + w) * (BF16 + q) + H * BF16) + E * (2 * I + w) * H * wb
     if lowmem:
-        wa = E * 2 * I * (H + 2 * r)
+        wa = E * 2 * I * (H + w)
         if fp8:  # the e4m3 [W1; W3] is freed once h13 is rebuilt; [xs | s·u13] stays (xs: the LoRA gradients)
-            b = max(M * (I * BF16 + (H + 2 * r) * (BF16 + q) + 2 * I * BF16) + wa, b + M * (2 * I + H + 2 * r) * BF16)
-            cc += M * (H + 2 * r) * BF16
+            b = max(M * (I * BF16 + (H + w) * (BF16 + q) + 2 * I * BF16) + wa, b + M * (2 * I + H + w) * BF16)
+            cc += M * (H + w) * BF16
         else:  # the bf16 buffer is reused for dxs: dh13 (M, 2I) and du13 (M, 2r) apart, no A13 rows
-            b = M * (I + 2 * I + 2 * I + H + 2 * r) * BF16 + wa * BF16
-            cc = M * (2 * I + 2 * r + H + 2 * r + H) * BF16 + wa * BF16
+            b = M * (I + 2 * I + 2 * I + H + w) * BF16 + wa * BF16
+            cc = M * (2 * I + w + H + w + H) * BF16 + wa * BF16
     return a, b, cc
 
 
