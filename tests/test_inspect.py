@@ -207,14 +207,18 @@ def expected(g: dict, r: int = R) -> dict:
     attn_kept = 2 * (2 * H + 2 * qd + 2 * kvd) + 4 * g["nh"] + 4 * r * 2  # norm in, normed x, q|k|v, o in, lse, LoRA
     attn_kept += {"head": 2 * (qd + kvd) + 4 * (g["nh"] + g["nkv"]), "proj": 2 * (qd + kvd) + 8, "none": 0}[
         g["qk_norm"]]  # q/k norm inputs + rstd per normed row
-    # residual, normed x, the router's bf16 logits and top-k weights/ids, y, LoRA inner products, h13
-    moe_kept = 2 * 2 * H + E * 2 + k * 12 + k * H * 2 + k * 3 * r * 2 + k * 2 * I * 2
+    # residual, normed x, the router's bf16 logits and top-k weights/ids, LoRA inner products, h13 (not the
+    # expert outputs y since session 7: the routing weights' gradient comes from the SwiGLU backward)
+    moe_kept = 2 * 2 * H + E * 2 + k * 12 + k * 3 * r * 2 + k * 2 * I * 2
     moe_kept += 2 * (4 * Is + H + 1) + 4 + 3 * r * 2 if Is else 0
     dense_kept = 2 * (2 * H + 4 * Id) + 3 * r * 2
     fixed = nf4 + trainable * 4 + trainable * 2.02  # fp32 adapter, 8-bit moments
     grads = trainable * 4  # fp32; accumulation 1: the top layer's (1/L) at the activation peak, all at the step
-    # the loss: two 4096-row bf16 logits chunks (T > 4096) or one, + 4 (T x H) tensors
-    loss = min(T, 4096) * V * 2 * (2 if T > 4096 else 1) + 4 * T * H * 2
+    # the loss: one reused bf16 logits buffer of the largest power-of-two rows <= 4096 within 1 GiB, + 4 (T x H)
+    rows = 4096
+    while rows * V * 2 > 2**30:
+        rows //= 2
+    loss = min(T, rows) * V * 2 + 4 * T * H * 2
     M = T * k
     phases = (M * ((H + r) * 2 + I * 2) + E * (H + r) * I * 2,  # w2: [dy|du2], dg, W2 with A2 rows
               M * (3 * I + 2 * r) * 2,  # SwiGLU: dg, [dh13|du13]

@@ -12,8 +12,8 @@ A policy is (full, attention, backend):
 - `backend`: `grouped` keeps the experts' (tokens × 2I) pre-activations, `grouped_lowmem` recomputes them.
 
 The estimate is the largest of three moments of a step:
-- the loss (after the forward): everything the layers keep + two 4096-row bf16 logits chunks (kernels/loss.py
-  allocates the next chunk's product before it drops the previous one) + a few (tokens x H) tensors;
+- the loss (after the forward): everything the layers keep + one bf16 logits chunk (kernels/loss.py reuses one
+  buffer of `chunk_rows(vocab)` rows for every chunk) + a few (tokens x H) tensors;
 - each layer's backward, top layer first: what the layers not yet done keep + that layer's backward buffers,
   phase by phase (`_moe_backward`) + the gradients that exist by then;
 - the optimizer step: weights, adapter, every gradient and the optimizer's moments; no activations.
@@ -32,7 +32,9 @@ and dense MLP layers where the config has them (each layer counted as its kind).
 its input and, in its backward, rebuilds the rest — whose h13 its experts' backward releases before the
 w1|w3 phase (a checkpointed tensor is freed once unpacked; one that is not recomputed stays saved until the
 layer's backward ends). With `precision="fp8"` the dequantized weights take one byte each and each product's
-activation operand gets an e4m3 copy.
+activation operand gets an e4m3 copy. `KernelMemory` names what depends on the kernels' version: since session 7
+the experts keep no outputs y (the routing weights' gradient comes out of the SwiGLU backward) and the loss
+reuses one logits buffer; the measurements taken before are checked under `KERNELS_S6`, which keeps both.
 
 Against the H200 measurements (`tests/test_memory_plan.py` holds every row: Mixtral-8x7B at 4 and 32 layers,
 Qwen3-30B-A3B at 4 and 48 layers, accumulation 1 to 6, no / attention / full recomputation, bf16 and FP8
@@ -48,6 +50,7 @@ from dataclasses import dataclass
 
 import math
 
+from .kernels.loss import chunk_rows
 from .lora import lora_parameters
 from .model.config import MixtralConfig
 from .model.layout import EXPERT_W, quantized_linear
@@ -55,6 +58,20 @@ from .quant.nf4 import NF4Weight, nf4_storage_ids
 
 GiB = 2**30
 BF16 = 2
+
+
+@dataclass(frozen=True)
+class KernelMemory:
+    """What the kernels allocate that the estimate depends on, as a model of them (the defaults are today's
+    kernels). The H200 measurements of sessions 2-6 were taken with kernels that kept each MoE layer's expert
+    outputs y (k x H per token) for the routing weights' gradient and held two 4096-row logits chunks at once
+    (`KERNELS_S6`); the tests check those rows under that model and the later ones under the defaults."""
+    expert_outputs: bool = False  # the experts keep y (M, H) for backward
+    logits_buffers: int = 1  # logits chunks alive at once while the loss runs (when there is more than one)
+    logits_rows: int = 0  # rows per logits chunk; 0: kernels.loss.chunk_rows(vocab)
+
+
+KERNELS_S6 = KernelMemory(expert_outputs=True, logits_buffers=2, logits_rows=4096)
 
 
 @dataclass(frozen=True)
@@ -78,10 +95,12 @@ class Policy:
         return ", ".join(parts)
 
 
-def _per_token_layer(c: MixtralConfig, r: int, lora_dropout: float = 0.0, shared_a: bool = False) -> dict:
+def _per_token_layer(c: MixtralConfig, r: int, lora_dropout: float = 0.0, shared_a: bool = False,
+                     kernels: KernelMemory = KernelMemory()) -> dict:
     """Bytes autograd keeps per token and layer, by part (every family: q/k/v widths from head_dim, q/k norms,
     q/k/v clipping, a shared expert, dense MLP layers). shared_a: the experts' w1/w3 share one LoRA A (one
-    inner product for both)."""
+    inner product for both). kernels.expert_outputs: the experts also keep their outputs y (today's take the
+    routing weights' gradient from the SwiGLU backward instead)."""
     H, I, k, E = c.hidden_size, c.intermediate_size, c.num_experts_per_tok, c.num_local_experts
     fam = c.family
     qd = c.num_attention_heads * c.head_dim  # query width (= H for Mixtral; Qwen3: independent of H)
@@ -101,9 +120,10 @@ def _per_token_layer(c: MixtralConfig, r: int, lora_dropout: float = 0.0, shared
         + qk_norm + clip,
         "attention_recomputed": H * BF16,  # the block's input only
         # residual (norm input), normed x (router + experts input), the router's logits (compute dtype: its fused
-        # backward recomputes the softmax; kernels/router.py) and top-k weights/ids, expert outputs y (k x H),
-        # LoRA inner products
-        "moe": 2 * H * BF16 + E * BF16 + k * 12 + k * H * BF16 + k * (2 if shared_a else 3) * r * BF16,
+        # backward recomputes the softmax; kernels/router.py) and top-k weights/ids, (earlier kernels: the expert
+        # outputs y, k x H), LoRA inner products
+        "moe": 2 * H * BF16 + E * BF16 + k * 12 + (k * H * BF16 if kernels.expert_outputs else 0)
+        + k * (2 if shared_a else 3) * r * BF16,
         "h13": k * 2 * I * BF16,  # the (tokens x 2I) pre-activations `grouped` keeps
         # Qwen2-MoE's shared expert: gate and up outputs, silu(gate), their product (down_proj input), its output
         # for the sigmoid gate's product, the gate (1 value); LoRA inner products
@@ -156,7 +176,8 @@ def _moe_backward(c: MixtralConfig, T: int, r: int, lowmem: bool, fp8: bool, sha
 
 def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro_batch: int, seq: int, r: int,
                    optim: str, policy: Policy, lora_dropout: float = 0.0, precision: str = "bf16",
-                   ranks: int = 1, strategy: str = "ddp", accum: int = 1, shared_a: bool = False) -> float:
+                   ranks: int = 1, strategy: str = "ddp", accum: int = 1, shared_a: bool = False,
+                   kernels: KernelMemory = KernelMemory()) -> float:
     """Peak bytes of one training step on one GPU (see the module doc). lora_dropout > 0 counts the dropped
     inputs that LoRA on q/k/v/o keeps (an upper bound when fewer of them are targets); precision is the experts'
     (model.expert_precision). `ranks` GPUs under `strategy` fsdp: the decoder layers' weights, the adapter, its
@@ -165,7 +186,8 @@ def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro
     activations are per GPU either way. ddp: every rank holds everything. `accum` (gradient accumulation
     steps): 1 -- no gradient exists before the backward (zero_grad(set_to_none=True)), each layer's appear as
     its backward runs; > 1 -- every gradient is held from the first micro-batch on. shared_a: lora.shared_gate_up_a
-    (`trainable` already counts the shared A once)."""
+    (`trainable` already counts the shared A once). kernels: the kernels' allocations modelled (`KernelMemory`:
+    today's by default)."""
     L = c.num_hidden_layers
     H, I = c.hidden_size, c.intermediate_size
     T = micro_batch * seq
@@ -184,9 +206,9 @@ def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro
         fixed = root + (weights_bytes - root + trainable * 4 + state) / ranks + gathered
     grads = trainable * 4 / div  # fp32, sharded under fsdp
     per_layer_grads = trainable * 4 / L  # split evenly over the layers (a LoRA lm_head counts in its share)
-    p = _per_token_layer(c, r, lora_dropout, shared_a)
-    lowmem = policy.backend == "grouped_lowmem"
     fp8 = precision == "fp8"
+    p = _per_token_layer(c, r, lora_dropout, shared_a, kernels)
+    lowmem = policy.backend == "grouped_lowmem"
     kinds = _moe_layers(c)
     full = min(policy.full, L)
     saved = [T * (p["layer_recomputed"] if l < full else _kept(p, moe, policy.attention, lowmem))
@@ -210,11 +232,11 @@ def estimate_bytes(c: MixtralConfig, weights_bytes: float, trainable: int, micro
             t = max(t, Is * H * BF16 + T * (3 * Is + H) * BF16 + rebuilt)
         return t + T * H * BF16
 
-    # the loss (kernels/loss.py): a 4096-row bf16 logits chunk overwritten by its gradient (kernels/ce.py); the
-    # next chunk's product is allocated before the previous one is released, so two when there is a next one;
-    # the final norm's input and output, the labelled rows' copy and their gradient (tokens x H each)
-    rows = min(T, 4096)
-    loss = rows * c.vocab_size * BF16 * (2 if T > rows else 1) + 4 * T * H * BF16
+    # the loss (kernels/loss.py): one reused bf16 logits buffer of chunk_rows(vocab) rows (4096 at 32k, 2048 at
+    # 152k), overwritten by its gradient (kernels/ce.py); the final norm's input and output, the labelled rows'
+    # copy and their gradient (tokens x H each)
+    rows = min(T, kernels.logits_rows or chunk_rows(c.vocab_size))
+    loss = rows * c.vocab_size * BF16 * (kernels.logits_buffers if T > rows else 1) + 4 * T * H * BF16
     live = sum(saved)
     peak = fixed + (grads if accum > 1 else 0) + live + loss
     cache = {}

@@ -17,11 +17,14 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton was imported before the interpreter could be enabled", allow_module_level=True)
 
 
-def test_nf4_dequant_exact_and_widened(monkeypatch):
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_nf4_dequant_exact_and_widened(monkeypatch, as_bytes):
+    """Both decodings (int32 words through a 3-D tile, or bytes interleaved) give bitsandbytes' values."""
     from mixtune.kernels import dequant
     from mixtune.kernels.dequant import dequantize_nf4, dequantize_nf4_stack
     from mixtune.quant.nf4 import NF4Weight
     monkeypatch.setitem(dequant.CONFIG, "R", 256)  # 384 and 192 blocks: the last program is partly masked
+    monkeypatch.setitem(dequant.CONFIG, "bytes", as_bytes)
     g = torch.Generator().manual_seed(1)
     w1 = NF4Weight.quantize(torch.randn(3, 64, 128, generator=g))
     w3 = NF4Weight.quantize(torch.randn(3, 32, 128, generator=g) * 3)
@@ -30,6 +33,41 @@ def test_nf4_dequant_exact_and_widened(monkeypatch):
     ref = torch.cat([w1.dequantize(torch.float32), w3.dequantize(torch.float32)], 1)
     assert out.shape == (3, 100, 136)
     assert torch.equal(out[:, :96, :128], ref)
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_nf4_dequant_extras_placed_in_the_same_launch(monkeypatch, as_bytes):
+    """Extra regions beside the weights (the LoRA B columns, A rows): placed, cast, scaled, zero-filled around,
+    in partly masked tiles, equal between the Triton kernel (interpreter) and the PyTorch path, and nothing
+    else of the buffer touched."""
+    from mixtune.kernels import dequant
+    from mixtune.kernels.dequant import Extra, dequantize_nf4_stack
+    monkeypatch.setitem(dequant.CONFIG, "bytes", as_bytes)
+    from mixtune.quant.nf4 import NF4Weight
+    g = torch.Generator().manual_seed(13)
+    E, I, H, r = 3, 40, 128, 5
+    w1, w3 = (NF4Weight.quantize(torch.randn(E, I, H, generator=g)) for _ in range(2))
+    B1, B3 = torch.randn(E, I, r, generator=g), torch.randn(E, I, r, generator=g)
+    A1 = torch.randn(E, r, H, generator=g)
+    cases = [  # (extras, rows, cols, region of each expert that the extras cover)
+        ([Extra(B1, 0, H, 2 * r, at=0), Extra(B3, I, H, 2 * r, at=r, scale=0.5)], 2 * I, H + 2 * r + 3,
+         (slice(0, 2 * I), slice(H, H + 2 * r))),
+        ([Extra(None, 0, H, 2 * r, height=I), Extra(B3, I, H, 2 * r, at=r)], 2 * I, H + 2 * r,
+         (slice(0, 2 * I), slice(H, H + 2 * r))),
+        ([Extra(A1, 2 * I, 0, H), Extra(None, 2 * I + r, 0, H, height=r)], 2 * I + 2 * r + 1, H,
+         (slice(2 * I, 2 * I + 2 * r), slice(0, H))),
+    ]
+    for extras, rows, cols, (rs, cs) in cases:
+        got = dequantize_nf4_stack([w1, w3], torch.float32, triton=True, rows=rows, cols=cols, extras=extras)
+        ref = dequantize_nf4_stack([w1, w3], torch.float32, triton=False, rows=rows, cols=cols, extras=extras)
+        assert torch.equal(got[:, :2 * I, :H], ref[:, :2 * I, :H])
+        assert torch.equal(got[:, rs, cs], ref[:, rs, cs])
+    # the PyTorch placement itself: B1 | 0 beside W1, 0 | 0.5·B3 beside W3
+    out = dequantize_nf4_stack([w1, w3], torch.float32, triton=False, cols=H + 2 * r, extras=cases[0][0])
+    assert torch.equal(out[:, :I, H:H + r], B1) and not out[:, :I, H + r:].any()
+    assert torch.equal(out[:, I:, H + r:], 0.5 * B3) and not out[:, I:, H:H + r].any()
+    with pytest.raises(ValueError, match="extras"):
+        dequantize_nf4_stack([w1, w3], torch.float32, transpose=True, extras=cases[0][0])
 
 
 def test_swiglu_kernels_match_torch():
@@ -51,6 +89,28 @@ def test_swiglu_kernels_match_torch():
         assert g.data_ptr() == d.data_ptr()
 
 
+def test_swiglu_backward_row_scale_and_dot():
+    """The MoE backward's form: the upstream gradient scaled per row (the routing weights) and the row dot
+    <dg, g> of the unscaled gradient, in the same pass; I > the kernel's block, so each row's loop runs twice."""
+    from mixtune.kernels.swiglu import swiglu_backward, swiglu_forward
+    g = torch.Generator().manual_seed(12)
+    M, I = 6, 1100
+    h = torch.randn(M, 2 * I, generator=g)
+    dg = torch.randn(M, I, generator=g)
+    w = torch.rand(M, generator=g)
+    want_dh = swiglu_backward(h, dg * w[:, None], False)
+    want_dot = (dg * swiglu_forward(h, False)).sum(1)
+    for tri in (True, False):
+        d = dg.clone()
+        wide = torch.full((M, 2 * I + 5), float("nan"))
+        dh, gg, dot = swiglu_backward(h, d, tri, out=wide[:, :2 * I], want_g=True, row_scale=w, want_dot=True)
+        assert torch.allclose(dh, want_dh, atol=1e-5) and torch.isnan(wide[:, 2 * I:]).all()
+        assert torch.allclose(gg, swiglu_forward(h, False), atol=1e-6) and gg.data_ptr() == d.data_ptr()
+        assert torch.allclose(dot, want_dot, rtol=1e-5, atol=1e-4)
+        dh2, dot2 = swiglu_backward(h, dg.clone(), tri, row_scale=w, want_dot=True)  # without g
+        assert torch.allclose(dh2, want_dh, atol=1e-5) and torch.allclose(dot2, want_dot, rtol=1e-5, atol=1e-4)
+
+
 def test_rms_norm_kernel_matches_module_math():
     from mixtune.kernels.norm import rms_norm
     g = torch.Generator().manual_seed(3)
@@ -68,8 +128,10 @@ def test_rms_norm_kernel_matches_module_math():
     assert torch.allclose(gx, x.grad, atol=1e-5)
 
 
-def test_grouped_moe_through_triton_kernels(monkeypatch):
-    """The whole grouped MoE path (widened dequantization, SwiGLU kernels) in fp32 vs the reference loop."""
+@pytest.mark.parametrize("shared", [False, True])
+def test_grouped_moe_through_triton_kernels(monkeypatch, shared):
+    """The whole grouped MoE path (widened dequantization, SwiGLU kernels, the routing weights' gradient from
+    the SwiGLU backward) in fp32 vs the reference loop; shared: w1 and w3 share one A."""
     from mixtune import kernels
     from mixtune.kernels import _triton
     from mixtune.quant.nf4 import NF4Weight
@@ -90,6 +152,8 @@ def test_grouped_moe_through_triton_kernels(monkeypatch):
     res = {}
     for backend in ("reference", "grouped"):
         xx, ww = x.clone().requires_grad_(), tw.clone().requires_grad_()
+        if shared:
+            L.A["w3"] = L.A["w1"]
         for n in L.A:
             L.A[n].requires_grad_(True).grad = None
             L.B[n].requires_grad_(True).grad = None
@@ -101,9 +165,9 @@ def test_grouped_moe_through_triton_kernels(monkeypatch):
 
 
 def test_route_kernels_match_torch():
-    """gather_rows into a wider buffer, the weighted combine (and its unweighted form for dx), and the combine's
-    backward: Triton (interpreter) vs the PyTorch path, with a repeated token and an uneven H."""
-    from mixtune.kernels.route import combine, combine_backward, gather_rows
+    """gather_rows into a wider buffer and the weighted combine (and its unweighted form for dx): Triton
+    (interpreter) vs the PyTorch path, with a repeated token and an uneven H."""
+    from mixtune.kernels.route import combine, gather_rows
     g = torch.Generator().manual_seed(5)
     N, k, H = 7, 2, 1100  # H > the kernels' block: the column loop / second program runs
     x = torch.randn(N, H, generator=g)
@@ -121,19 +185,11 @@ def test_route_kernels_match_torch():
                               atol=1e-5)
     ref = (y[inv].view(N, k, H) * w[:, :, None]).sum(1)
     assert torch.allclose(combine(y, inv, w, N, k, triton=True), ref, atol=1e-5)
+    # against autograd of the combine itself: dy = the gathered output gradient times the weight
     dout = torch.randn(N, H, generator=g)
-    wsort = w.reshape(-1)[order]
-    dy_t = torch.full((N * k, H + 3), float("nan"))
-    dws_t = combine_backward(dout, tok, y, wsort, dy_t[:, :H], triton=True)
-    dy_p = torch.empty(N * k, H)
-    dws_p = combine_backward(dout, tok, y, wsort, dy_p, triton=False)
-    assert torch.allclose(dy_t[:, :H], dy_p, atol=1e-6) and torch.isnan(dy_t[:, H:]).all()
-    assert torch.allclose(dws_t, dws_p, atol=1e-4)
-    # against autograd of the combine itself
     yy, wr = y.clone().requires_grad_(), w.clone().requires_grad_()
     (((yy[inv].view(N, k, H) * wr[:, :, None]).sum(1)) * dout).sum().backward()
-    assert torch.allclose(dy_p, yy.grad, atol=1e-5)
-    assert torch.allclose(dws_p[inv].view(N, k), wr.grad, atol=1e-4)
+    assert torch.allclose(gather_rows(dout, tok, triton=True) * w.reshape(-1)[order][:, None], yy.grad, atol=1e-5)
 
 
 def test_rope_kernel_matches_model_rope_forward_and_backward():

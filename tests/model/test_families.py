@@ -140,7 +140,10 @@ def test_nf4_equals_bitsandbytes_bit_for_bit(family_ckpt):
     moe = model.config.family.moe_module
     stack = torch.stack([sd[f"model.layers.{idx}.{moe}.experts.{e}.{name}.weight"] for e in range(E)])
     q, st = bnbF.quantize_4bit(stack, blocksize=64, compress_statistics=True, quant_type="nf4")
-    assert torch.equal(w2.dequantize(torch.float32), bnbF.dequantize_4bit(q, st))
+    # dequantized as rows of one 64-weight block: bitsandbytes' native CPU kernel (0.50.2, where it loads) is
+    # wrong for rows shorter than a block (Qwen3's tiny w2 rows have 32), its quantization is not
+    st.shape = torch.Size([stack.numel() // 64, 64])
+    assert torch.equal(w2.dequantize(torch.float32), bnbF.dequantize_4bit(q, st).view(stack.shape))
     assert checked == 2 * model.config.num_hidden_layers
 
 

@@ -54,24 +54,63 @@ def nf4_block_values(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, of
 
 
 @triton.jit
+def nf4_block_values_bytes(bytes_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset_ptr, b, mb,
+                           R: tl.constexpr):
+    # The same (R, 64) values from the codes read as bytes (32 per block): the high nibble is the even element,
+    # the low one the odd, interleaved along the last axis (a register-level interleave, no reshape of 3-D tiles).
+    a = tl.load(absmax_ptr + b, mask=mb, other=0).to(tl.int32)
+    scale = tl.load(code2_ptr + a) * tl.load(absmax2_ptr + b // 256, mask=mb, other=0.0) + tl.load(offset_ptr)
+    byt = tl.load(bytes_ptr + b[:, None] * 32 + tl.arange(0, 32)[None, :], mask=mb[:, None], other=0).to(tl.int32)
+    hi = tl.load(code_ptr + (byt >> 4))  # (R, 32)
+    lo = tl.load(code_ptr + (byt & 15))
+    return tl.interleave(hi, lo) * scale[:, None]
+
+
+@triton.jit
 def nf4_dequant_kernel(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset_ptr, out_ptr, inv_ptr,
                        n_blocks, per_expert, cols, ld, out_expert_stride, out_offset,
-                       R: tl.constexpr, FP8: tl.constexpr, SOFT_ROUND: tl.constexpr):
-    # R blocks of 64 weights per program; a block never crosses a row (cols % 64 == 0).
-    b = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)  # (R,) block ids
-    mb = b < n_blocks
-    v = nf4_block_values(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset_ptr, b, mb, R)
-    f = b * 64  # first weight of the block in the source tensor
-    e = f // per_expert
-    rem = f - e * per_expert
-    row = rem // cols
-    dst = e * out_expert_stride + out_offset + row * ld + (rem - row * cols)  # (R,)
-    ptr = dst[:, None] + tl.arange(0, 64)[None, :]
-    if FP8:
-        inv = tl.load(inv_ptr + e, mask=mb, other=0.0)
-        tl.store(out_ptr + ptr, to_e4m3(v * inv[:, None], SOFT_ROUND), mask=mb[:, None])
-    else:
-        tl.store(out_ptr + ptr, v.to(out_ptr.dtype.element_ty), mask=mb[:, None])
+                       x_ptr, x_se, x_sp, XP, XQ, x_scale, ex_off, EW, x_at, n_xp, n_xq,
+                       R: tl.constexpr, FP8: tl.constexpr, SOFT_ROUND: tl.constexpr, EXTRA: tl.constexpr,
+                       HAS_X: tl.constexpr, XBP: tl.constexpr, XBQ: tl.constexpr, BYTES: tl.constexpr):
+    # Programs [0, cdiv(n_blocks, R)): R blocks of 64 weights each; a block never crosses a row (cols % 64 == 0).
+    # With EXTRA, the programs after them each write one (XBP, XBQ) tile of an extra region of every expert's
+    # output: XP rows x EW columns at element offset ex_off, whose columns [x_at, x_at + XQ) are
+    # x_scale * x[e] (x (E, XP, XQ), last stride 1; the LoRA matrices beside the weight) and the rest zeros.
+    pid = tl.program_id(0).to(tl.int64)
+    n_dq = (n_blocks + R - 1) // R
+    if pid < n_dq:
+        b = pid * R + tl.arange(0, R)  # (R,) block ids
+        mb = b < n_blocks
+        if BYTES:  # words_ptr is then the uint8 codes
+            v = nf4_block_values_bytes(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset_ptr, b, mb,
+                                       R)
+        else:
+            v = nf4_block_values(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset_ptr, b, mb, R)
+        f = b * 64  # first weight of the block in the source tensor
+        e = f // per_expert
+        rem = f - e * per_expert
+        row = rem // cols
+        dst = e * out_expert_stride + out_offset + row * ld + (rem - row * cols)  # (R,)
+        ptr = dst[:, None] + tl.arange(0, 64)[None, :]
+        if FP8:
+            inv = tl.load(inv_ptr + e, mask=mb, other=0.0)
+            tl.store(out_ptr + ptr, to_e4m3(v * inv[:, None], SOFT_ROUND), mask=mb[:, None])
+        else:
+            tl.store(out_ptr + ptr, v.to(out_ptr.dtype.element_ty), mask=mb[:, None])
+    elif EXTRA:
+        t = pid - n_dq
+        e = t // (n_xp * n_xq)
+        t2 = t - e * n_xp * n_xq
+        pi = t2 // n_xq
+        p = (pi * XBP + tl.arange(0, XBP))[:, None]  # (XBP, 1) region rows
+        q = ((t2 - pi * n_xq) * XBQ + tl.arange(0, XBQ))[None, :]  # (1, XBQ) region columns
+        inside = (p < XP) & (q < EW)
+        if HAS_X:
+            src = (q >= x_at) & (q < x_at + XQ) & inside
+            val = tl.load(x_ptr + e * x_se + p * x_sp + (q - x_at), mask=src, other=0.0).to(tl.float32) * x_scale
+        else:
+            val = tl.zeros((XBP, XBQ), dtype=tl.float32)
+        tl.store(out_ptr + e * out_expert_stride + ex_off + p * ld + q, val.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit

@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from .fp8 import fp8_weights, quantize_rows, scaled_grouped_mm
-from .moe import (_NAMES, _ab_grads, _bblk, _cast_lora, _cat_lora, _lora_args, _saved_lora, _sort, _w13_lora_grads,
-                  grouped_mm, grouped_mm_k)
-from .route import combine, combine_backward, gather_rows
+from .moe import (_NAMES, _ab_grads, _bblk, _cast_lora, _cat_lora, _lora_args, _saved_lora, _sort,
+                  _w13_lora_grads_t, grouped_mm, grouped_mm_k)
+from .route import combine, gather_rows
 from .swiglu import swiglu_backward, swiglu_forward
 
 
@@ -100,14 +100,15 @@ class _GroupedMoEFP8(torch.autograd.Function):
         out = combine(y, inv, topk_weight, N, k)
 
         ctx.meta = (w1, w3, w2, s, save_h, I, k, r, r2, list(lora), shared)
-        ctx.save_for_backward(x, topk_weight, order, inv, offs, h13 if save_h else None, y, u13, u2,
+        # not y: as in moe.py, the routing weights' gradient comes out of the SwiGLU backward
+        ctx.save_for_backward(x, topk_weight, order, inv, offs, h13 if save_h else None, u13, u2,
                               *[t for n in lora for t in lora[n]])
         return out
 
     @staticmethod
     def backward(ctx, dout):
         w1, w3, w2, s, save_h, I, k, r, r2, names, shared = ctx.meta
-        x, topk_weight, order, inv, offs, h13, y, u13, u2, *rest = ctx.saved_tensors
+        x, topk_weight, order, inv, offs, h13, u13, u2, *rest = ctx.saved_tensors
         N, H = x.shape
         E = w1.shape[0]
         M = order.numel()
@@ -116,32 +117,30 @@ class _GroupedMoEFP8(torch.autograd.Function):
         R = r if shared else 2 * r  # the w1|w3 LoRA's inner width
         tok = order // k
         dout = dout.contiguous()
-        wsort = topk_weight.reshape(-1)[order]
+        wsort = topk_weight.reshape(-1)[order].float()
         grads = {}
-        ya = _buf(M, H, r2, dt, x.device)  # [dy | du2]
-        dy = ya[:, :H]
-        dws = combine_backward(dout, tok, y, wsort, dy)
-        dtw = dws[inv].view(N, k).to(topk_weight.dtype)
-        # ---- w2:  dg = [dy | du2] @ [W2; A2]
+        ya = _buf(M, H, r2, dt, x.device)  # [dy_u | du2_u], unweighted (moe.py's backward says why)
+        dy = gather_rows(dout, tok, out=ya[:, :H])
+        # ---- w2:  dg_u = [dy_u | du2_u] @ [W2; A2]
         if r2:
             A2, B2 = lc["w2"]
-            torch.mul(grouped_mm(dy, B2, offs), s, out=ya[:, H:H + r2])  # du2 (M, r2)
-            dB2 = grouped_mm_k(u2.t(), dy, offs).mul_(s).transpose(1, 2)  # (E, H, r2)
+            torch.mul(grouped_mm(dy, B2, offs), s, out=ya[:, H:H + r2])  # du2_u (M, r2)
+            # dB2 = s u2^T (w ⊙ dy_u), (E, H, r2)
+            dB2 = grouped_mm_k(u2.mul(wsort[:, None].to(dt)).t(), dy, offs).mul_(s).transpose(1, 2)
         W8, sw = _weights([w2], A2.transpose(1, 2) if r2 else None, H, ya.shape[1], True)  # (E, I, H + r2)
-        dg = _mm8(ya, W8, sw, offs)  # (M, I)
-        du2 = ya[:, H:H + r2]
+        dg = _mm8(ya, W8, sw, offs)  # (M, I), unweighted
+        du2 = ya[:, H:H + r2].mul(wsort[:, None].to(dt))  # the weighted du2, for dA2
         del W8
         xs = None
         if h13 is None:  # grouped_lowmem: recompute h13
             h13, _, xs = _up8(x, tok, offs, w1, w3, lc, s, r, dt, shared)
         dha = _buf(M, 2 * I, R, dt, x.device)  # [dh13 | du13]
+        # w ⊙ dg_u through SwiGLU; g (for dA2) and the routing weights' gradient <dg_u, g> in the same pass
+        dh13, g, dws = swiglu_backward(h13, dg, out=dha[:, :2 * I], want_g=True, row_scale=wsort, want_dot=True)
         if r2:
-            dh13, g = swiglu_backward(h13, dg, out=dha[:, :2 * I], want_g=True)
             grads["w2"] = (grouped_mm_k(du2.t(), g, offs), dB2)  # dA2 (E, r2, I)
-            del g
-        else:
-            dh13 = swiglu_backward(h13, dg, out=dha[:, :2 * I])
-        del dg, h13, ya, dy, du2
+        dtw = dws[inv].view(N, k).to(topk_weight.dtype)
+        del dg, g, h13, ya, dy, du2
         # ---- w1/w3:  dxs = [dh13 | du13] @ [W13; A13]
         A13 = _cat_lora(lc, "w1", "w3", 1, shared) if r else None  # (E, R, H)
         if r:
@@ -153,7 +152,7 @@ class _GroupedMoEFP8(torch.autograd.Function):
         if r:
             if xs is None:
                 xs = gather_rows(x, tok)
-            _w13_lora_grads(grads, lc, du13, xs, u13, dh13, offs, s, r, I, shared)
+            _w13_lora_grads_t(grads, lc, du13, xs, u13, dh13, offs, s, r, I, shared)
         del dha, dh13
         dx = combine(dxs, inv, None, N, k)
         return (dx, dtw, None, None, None, None, None, None, None, *_ab_grads(grads, pdt))

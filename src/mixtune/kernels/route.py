@@ -1,11 +1,9 @@
-"""Token routing for the grouped MoE: gather tokens into expert order, combine the expert outputs back, and the
-combine's backward — each one pass over memory instead of PyTorch's gather + multiply + reduce chains.
+"""Token routing for the grouped MoE: gather tokens into expert order and combine the expert outputs back —
+each one pass over memory instead of PyTorch's gather + multiply + reduce chains. (The combine's backward is a
+gather of the output gradient: the routing weights' gradient comes out of the SwiGLU backward, kernels/moe.py.)
 
     gather_rows(x (N, H), idx (M,), out=None)       -> out[m, :H] = x[idx[m]]   (out may be a wider buffer's view)
     combine(y (M, H), inv (N*k,), w (N, k) | None)  -> out[n] = sum_j w[n, j] * y[inv[n*k + j]]   (N, H)
-    combine_backward(dout (N, H), tok (M,), y (M, H), wsort (M,), dy_out)
-        -> dy_out[m] = wsort[m] * dout[tok[m]]  (written in place, may be a view) and
-           dws (M,) fp32 = <dout[tok[m]], y[m]>    (the routing-weight gradient of assignment m)
 
 Arithmetic in fp32, rounded once to the output dtype. Triton on CUDA; PyTorch elsewhere (and the tests compare
 the two under `TRITON_INTERPRET=1`).
@@ -55,23 +53,7 @@ def _kernels():
             acc += v
         tl.store(out_ptr + n * H + col, acc.to(out_ptr.dtype.element_ty), mask=msk)
 
-    @triton.jit
-    def combine_bwd_kernel(dout_ptr, tok_ptr, y_ptr, w_ptr, dy_ptr, dws_ptr, H, y_ld, dy_ld,
-                           BLOCK: tl.constexpr):
-        m = tl.program_id(0).to(tl.int64)
-        t = tl.load(tok_ptr + m).to(tl.int64)
-        w = tl.load(w_ptr + m).to(tl.float32)
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for c in range(0, H, BLOCK):
-            col = c + tl.arange(0, BLOCK)
-            msk = col < H
-            d = tl.load(dout_ptr + t * H + col, mask=msk, other=0.0).to(tl.float32)
-            yv = tl.load(y_ptr + m * y_ld + col, mask=msk, other=0.0).to(tl.float32)
-            acc += d * yv
-            tl.store(dy_ptr + m * dy_ld + col, (d * w).to(dy_ptr.dtype.element_ty), mask=msk)
-        tl.store(dws_ptr + m, tl.sum(acc, axis=0))
-
-    return gather_kernel, combine_kernel, combine_bwd_kernel
+    return gather_kernel, combine_kernel
 
 
 def _rows_ok(t: torch.Tensor) -> bool:
@@ -111,21 +93,3 @@ def combine(y: torch.Tensor, inv: torch.Tensor, w: torch.Tensor | None, N: int, 
     _kernels()[1][(N, _cdiv(H, BLOCK))](y, inv.contiguous(), wt, out, H, y.stride(0), K=k,
                                               HAS_W=w is not None, BLOCK=BLOCK, num_warps=4)
     return out
-
-
-def combine_backward(dout: torch.Tensor, tok: torch.Tensor, y: torch.Tensor, wsort: torch.Tensor,
-                     dy_out: torch.Tensor, triton: bool | None = None) -> torch.Tensor:
-    """Writes dy_out[m] = wsort[m] * dout[tok[m]]; returns dws (M,) fp32 with dws[m] = <dout[tok[m]], y[m]>."""
-    M, H = y.shape
-    if M == 0:
-        return torch.zeros(0, dtype=torch.float32, device=y.device)
-    if not use_triton(y, triton) or not (_rows_ok(y) and _rows_ok(dy_out)):
-        d = dout[tok].float()
-        dws = (d * y.float()).sum(-1)
-        dy_out.copy_(d * wsort.float()[:, None])
-        return dws
-    dout = dout.contiguous()
-    dws = torch.empty(M, dtype=torch.float32, device=y.device)
-    _kernels()[2][(M,)](dout, tok.contiguous(), y, wsort.contiguous(), dy_out, dws, H, y.stride(0),
-                        dy_out.stride(0), BLOCK=BLOCK, num_warps=4)
-    return dws

@@ -2,6 +2,7 @@
 
     g = swiglu_forward(h13)              # h13 (M, 2I) -> (M, I)
     dh13 = swiglu_backward(h13, dg)      # dg (M, I) -> (M, 2I) = [dL/dh1 | dL/dh3]
+    dh13, g, dot = swiglu_backward(h13, dg, want_g=True, row_scale=w, want_dot=True)  # the MoE's backward
 
 Computed in fp32, rounded once. Triton on CUDA; PyTorch elsewhere.
 """
@@ -34,20 +35,31 @@ def _kernels():
         tl.store(g_ptr + row * g_ld + col, g.to(g_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def bwd(h_ptr, dg_ptr, dh_ptr, g_ptr, I, dh_ld, WRITE_G: tl.constexpr, BLOCK: tl.constexpr):
+    def bwd(h_ptr, dg_ptr, dh_ptr, g_ptr, w_ptr, dot_ptr, I, dh_ld, WRITE_G: tl.constexpr, SCALE: tl.constexpr,
+            DOT: tl.constexpr, BLOCK: tl.constexpr):
+        # one row per program, its I columns in BLOCK-wide steps (the row's dot product stays in the program)
         row = tl.program_id(0).to(tl.int64)
-        col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        m = col < I
-        h1 = tl.load(h_ptr + row * 2 * I + col, mask=m, other=0.0).to(tl.float32)
-        h3 = tl.load(h_ptr + row * 2 * I + I + col, mask=m, other=0.0).to(tl.float32)
-        dg = tl.load(dg_ptr + row * I + col, mask=m, other=0.0).to(tl.float32)
-        s = tl.sigmoid(h1)
-        dh3 = dg * h1 * s
-        dh1 = dg * h3 * s * (1.0 + h1 * (1.0 - s))
-        tl.store(dh_ptr + row * dh_ld + col, dh1.to(dh_ptr.dtype.element_ty), mask=m)
-        tl.store(dh_ptr + row * dh_ld + I + col, dh3.to(dh_ptr.dtype.element_ty), mask=m)
-        if WRITE_G:  # the forward's g = silu(h1)·h3, recomputed for free from the loads above
-            tl.store(g_ptr + row * I + col, (h1 * s * h3).to(g_ptr.dtype.element_ty), mask=m)
+        w = tl.load(w_ptr + row).to(tl.float32) if SCALE else 1.0
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for c in range(0, I, BLOCK):
+            col = c + tl.arange(0, BLOCK)
+            m = col < I
+            h1 = tl.load(h_ptr + row * 2 * I + col, mask=m, other=0.0).to(tl.float32)
+            h3 = tl.load(h_ptr + row * 2 * I + I + col, mask=m, other=0.0).to(tl.float32)
+            dg = tl.load(dg_ptr + row * I + col, mask=m, other=0.0).to(tl.float32)
+            s = tl.sigmoid(h1)
+            g = h1 * s * h3
+            if DOT:
+                acc += dg * g
+            d = dg * w
+            dh3 = d * h1 * s
+            dh1 = d * h3 * s * (1.0 + h1 * (1.0 - s))
+            tl.store(dh_ptr + row * dh_ld + col, dh1.to(dh_ptr.dtype.element_ty), mask=m)
+            tl.store(dh_ptr + row * dh_ld + I + col, dh3.to(dh_ptr.dtype.element_ty), mask=m)
+            if WRITE_G:  # the forward's g = silu(h1)·h3, recomputed for free from the loads above
+                tl.store(g_ptr + row * I + col, g.to(g_ptr.dtype.element_ty), mask=m)
+        if DOT:
+            tl.store(dot_ptr + row, tl.sum(acc, axis=0))
 
     return fwd, bwd
 
@@ -73,27 +85,41 @@ def swiglu_forward(h13: torch.Tensor, triton: bool | None = None, out: torch.Ten
 
 
 def swiglu_backward(h13: torch.Tensor, dg: torch.Tensor, triton: bool | None = None,
-                    out: torch.Tensor | None = None, want_g: bool = False):
-    """-> dh13 (M, 2I) = [dL/dh1 | dL/dh3]; `out` may be a row-strided (M, 2I) view. With want_g, returns
-    (dh13, g) where g = swiglu_forward(h13), computed in the same pass and written over dg's buffer (each
-    element of dg is read before its g is stored there), so dg must not be used afterwards."""
+                    out: torch.Tensor | None = None, want_g: bool = False, row_scale: torch.Tensor | None = None,
+                    want_dot: bool = False):
+    """-> dh13 (M, 2I) = [dL/dh1 | dL/dh3] for the upstream gradient row_scale[m] * dg[m] (row_scale (M,), or
+    none); `out` may be a row-strided (M, 2I) view. With want_g, also g = swiglu_forward(h13), computed in the
+    same pass and written over dg's buffer (each element of dg is read before its g is stored there), so dg must
+    not be used afterwards. With want_dot, also dot (M,) fp32 = sum_i dg[m, i] * g[m, i] (dg unscaled): the
+    MoE's routing-weight gradient when dg is the unweighted gradient of g. Returns dh13, then g, then dot (those
+    asked for)."""
     M, I2 = h13.shape
     I = I2 // 2
     if not use_triton(h13, triton) or M == 0 or (out is not None and not _rowmajor(out)):
         h1, h3, d = h13[:, :I].float(), h13[:, I:].float(), dg.float()
         s = torch.sigmoid(h1)
+        g = h1 * s * h3
+        dot = (d * g).sum(1) if want_dot else None
+        if row_scale is not None:
+            d = d * row_scale.float()[:, None]
         dh3 = d * h1 * s
         dh1 = d * h3 * s * (1 + h1 * (1 - s))
         dh = torch.cat([dh1, dh3], dim=1).to(h13.dtype)  # (M, 2I)
         if out is not None:
             out.copy_(dh)
             dh = out
-        if not want_g:
-            return dh
-        return dh, dg.copy_(h1 * s * h3) if dg.dtype == h13.dtype else (h1 * s * h3).to(h13.dtype)
+        res = [dh]
+        if want_g:
+            res.append(dg.copy_(g) if dg.dtype == h13.dtype else g.to(h13.dtype))
+        if want_dot:
+            res.append(dot)
+        return res[0] if len(res) == 1 else tuple(res)
     h13, dg = h13.contiguous(), dg.contiguous()
     dh = torch.empty_like(h13) if out is None else out
     g = dg
-    _kernels()[1][(M, (I + BLOCK - 1) // BLOCK)](h13, dg, dh, g, I, dh.stride(0), WRITE_G=want_g, BLOCK=BLOCK,
-                                                 num_warps=4)
-    return (dh, g) if want_g else dh
+    dot = torch.empty(M, dtype=torch.float32, device=h13.device) if want_dot else dh
+    w = row_scale.contiguous() if row_scale is not None else dh  # any pointer when unscaled
+    _kernels()[1][(M,)](h13, dg, dh, g, w, dot, I, dh.stride(0), WRITE_G=want_g, SCALE=row_scale is not None,
+                        DOT=want_dot, BLOCK=BLOCK, num_warps=4)
+    res = [dh] + ([g] if want_g else []) + ([dot] if want_dot else [])
+    return res[0] if len(res) == 1 else tuple(res)
