@@ -65,6 +65,7 @@ class Row:
     loss: float = float("nan")
     est_gib: float = float("nan")  # mixtune.memory_plan's estimate of the peak for this setting
     build_peak_gib: float = float("nan")  # peak while building (and sharding) the model, when measured
+    host_s: float = float("nan")  # median seconds until a step's last launch returned (before its closing sync)
     error: str = ""
 
     def fill(self, cfg, tokens_per_step, step_times, peak_bytes, loss):
@@ -109,12 +110,28 @@ def time_kernels(cfg: MixtralConfig, device, reps: int = 10) -> dict:
         return cuda_ms(fn, reps)
 
     from .kernels import dequant
-    sweep = {}
-    for R, nw in ((32, 4), (64, 4), (64, 8), (128, 8), (128, 4)):  # pick the dequant tile for this GPU
-        dequant.CONFIG.update(R=R, num_warps=nw)
-        sweep[f"R{R}w{nw}"] = t(lambda: dequantize_nf4(w[0], torch.bfloat16))
-    best = min(sweep, key=sweep.get)
-    dequant.CONFIG.update(R=int(best[1:best.index("w")]), num_warps=int(best[best.index("w") + 1:]))
+    sweep, configs, first = {}, {}, None
+    # pick the dequant tile and decoding (codes as int32 words, or as bytes: "B...") for this GPU; a variant
+    # whose values differ from the first one's is reported, never chosen
+    for by in (False, True):
+        for R, nw in ((32, 4), (64, 4), (32, 8), (64, 8), (128, 8), (128, 4)):
+            key = f"{'B' if by else ''}R{R}w{nw}"
+            dequant.CONFIG.update(R=R, num_warps=nw, bytes=by)
+            try:
+                got = dequantize_nf4(w[0], torch.bfloat16)
+            except Exception as e:  # noqa: BLE001 - a variant this Triton cannot compile is skipped
+                sweep[key] = f"failed ({type(e).__name__})"
+                continue
+            if first is None:
+                first = got
+            elif not torch.equal(got, first):
+                sweep[key] = "values differ"
+                continue
+            del got
+            sweep[key] = t(lambda: dequantize_nf4(w[0], torch.bfloat16))
+            configs[key] = dict(R=R, num_warps=nw, bytes=by)
+    del first
+    dequant.CONFIG.update(configs[min(configs, key=lambda kk: sweep[kk])])
     out = {"dequant_sweep_ms": sweep, "dequant_config": dict(dequant.CONFIG),
            "dequant_w13_ms": t(lambda: dequantize_nf4_stack(w[:2], torch.bfloat16)),
            "dequant_one_ms": t(lambda: dequantize_nf4(w[0], torch.bfloat16))}
@@ -197,7 +214,7 @@ def time_mixtune(model, cfg, row: Row, device, backend, ckpt, steps, warmup, see
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times, loss = [], float("nan")
+    times, host, loss = [], [], float("nan")
     for it in range(warmup + steps):
         _sync(device)
         t0 = time.perf_counter()
@@ -210,9 +227,11 @@ def time_mixtune(model, cfg, row: Row, device, backend, ckpt, steps, warmup, see
             dist.sum_grads(params)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        t1 = time.perf_counter()  # the host has launched the whole step; the GPU may still be running it
         _sync(device)
         if it >= warmup:
             times.append(time.perf_counter() - t0)
+            host.append(t1 - t0)
         loss = tot / n_lab
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     if ranks > 1:
@@ -222,6 +241,7 @@ def time_mixtune(model, cfg, row: Row, device, backend, ckpt, steps, warmup, see
         peak = int(t[0])
         loss = dist.sum(tot)[0] / n_lab
     row.fill(cfg, row.micro_batch * row.seq * row.accum * ranks, times, peak, loss)
+    row.host_s = sorted(host)[len(host) // 2] if host else float("nan")
     del opt
     for p in params:
         p.grad = None
@@ -375,7 +395,9 @@ def print_row(r: Row):
     mb = f"{r.micro_batch}x{r.seq}" + (f"x{r.accum}" if r.accum > 1 else "")
     print(f"{r.name:<26} {r.layers:>3} {mb:>10} {r.setting:<28} {r.tok_s:>9.0f} {r.tflops4:>8.1f} "
           f"{r.tflops6:>8.1f} {r.peak_gib:>8.2f} {r.est_gib:>8.2f} {r.build_s:>7.1f} {r.loss:>7.3f}"
-          + (f"  (build peak {r.build_peak_gib:.2f} GiB)" if r.build_peak_gib == r.build_peak_gib else ""), flush=True)
+          + (f"  (build peak {r.build_peak_gib:.2f} GiB)" if r.build_peak_gib == r.build_peak_gib else "")
+          # host-bound when the step's launches end about when the step does (the GPU waits on the host)
+          + (f"  host {1e3 * r.host_s:.1f}/{1e3 * r.step_s:.1f} ms" if r.host_s == r.host_s else ""), flush=True)
 
 
 def versions():
