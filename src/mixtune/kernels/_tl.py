@@ -99,18 +99,19 @@ def nf4_dequant_kernel(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, 
             tl.store(out_ptr + ptr, v.to(out_ptr.dtype.element_ty), mask=mb[:, None])
     elif EXTRA:
         t = pid - n_dq
-        e = t // (n_xp * n_xq)
-        t2 = t - e * n_xp * n_xq
+        xe = t // (n_xp * n_xq)  # expert of this tile (names apart from the branch above: Triton types them)
+        t2 = t - xe * n_xp * n_xq
         pi = t2 // n_xq
-        p = (pi * XBP + tl.arange(0, XBP))[:, None]  # (XBP, 1) region rows
-        q = ((t2 - pi * n_xq) * XBQ + tl.arange(0, XBQ))[None, :]  # (1, XBQ) region columns
-        inside = (p < XP) & (q < EW)
+        xr = (pi * XBP + tl.arange(0, XBP))[:, None]  # (XBP, 1) region rows
+        xc = ((t2 - pi * n_xq) * XBQ + tl.arange(0, XBQ))[None, :]  # (1, XBQ) region columns
+        inside = (xr < XP) & (xc < EW)
         if HAS_X:
-            src = (q >= x_at) & (q < x_at + XQ) & inside
-            val = tl.load(x_ptr + e * x_se + p * x_sp + (q - x_at), mask=src, other=0.0).to(tl.float32) * x_scale
+            src = (xc >= x_at) & (xc < x_at + XQ) & inside
+            val = tl.load(x_ptr + xe * x_se + xr * x_sp + (xc - x_at), mask=src, other=0.0).to(tl.float32) * x_scale
         else:
             val = tl.zeros((XBP, XBQ), dtype=tl.float32)
-        tl.store(out_ptr + e * out_expert_stride + ex_off + p * ld + q, val.to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(out_ptr + xe * out_expert_stride + ex_off + xr * ld + xc, val.to(out_ptr.dtype.element_ty),
+                 mask=inside)
 
 
 @triton.jit
