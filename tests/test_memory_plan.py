@@ -8,7 +8,7 @@ import torch
 from mixtune.config import ConfigError, LoraConfig, load_config
 from mixtune.memory_plan import memory_estimate
 from mixtune.lora import apply_lora
-from mixtune.memory_plan import KERNELS_S6, GiB, Policy, estimate_bytes, plan, relative_work
+from mixtune.memory_plan import KERNELS_S6, GiB, KernelMemory, Policy, estimate_bytes, plan, relative_work
 from mixtune.model import MIXTRAL_8X7B_CONFIG as C
 from mixtune.model import build_model_on_meta
 
@@ -125,6 +125,29 @@ def test_estimate_matches_session_6_measurements(geometry, layers, mb, full, r, 
     est = estimate_bytes(c, weights, trainable, mb, 1024, r, optim, Policy(full, False, "grouped"),
                          shared_a=shared, kernels=KERNELS_S6) / GiB
     assert -0.02 <= (est - measured) / measured <= 0.05, est
+
+
+# Session 7, call 1 (one H100, BENCHMARKS.md): the loss's single reused logits buffer (2048 rows at Qwen3's
+# vocabulary), with the experts still keeping y -- checked under that kernel model. (geometry, layers, micro-batch,
+# shared gate/up A, measured GiB)
+KERNELS_S7_CALL1 = KernelMemory(expert_outputs=True)
+MEASURED_S7_CALL1 = [
+    ("qwen3-30b-a3b", 4, 16, True, 12.97),
+    ("qwen3-30b-a3b", 4, 8, True, 9.31),
+    ("qwen3-30b-a3b", 4, 16, False, 13.84),
+    ("qwen3-30b-a3b", 4, 8, False, 10.14),
+]
+
+
+@pytest.mark.parametrize("geometry, layers, mb, shared, measured", MEASURED_S7_CALL1)
+def test_estimate_matches_the_single_logits_buffer_measurements(geometry, layers, mb, shared, measured):
+    """One logits buffer of chunk_rows(vocab) rows (kernels/loss.py): the loss moment the planner counts, within
+    5% of the peaks measured with it, and nearer them than the two-chunk model of the earlier kernels."""
+    c, weights, trainable = _sizes(geometry, layers, 64, shared)
+    args = (c, weights, trainable, mb, 1024, 64, "adamw", Policy(0, False, "grouped"))
+    est = estimate_bytes(*args, shared_a=shared, kernels=KERNELS_S7_CALL1) / GiB
+    assert -0.02 <= (est - measured) / measured <= 0.05, est
+    assert abs(estimate_bytes(*args, shared_a=shared, kernels=KERNELS_S6) / GiB - measured) > abs(est - measured)
 
 
 # Per-GPU peaks on two H200s (bench/fsdp_bench.sh: `torchrun --nproc_per_node 2 -m mixtune bench --no-check
