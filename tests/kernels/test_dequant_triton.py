@@ -17,14 +17,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton was imported before the interpreter could be enabled", allow_module_level=True)
 
 
-@pytest.mark.parametrize("as_bytes", [False, True])
-def test_nf4_dequant_exact_and_widened(monkeypatch, as_bytes):
-    """Both decodings (int32 words through a 3-D tile, or bytes interleaved) give bitsandbytes' values."""
+def test_nf4_dequant_exact_and_widened(monkeypatch):
     from mixtune.kernels import dequant
     from mixtune.kernels.dequant import dequantize_nf4, dequantize_nf4_stack
     from mixtune.quant.nf4 import NF4Weight
     monkeypatch.setitem(dequant.CONFIG, "R", 256)  # 384 and 192 blocks: the last program is partly masked
-    monkeypatch.setitem(dequant.CONFIG, "bytes", as_bytes)
     g = torch.Generator().manual_seed(1)
     w1 = NF4Weight.quantize(torch.randn(3, 64, 128, generator=g))
     w3 = NF4Weight.quantize(torch.randn(3, 32, 128, generator=g) * 3)
@@ -35,14 +32,11 @@ def test_nf4_dequant_exact_and_widened(monkeypatch, as_bytes):
     assert torch.equal(out[:, :96, :128], ref)
 
 
-@pytest.mark.parametrize("as_bytes", [False, True])
-def test_nf4_dequant_extras_placed_in_the_same_launch(monkeypatch, as_bytes):
+def test_nf4_dequant_extras_placed_in_the_same_launch():
     """Extra regions beside the weights (the LoRA B columns, A rows): placed, cast, scaled, zero-filled around,
     in partly masked tiles, equal between the Triton kernel (interpreter) and the PyTorch path, and nothing
     else of the buffer touched."""
-    from mixtune.kernels import dequant
     from mixtune.kernels.dequant import Extra, dequantize_nf4_stack
-    monkeypatch.setitem(dequant.CONFIG, "bytes", as_bytes)
     from mixtune.quant.nf4 import NF4Weight
     g = torch.Generator().manual_seed(13)
     E, I, H, r = 3, 40, 128, 5

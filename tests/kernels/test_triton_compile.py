@@ -29,12 +29,10 @@ def compile_one(fn, types, const):
 dq = {"words_ptr": "*i32", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "code_ptr": "*fp32",
       "offset_ptr": "*fp32", "out_ptr": "*bf16", "inv_ptr": "*fp32", "x_ptr": "*fp32", "x_scale": "fp32"}
 cases = []
-for extra, has_x, as_bytes, fp8 in ((False, False, False, False), (True, True, False, False),
-                                    (True, False, False, False), (True, True, True, False), (False, False, True, False),
-                                    (False, False, False, True)):
-    types = dict(dq, words_ptr="*u8" if as_bytes else "*i32", out_ptr="*fp8e4nv" if fp8 else "*bf16")
-    cases.append((f"nf4_dequant extra={extra} x={has_x} bytes={as_bytes} fp8={fp8}", _tl.nf4_dequant_kernel, types,
-                  dict(R=32, FP8=fp8, SOFT_ROUND=False, EXTRA=extra, HAS_X=has_x, XBP=32, XBQ=64, BYTES=as_bytes)))
+for extra, has_x, fp8 in ((False, False, False), (True, True, False), (True, False, False), (False, False, True)):
+    types = dict(dq, out_ptr="*fp8e4nv" if fp8 else "*bf16")
+    cases.append((f"nf4_dequant extra={extra} x={has_x} fp8={fp8}", _tl.nf4_dequant_kernel, types,
+                  dict(R=32, FP8=fp8, SOFT_ROUND=False, EXTRA=extra, HAS_X=has_x, XBP=32, XBQ=64)))
 fwd, bwd = swiglu_kernels()
 sw = {"h_ptr": "*bf16", "dg_ptr": "*bf16", "dh_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*fp32", "dot_ptr": "*fp32"}
 for write_g, scale, dot in ((False, False, False), (True, True, True), (True, False, False)):
@@ -65,5 +63,5 @@ def test_triton_kernels_compile_for_hopper():
         pytest.skip("this Triton has no offline compiler API")
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["n"] >= 10
+    assert res["n"] >= 8
     assert not res["failed"], res["failed"]

@@ -54,24 +54,11 @@ def nf4_block_values(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, of
 
 
 @triton.jit
-def nf4_block_values_bytes(bytes_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset_ptr, b, mb,
-                           R: tl.constexpr):
-    # The same (R, 64) values from the codes read as bytes (32 per block): the high nibble is the even element,
-    # the low one the odd, interleaved along the last axis (a register-level interleave, no reshape of 3-D tiles).
-    a = tl.load(absmax_ptr + b, mask=mb, other=0).to(tl.int32)
-    scale = tl.load(code2_ptr + a) * tl.load(absmax2_ptr + b // 256, mask=mb, other=0.0) + tl.load(offset_ptr)
-    byt = tl.load(bytes_ptr + b[:, None] * 32 + tl.arange(0, 32)[None, :], mask=mb[:, None], other=0).to(tl.int32)
-    hi = tl.load(code_ptr + (byt >> 4))  # (R, 32)
-    lo = tl.load(code_ptr + (byt & 15))
-    return tl.interleave(hi, lo) * scale[:, None]
-
-
-@triton.jit
 def nf4_dequant_kernel(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset_ptr, out_ptr, inv_ptr,
                        n_blocks, per_expert, cols, ld, out_expert_stride, out_offset,
                        x_ptr, x_se, x_sp, XP, XQ, x_scale, ex_off, EW, x_at, n_xp, n_xq,
                        R: tl.constexpr, FP8: tl.constexpr, SOFT_ROUND: tl.constexpr, EXTRA: tl.constexpr,
-                       HAS_X: tl.constexpr, XBP: tl.constexpr, XBQ: tl.constexpr, BYTES: tl.constexpr):
+                       HAS_X: tl.constexpr, XBP: tl.constexpr, XBQ: tl.constexpr):
     # Programs [0, cdiv(n_blocks, R)): R blocks of 64 weights each; a block never crosses a row (cols % 64 == 0).
     # With EXTRA, the programs after them each write one (XBP, XBQ) tile of an extra region of every expert's
     # output: XP rows x EW columns at element offset ex_off, whose columns [x_at, x_at + XQ) are
@@ -81,11 +68,7 @@ def nf4_dequant_kernel(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, 
     if pid < n_dq:
         b = pid * R + tl.arange(0, R)  # (R,) block ids
         mb = b < n_blocks
-        if BYTES:  # words_ptr is then the uint8 codes
-            v = nf4_block_values_bytes(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset_ptr, b, mb,
-                                       R)
-        else:
-            v = nf4_block_values(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset_ptr, b, mb, R)
+        v = nf4_block_values(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset_ptr, b, mb, R)
         f = b * 64  # first weight of the block in the source tensor
         e = f // per_expert
         rem = f - e * per_expert

@@ -33,9 +33,7 @@ from ._triton import soft_round, use_triton
 # transposed (e4m3) tile with num_warps_t. The e4m3 ones are the fastest of bench/dequant_sweep.py on the H200
 # (session 3, call 8: 0.84 ms row-major and 0.82 ms transposed for one layer's w1|w3, against 0.97 / 1.07 ms
 # at R8=64, num_warps_t=4).
-CONFIG = {"R": 32, "num_warps": 4, "R8": 128, "num_warps8": 4, "TO": 64, "num_warps_t": 1, "bytes": False}
-# "bytes": decode the codes read as bytes with a register interleave instead of as int32 words through a 3-D
-# tile (the bench's dequantization sweep tries both on the GPU and keeps the faster)
+CONFIG = {"R": 32, "num_warps": 4, "R8": 128, "num_warps8": 4, "TO": 64, "num_warps_t": 1}
 F8 = torch.float8_e4m3fn
 
 
@@ -85,14 +83,11 @@ def _launch(w: NF4Weight, out: torch.Tensor, per_expert: int, cols: int, ld: int
         xa = (src if src is not None else w.absmax2, src.stride(0) if src is not None else 0,
               src.stride(1) if src is not None else 0, P, src.shape[2] if src is not None else 0,
               float(extra.scale), extra.row * ld + extra.col, extra.width, extra.at, n_xp, n_xq)
-    args = _args(w)
-    if CONFIG.get("bytes"):
-        args = (w.packed,) + args[1:]
-    _kernels()[0][(n_dq + n_x,)](*args, out, inv if inv is not None else w.absmax2, n_blocks,
+    _kernels()[0][(n_dq + n_x,)](*_args(w), out, inv if inv is not None else w.absmax2, n_blocks,
                                  per_expert, cols, ld, out_expert_stride, out_offset, *xa, R=R, FP8=fp8,
                                  SOFT_ROUND=soft_round(), EXTRA=extra is not None,
                                  HAS_X=extra is not None and extra.src is not None, XBP=XTILE[0], XBQ=XTILE[1],
-                                 BYTES=bool(CONFIG.get("bytes")), num_warps=CONFIG["num_warps8" if fp8 else "num_warps"])
+                                 num_warps=CONFIG["num_warps8" if fp8 else "num_warps"])
 
 
 def _place(out: torch.Tensor, x: Extra) -> None:
