@@ -15,8 +15,8 @@ clamped to ±448, then rounded to nearest-even (see `kernels.fp8`). `transpose=T
 weight transposed (a K-contiguous layout for the backward's FP8 matmuls), tile by tile.
 On CUDA a Triton kernel writes straight into the (optionally fused, widened) output; elsewhere PyTorch runs.
 `extras` place other matrices (the LoRA A's and B's, any dtype, cast and optionally scaled) in the widened
-buffer's extra rows or columns, zeros around them, in the same launch as the weight they sit beside (the
-dequantization is bound by its decoding arithmetic, so the copy rides along); see `Extra`.
+buffer's extra rows or columns, zeros around them, in the same launch as the weight they sit beside (extra
+programs of that launch: no copy launch of their own); see `Extra`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from typing import NamedTuple, Optional
 from ..quant.nf4 import NF4Weight
 from ._triton import soft_round, use_triton
 
-# NF4 blocks per program and warps: R/num_warps for bf16 outputs (R=32 the fastest of the bench's sweep on the
-# H200 and the H100, sessions 6 and 7), R8/num_warps8 for e4m3 outputs; TO rows per
+# NF4 blocks per program and warps: R/num_warps for bf16 outputs (R=32, 4 warps won the bench's sweep in session 6
+# on the H200 and in session 7 on the H100; 64/8 won on the H200 in session 7 by 2.6%: the bench sweeps every
+# run), R8/num_warps8 for e4m3 outputs; TO rows per
 # transposed (e4m3) tile with num_warps_t. The e4m3 ones are the fastest of bench/dequant_sweep.py on the H200
 # (session 3, call 8: 0.84 ms row-major and 0.82 ms transposed for one layer's w1|w3, against 0.97 / 1.07 ms
 # at R8=64, num_warps_t=4).

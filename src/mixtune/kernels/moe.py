@@ -153,19 +153,15 @@ def _put(dst: torch.Tensor, src: torch.Tensor, s: float = 1.0) -> None:
         torch.mul(src, s, out=dst)
 
 
-def _cat_lora(lc, n1, n3, dim, shared=False, dt=None, out=None):
+def _cat_lora(lc, n1, n3, dim, shared=False, dt=None):
     """A13 = [A1; A3] along the rank dim (zeros where a matrix has no LoRA); the one A itself when shared.
-    dt: the result's dtype (the parameters cast in the same pass), else theirs; out: an (E, R, H) view to
-    write it into (e.g. the LoRA rows of a widened weight buffer)."""
+    dt: the result's dtype (the parameters cast in the same pass), else theirs."""
     if shared:
         a = lc[n1][0]
-        if out is not None:
-            return out.copy_(a)
         return a if dt is None else a.to(dt)
     ref = lc[n1][0] if n1 in lc else lc[n3][0]
     E, r, H = ref.shape
-    if out is None:
-        out = torch.empty(E, 2 * r, H, dtype=dt or ref.dtype, device=ref.device)  # (E, 2r, H)
+    out = torch.empty(E, 2 * r, H, dtype=dt or ref.dtype, device=ref.device)  # (E, 2r, H)
     for n, sl in ((n1, slice(0, r)), (n3, slice(r, 2 * r))):
         if n in lc:
             out[:, sl].copy_(lc[n][0])
