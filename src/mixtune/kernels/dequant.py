@@ -29,7 +29,7 @@ from ..quant.nf4 import NF4Weight
 from ._triton import soft_round, use_triton
 
 # NF4 blocks per program and warps: R/num_warps for bf16 outputs (R=32, 4 warps won the bench's sweep in session 6
-# on the H200 and in session 7 on the H100; 64/8 won on the H200 in session 7 by 2.6%: the bench sweeps every
+# on the H200 and in session 7 on the H100; 64/8 won on the H200 in session 7 by 2.6%: the bench's checks sweep each
 # run), R8/num_warps8 for e4m3 outputs; TO rows per
 # transposed (e4m3) tile with num_warps_t. The e4m3 ones are the fastest of bench/dequant_sweep.py on the H200
 # (session 3, call 8: 0.84 ms row-major and 0.82 ms transposed for one layer's w1|w3, against 0.97 / 1.07 ms
