@@ -328,8 +328,9 @@ class _GroupedMoE(torch.autograd.Function):
             dg = grouped_mm(ya, W2b, offs)  # (M, I), unweighted
             del W2b
             # dB2 = (s u2)^T dy = (w ⊙ s u2)^T dy_u, straight in B2's (E, H, r) layout (u2 carries s)
-            dB2 = grouped_mm_k(dy.t(), u2.mul(wsort[:, None].to(dt)), offs)
-            du2.mul_(wsort[:, None].to(dt))  # the weighted du2, for dA2
+            wd = wsort[:, None].to(dt)  # (M, 1)
+            dB2 = grouped_mm_k(dy.t(), u2.mul(wd), offs)
+            du2.mul_(wd)  # the weighted du2, for dA2
         else:
             W2 = dequantize_nf4(w2, dt)  # (E, H, I)
             dg = grouped_mm(dy, W2, offs)  # (M, I), unweighted
