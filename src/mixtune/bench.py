@@ -113,23 +113,34 @@ def time_kernels(cfg: MixtralConfig, device, reps: int = 10) -> dict:
     sweep = {}
     # pick the dequant tile for this GPU (session 7 also tried decoding the codes as bytes, interleaved in
     # registers: its best tile took 0.316 ms on the H200 against 0.289 ms for the best one here, so it went)
-    for R, nw in ((32, 4), (64, 4), (32, 8), (64, 8), (128, 8), (128, 4)):
-        dequant.CONFIG.update(R=R, num_warps=nw)
-        sweep[(R, nw)] = t(lambda: dequantize_nf4(w[0], torch.bfloat16))
-    R, nw = min(sweep, key=sweep.get)
-    dequant.CONFIG.update(R=R, num_warps=nw)
-    sweep = {f"R{a}w{b}": ms for (a, b), ms in sweep.items()}
+    # session 8 added the word-by-word decoding (dequant.CONFIG["words"]); both are swept, the fastest is kept
+    tiles = {False: ((32, 4), (64, 4), (32, 8), (64, 8), (128, 8), (128, 4)),
+             True: ((16, 4), (32, 4), (64, 4), (32, 8), (64, 8), (128, 8))}
+    for words, rn in tiles.items():
+        for R, nw in rn:
+            dequant.CONFIG.update(R=R, num_warps=nw, words=words)
+            sweep[(R, nw, words)] = t(lambda: dequantize_nf4(w[0], torch.bfloat16))
+    R, nw, words = min(sweep, key=sweep.get)
+    dequant.CONFIG.update(R=R, num_warps=nw, words=words)
+    sweep = {f"R{a}w{b}{'W' if c else ''}": ms for (a, b, c), ms in sweep.items()}
     out = {"dequant_sweep_ms": sweep, "dequant_config": dict(dequant.CONFIG),
            "dequant_w13_ms": t(lambda: dequantize_nf4_stack(w[:2], torch.bfloat16)),
            "dequant_one_ms": t(lambda: dequantize_nf4(w[0], torch.bfloat16))}
     # Same arithmetic as NF4Weight.dequantize up to fp32 contraction (the GPU fuses scale*absmax2+offset into
     # one FMA), so a rare element can land one bf16 step away: check fp32 closeness, report bf16 mismatches.
-    got, ref = dequantize_nf4(w[0], torch.float32), w[0].dequantize(torch.float32)
-    out["dequant_max_rel_fp32"] = float((got - ref).abs().max() / ref.abs().max())
-    del got, ref
-    out["dequant_bf16_mismatch_frac"] = float(
-        (dequantize_nf4(w[0], torch.bfloat16) != w[0].dequantize(torch.bfloat16)).float().mean())
-    out["dequant_ok"] = out["dequant_max_rel_fp32"] < 1e-6 and out["dequant_bf16_mismatch_frac"] < 1e-4
+    # Both decodings are checked, whichever won (a bench row may ask for either: nf4=words|blocks).
+    ref, ref16 = w[0].dequantize(torch.float32), w[0].dequantize(torch.bfloat16)
+    out["dequant_ok"] = True
+    for tag, wd in (("", words), ("_other", not words)):
+        dequant.CONFIG["words"] = wd
+        torch.full_like(ref, float("nan"))  # poison the block the caching allocator hands out next (freed at once)
+        got = dequantize_nf4(w[0], torch.float32)
+        out[f"dequant_max_rel_fp32{tag}"] = float((got - ref).abs().max() / ref.abs().max())
+        del got
+        out[f"dequant_bf16_mismatch_frac{tag}"] = float((dequantize_nf4(w[0], torch.bfloat16) != ref16).float().mean())
+        out["dequant_ok"] &= out[f"dequant_max_rel_fp32{tag}"] < 1e-6 and out[f"dequant_bf16_mismatch_frac{tag}"] < 1e-4
+    dequant.CONFIG["words"] = words
+    del ref, ref16
     try:
         import bitsandbytes.functional as bf
         qs = w[0].bnb_quant_state()
@@ -253,19 +264,22 @@ def parse_settings(spec: str):
     gqa=0: k/v repeated per query head, prec = expert precision bf16 | fp8, dist = ddp | fsdp (under torchrun:
     mixtune.bench_dist; one process trains plainly either way), r = LoRA rank (default 64; alpha stays 16),
     shared=1: the experts' w1/w3 share one LoRA A (lora.shared_gate_up_a; peft's fused gate_up_proj adapter, the
-    peers' workload)."""
+    peers' workload), nf4 = words | blocks: the NF4 dequantization's decoding for this row (default: the one
+    the kernel sweep chose, else dequant.CONFIG's)."""
     out = []
     for part in filter(None, (s.strip() for s in spec.split(";"))):
         d = {"mb": 8, "accum": 1, "ckpt": 0, "backend": "grouped", "attn": "auto", "opt": "adamw", "actk": 0,
-             "gqa": 1, "prec": "bf16", "dist": "ddp", "r": LORA_R, "shared": 0}
+             "gqa": 1, "prec": "bf16", "dist": "ddp", "r": LORA_R, "shared": 0, "nf4": ""}
         for kv in part.split(","):
             key, _, val = kv.partition("=")
             if key not in d:
                 raise ValueError(f"--settings: unknown key {key!r} in {part!r} (mb, accum, ckpt, backend, attn, opt, "
-                                 "actk, gqa, prec, dist, r, shared)")
+                                 "actk, gqa, prec, dist, r, shared, nf4)")
             if key == "dist" and val not in ("ddp", "fsdp"):
                 raise ValueError(f"--settings: dist must be ddp or fsdp, got {val!r} in {part!r}")
-            if key in ("backend", "attn", "opt", "prec", "dist"):
+            if key == "nf4" and val not in ("words", "blocks"):
+                raise ValueError(f"--settings: nf4 must be words or blocks, got {val!r} in {part!r}")
+            if key in ("backend", "attn", "opt", "prec", "dist", "nf4"):
                 d[key] = val
                 continue
             try:
@@ -342,6 +356,11 @@ def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed
                       + (", fp8" if s.get("prec", "bf16") != "bf16" else ""),
                       build_s=build_s)
             row.est_gib = planned_peak_gib(model, c, s, rows["seq"])
+            from .kernels import dequant
+            decode = dequant.CONFIG["words"]
+            if s.get("nf4"):
+                dequant.CONFIG["words"] = s["nf4"] == "words"
+                row.setting += f", nf4 {s['nf4']}"
             try:
                 time_mixtune(model, c, row, device, s["backend"], s["ckpt"], steps, warmup, seed,
                              attn=s.get("attn", "auto"), optim=s.get("opt", "adamw"), actk=s.get("actk", 0),
@@ -350,6 +369,8 @@ def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed
                 row.error = "OOM: " + str(e).split("\n")[0][:80]
             except RuntimeError as e:
                 row.error = f"{type(e).__name__}: {str(e)[:120]}"
+            finally:
+                dequant.CONFIG["words"] = decode
             rows["out"].append(row)
             print_row(row)
             free(device)

@@ -17,10 +17,12 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton was imported before the interpreter could be enabled", allow_module_level=True)
 
 
-def test_nf4_dequant_exact_and_widened(monkeypatch):
+@pytest.mark.parametrize("words", [False, True])  # both decodings (dequant.CONFIG["words"])
+def test_nf4_dequant_exact_and_widened(monkeypatch, words):
     from mixtune.kernels import dequant
     from mixtune.kernels.dequant import dequantize_nf4, dequantize_nf4_stack
     from mixtune.quant.nf4 import NF4Weight
+    monkeypatch.setitem(dequant.CONFIG, "words", words)
     monkeypatch.setitem(dequant.CONFIG, "R", 256)  # 384 and 192 blocks: the last program is partly masked
     g = torch.Generator().manual_seed(1)
     w1 = NF4Weight.quantize(torch.randn(3, 64, 128, generator=g))
@@ -32,11 +34,14 @@ def test_nf4_dequant_exact_and_widened(monkeypatch):
     assert torch.equal(out[:, :96, :128], ref)
 
 
-def test_nf4_dequant_extras_placed_in_the_same_launch():
+@pytest.mark.parametrize("words", [False, True])
+def test_nf4_dequant_extras_placed_in_the_same_launch(monkeypatch, words):
     """Extra regions beside the weights (the LoRA B columns, A rows): placed, cast, scaled, zero-filled around,
     in partly masked tiles, equal between the Triton kernel (interpreter) and the PyTorch path, and nothing
     else of the buffer touched."""
+    from mixtune.kernels import dequant
     from mixtune.kernels.dequant import Extra, dequantize_nf4_stack
+    monkeypatch.setitem(dequant.CONFIG, "words", words)
     from mixtune.quant.nf4 import NF4Weight
     g = torch.Generator().manual_seed(13)
     E, I, H, r = 3, 40, 128, 5
@@ -210,7 +215,8 @@ def test_rope_kernel_matches_model_rope_forward_and_backward():
     assert outs[0][0].transpose(1, 2).is_contiguous()  # the projections' layout is kept
 
 
-def test_fp8_kernels_match_torch(monkeypatch):
+@pytest.mark.parametrize("words", [False, True])
+def test_fp8_kernels_match_torch(monkeypatch, words):
     """FP8 (e4m3) outputs: row quantization, and NF4 dequantization scaled per expert, row-major and
     transposed (the backward's layout), widened — Triton (interpreter) vs the PyTorch path, value for value.
     (The interpreter's own fp32->fp8 cast misrounds across binades; the kernels round first, so the cast is
@@ -229,6 +235,7 @@ def test_fp8_kernels_match_torch(monkeypatch):
     qb, sb = quantize_rows(x.to(torch.bfloat16), triton=True)  # bf16 input, as in the model
     assert torch.equal(qb.float(), quantize_rows(x.to(torch.bfloat16), triton=False)[0].float())
 
+    monkeypatch.setitem(dequant.CONFIG, "words", words)
     monkeypatch.setitem(dequant.CONFIG, "R", 256)
     monkeypatch.setitem(dequant.CONFIG, "R8", 256)
     monkeypatch.setitem(dequant.CONFIG, "TO", 32)  # 48 rows: the second tile is partly masked

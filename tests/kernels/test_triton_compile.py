@@ -29,10 +29,11 @@ def compile_one(fn, types, const):
 dq = {"words_ptr": "*i32", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "code_ptr": "*fp32",
       "offset_ptr": "*fp32", "out_ptr": "*bf16", "inv_ptr": "*fp32", "x_ptr": "*fp32", "x_scale": "fp32"}
 cases = []
-for extra, has_x, fp8 in ((False, False, False), (True, True, False), (True, False, False), (False, False, True)):
-    types = dict(dq, out_ptr="*fp8e4nv" if fp8 else "*bf16")
-    cases.append((f"nf4_dequant extra={extra} x={has_x} fp8={fp8}", _tl.nf4_dequant_kernel, types,
-                  dict(R=32, FP8=fp8, SOFT_ROUND=False, EXTRA=extra, HAS_X=has_x, XBP=32, XBQ=64)))
+for words in (False, True):
+    for extra, has_x, fp8 in ((False, False, False), (True, True, False), (True, False, False), (False, False, True)):
+        types = dict(dq, out_ptr="*fp8e4nv" if fp8 else "*bf16")
+        cases.append((f"nf4_dequant words={words} extra={extra} x={has_x} fp8={fp8}", _tl.nf4_dequant_kernel, types,
+                      dict(R=32, FP8=fp8, SOFT_ROUND=False, EXTRA=extra, HAS_X=has_x, XBP=32, XBQ=64, WORDS=words)))
 fwd, bwd = swiglu_kernels()
 sw = {"h_ptr": "*bf16", "dg_ptr": "*bf16", "dh_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*fp32", "dot_ptr": "*fp32"}
 for write_g, scale, dot in ((False, False, False), (True, True, True), (True, False, False)):

@@ -58,28 +58,54 @@ def nf4_dequant_kernel(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, 
                        n_blocks, per_expert, cols, ld, out_expert_stride, out_offset,
                        x_ptr, x_se, x_sp, XP, XQ, x_scale, ex_off, EW, x_at, n_xp, n_xq,
                        R: tl.constexpr, FP8: tl.constexpr, SOFT_ROUND: tl.constexpr, EXTRA: tl.constexpr,
-                       HAS_X: tl.constexpr, XBP: tl.constexpr, XBQ: tl.constexpr):
+                       HAS_X: tl.constexpr, XBP: tl.constexpr, XBQ: tl.constexpr, WORDS: tl.constexpr):
     # Programs [0, cdiv(n_blocks, R)): R blocks of 64 weights each; a block never crosses a row (cols % 64 == 0).
     # With EXTRA, the programs after them each write one (XBP, XBQ) tile of an extra region of every expert's
     # output: XP rows x EW columns at element offset ex_off, whose columns [x_at, x_at + XQ) are
     # x_scale * x[e] (x (E, XP, XQ), last stride 1; the LoRA matrices beside the weight) and the rest zeros.
+    # WORDS: each thread decodes whole 32-bit words (8 codes) and computes their scale once per word, so the table
+    # lookups, the scaling and the store share one layout (8 consecutive outputs per thread); without it the
+    # (R, 8, 8) -> (R, 64) reshape gives the lookups a layout of one element per thread per block, which loads the
+    # block's scale once per element and reshuffles the values through shared memory before the store.
     pid = tl.program_id(0).to(tl.int64)
     n_dq = (n_blocks + R - 1) // R
     if pid < n_dq:
-        b = pid * R + tl.arange(0, R)  # (R,) block ids
-        mb = b < n_blocks
-        v = nf4_block_values(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset_ptr, b, mb, R)
-        f = b * 64  # first weight of the block in the source tensor
-        e = f // per_expert
-        rem = f - e * per_expert
-        row = rem // cols
-        dst = e * out_expert_stride + out_offset + row * ld + (rem - row * cols)  # (R,)
-        ptr = dst[:, None] + tl.arange(0, 64)[None, :]
-        if FP8:
-            inv = tl.load(inv_ptr + e, mask=mb, other=0.0)
-            tl.store(out_ptr + ptr, to_e4m3(v * inv[:, None], SOFT_ROUND), mask=mb[:, None])
+        if WORDS:
+            wi = pid * (R * 8) + tl.arange(0, R * 8)  # (8R,) word ids
+            mw = wi < n_blocks * 8
+            bw = wi // 8  # (8R,) block of each word
+            aw = tl.load(absmax_ptr + bw, mask=mw, other=0).to(tl.int32)
+            sw = tl.load(code2_ptr + aw) * tl.load(absmax2_ptr + bw // 256, mask=mw, other=0.0) + tl.load(offset_ptr)
+            word = tl.load(words_ptr + wi, mask=mw, other=0)
+            jw = tl.arange(0, 8)
+            sh = (jw // 2) * 8 + (1 - jw % 2) * 4  # element j of a word: byte j//2, high nibble first
+            vw = tl.load(code_ptr + ((word[:, None] >> sh[None, :]) & 15)) * sw[:, None]  # (8R, 8) fp32
+            fw = wi * 8  # first weight of the word in the source tensor
+            ew = fw // per_expert
+            rw = fw - ew * per_expert
+            roww = rw // cols
+            dw = ew * out_expert_stride + out_offset + roww * ld + (rw - roww * cols)  # (8R,)
+            pw = dw[:, None] + jw[None, :]
+            if FP8:
+                invw = tl.load(inv_ptr + ew, mask=mw, other=0.0)
+                tl.store(out_ptr + pw, to_e4m3(vw * invw[:, None], SOFT_ROUND), mask=mw[:, None])
+            else:
+                tl.store(out_ptr + pw, vw.to(out_ptr.dtype.element_ty), mask=mw[:, None])
         else:
-            tl.store(out_ptr + ptr, v.to(out_ptr.dtype.element_ty), mask=mb[:, None])
+            b = pid * R + tl.arange(0, R)  # (R,) block ids
+            mb = b < n_blocks
+            v = nf4_block_values(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset_ptr, b, mb, R)
+            f = b * 64  # first weight of the block in the source tensor
+            e = f // per_expert
+            rem = f - e * per_expert
+            row = rem // cols
+            dst = e * out_expert_stride + out_offset + row * ld + (rem - row * cols)  # (R,)
+            ptr = dst[:, None] + tl.arange(0, 64)[None, :]
+            if FP8:
+                inv = tl.load(inv_ptr + e, mask=mb, other=0.0)
+                tl.store(out_ptr + ptr, to_e4m3(v * inv[:, None], SOFT_ROUND), mask=mb[:, None])
+            else:
+                tl.store(out_ptr + ptr, v.to(out_ptr.dtype.element_ty), mask=mb[:, None])
     elif EXTRA:
         t = pid - n_dq
         xe = t // (n_xp * n_xq)  # expert of this tile (names apart from the branch above: Triton types them)

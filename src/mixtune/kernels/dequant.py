@@ -34,7 +34,9 @@ from ._triton import soft_round, use_triton
 # transposed (e4m3) tile with num_warps_t. The e4m3 ones are the fastest of bench/dequant_sweep.py on the H200
 # (session 3, call 8: 0.84 ms row-major and 0.82 ms transposed for one layer's w1|w3, against 0.97 / 1.07 ms
 # at R8=64, num_warps_t=4).
-CONFIG = {"R": 32, "num_warps": 4, "R8": 128, "num_warps8": 4, "TO": 64, "num_warps_t": 1}
+# words: decode word by word (see _tl.nf4_dequant_kernel: one layout from the lookups to the store); session 8
+# added it, and the bench sweeps both decodings.
+CONFIG = {"R": 32, "num_warps": 4, "R8": 128, "num_warps8": 4, "TO": 64, "num_warps_t": 1, "words": False}
 F8 = torch.float8_e4m3fn
 
 
@@ -88,6 +90,7 @@ def _launch(w: NF4Weight, out: torch.Tensor, per_expert: int, cols: int, ld: int
                                  per_expert, cols, ld, out_expert_stride, out_offset, *xa, R=R, FP8=fp8,
                                  SOFT_ROUND=soft_round(), EXTRA=extra is not None,
                                  HAS_X=extra is not None and extra.src is not None, XBP=XTILE[0], XBQ=XTILE[1],
+                                 WORDS=bool(CONFIG["words"]),
                                  num_warps=CONFIG["num_warps8" if fp8 else "num_warps"])
 
 
