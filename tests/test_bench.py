@@ -38,13 +38,14 @@ def test_bad_settings_are_one_line_errors(capsys):
 def test_parse_settings_and_flop_accounting():
     s = bench.parse_settings("mb=8,ckpt=0;mb=16,accum=2,ckpt=32,backend=grouped_lowmem")
     base = dict(mb=8, accum=1, ckpt=0, backend="grouped", attn="auto", opt="adamw", actk=0, gqa=1, prec="bf16",
-                dist="ddp", r=64, shared=0, nf4="")
+                dist="ddp", r=64, shared=0, nf4="", gmm=1)
     assert s == [base, dict(base, mb=16, accum=2, ckpt=32, backend="grouped_lowmem")]
     assert bench.parse_settings("attn=flex")[0]["attn"] == "flex"
     assert bench.parse_settings("shared=1,attn=varlen")[0] == dict(base, shared=1, attn="varlen")
     assert bench.parse_settings("opt=adamw_8bit,actk=1,gqa=0,prec=fp8,dist=fsdp,r=8")[0] == dict(
         base, opt="adamw_8bit", actk=1, gqa=0, prec="fp8", dist="fsdp", r=8)
     assert bench.parse_settings("nf4=words")[0] == dict(base, nf4="words")
+    assert bench.parse_settings("gmm=0")[0] == dict(base, gmm=0)
     for bad, msg in (("r=0", "r must be >= 1"), ("dist=zero3", "dist must be ddp or fsdp"), ("rank=8", "unknown key"),
                      ("nf4=bytes", "nf4 must be words or blocks")):
         with pytest.raises(ValueError, match=msg):

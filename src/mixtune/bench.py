@@ -141,6 +141,8 @@ def time_kernels(cfg: MixtralConfig, device, reps: int = 10) -> dict:
         out["dequant_ok"] &= out[f"dequant_max_rel_fp32{tag}"] < 1e-6 and out[f"dequant_bf16_mismatch_frac{tag}"] < 1e-4
     dequant.CONFIG["words"] = words
     del ref, ref16
+    from .bench_kernels import sweep_gather_mm
+    out["gather_mm"] = sweep_gather_mm(cfg, device, t)  # the gather-fused LoRA products' tile, checked
     try:
         import bitsandbytes.functional as bf
         qs = w[0].bnb_quant_state()
@@ -265,16 +267,17 @@ def parse_settings(spec: str):
     mixtune.bench_dist; one process trains plainly either way), r = LoRA rank (default 64; alpha stays 16),
     shared=1: the experts' w1/w3 share one LoRA A (lora.shared_gate_up_a; peft's fused gate_up_proj adapter, the
     peers' workload), nf4 = words | blocks: the NF4 dequantization's decoding for this row (default: the one
-    the kernel sweep chose, else dequant.CONFIG's)."""
+    the kernel sweep chose, else dequant.CONFIG's), gmm = 0 | 1: the gather-fused LoRA products
+    (kernels.gather_mm) off or on for this row (default: on)."""
     out = []
     for part in filter(None, (s.strip() for s in spec.split(";"))):
         d = {"mb": 8, "accum": 1, "ckpt": 0, "backend": "grouped", "attn": "auto", "opt": "adamw", "actk": 0,
-             "gqa": 1, "prec": "bf16", "dist": "ddp", "r": LORA_R, "shared": 0, "nf4": ""}
+             "gqa": 1, "prec": "bf16", "dist": "ddp", "r": LORA_R, "shared": 0, "nf4": "", "gmm": 1}
         for kv in part.split(","):
             key, _, val = kv.partition("=")
             if key not in d:
                 raise ValueError(f"--settings: unknown key {key!r} in {part!r} (mb, accum, ckpt, backend, attn, opt, "
-                                 "actk, gqa, prec, dist, r, shared, nf4)")
+                                 "actk, gqa, prec, dist, r, shared, nf4, gmm)")
             if key == "dist" and val not in ("ddp", "fsdp"):
                 raise ValueError(f"--settings: dist must be ddp or fsdp, got {val!r} in {part!r}")
             if key == "nf4" and val not in ("words", "blocks"):
@@ -356,11 +359,13 @@ def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed
                       + (", fp8" if s.get("prec", "bf16") != "bf16" else ""),
                       build_s=build_s)
             row.est_gib = planned_peak_gib(model, c, s, rows["seq"])
-            from .kernels import dequant
-            decode = dequant.CONFIG["words"]
+            from .kernels import dequant, gather_mm
+            decode, fused = dequant.CONFIG["words"], gather_mm.CONFIG["on"]
             if s.get("nf4"):
                 dequant.CONFIG["words"] = s["nf4"] == "words"
                 row.setting += f", nf4 {s['nf4']}"
+            gather_mm.CONFIG["on"] = bool(s.get("gmm", 1))
+            row.setting += "" if gather_mm.CONFIG["on"] else ", unfused gather"
             try:
                 time_mixtune(model, c, row, device, s["backend"], s["ckpt"], steps, warmup, seed,
                              attn=s.get("attn", "auto"), optim=s.get("opt", "adamw"), actk=s.get("actk", 0),
@@ -370,7 +375,7 @@ def run_settings(cfg, layers, settings, device, steps, warmup, rows, label, seed
             except RuntimeError as e:
                 row.error = f"{type(e).__name__}: {str(e)[:120]}"
             finally:
-                dequant.CONFIG["words"] = decode
+                dequant.CONFIG["words"], gather_mm.CONFIG["on"] = decode, fused
             rows["out"].append(row)
             print_row(row)
             free(device)
@@ -529,7 +534,7 @@ def main(argv=None, stock_runner=None) -> int:
             ok = ok and att_ok
         if device == "cuda":
             result["kernels"] = time_kernels(cfg, device)
-            ok = ok and result["kernels"]["dequant_ok"]
+            ok = ok and result["kernels"]["dequant_ok"] and result["kernels"]["gather_mm"]["ok"]
             print("[kernels] " + " ".join(f"{kk}={v:.3g}" if isinstance(v, float) else f"{kk}={v}"
                                           for kk, v in result["kernels"].items()), flush=True)
         ok = ok and moe_ok and mdl_ok

@@ -127,14 +127,18 @@ def test_rms_norm_kernel_matches_module_math():
     assert torch.allclose(gx, x.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["grouped", "grouped_lowmem"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_grouped_moe_through_triton_kernels(monkeypatch, shared):
+def test_grouped_moe_through_triton_kernels(monkeypatch, shared, backend):
     """The whole grouped MoE path (widened dequantization, SwiGLU kernels, the routing weights' gradient from
-    the SwiGLU backward) in fp32 vs the reference loop; shared: w1 and w3 share one A."""
+    the SwiGLU backward, the gather-fused LoRA products in tiles of 16 rows) in fp32 vs the reference loop;
+    shared: w1 and w3 share one A."""
     from mixtune import kernels
-    from mixtune.kernels import _triton
+    from mixtune.kernels import _triton, gather_mm
     from mixtune.quant.nf4 import NF4Weight
     monkeypatch.setattr(_triton, "FORCE", True)
+    for key, v in (("BM", 16), ("BMW", 16), ("BH", 32)):
+        monkeypatch.setitem(gather_mm.CONFIG, key, v)
     g = torch.Generator().manual_seed(4)
     E, H, I, N, k, r = 4, 64, 128, 29, 2, 8
     ws = [NF4Weight.quantize(torch.randn(*s, generator=g) * 0.1) for s in ((E, I, H), (E, I, H), (E, H, I))]
@@ -149,7 +153,7 @@ def test_grouped_moe_through_triton_kernels(monkeypatch, shared):
     tw = torch.rand(N, k, generator=g)
     go = torch.randn(N, H, generator=g)
     res = {}
-    for backend in ("reference", "grouped"):
+    for backend in ("reference", backend):
         xx, ww = x.clone().requires_grad_(), tw.clone().requires_grad_()
         if shared:
             L.A["w3"] = L.A["w1"]
@@ -159,7 +163,7 @@ def test_grouped_moe_through_triton_kernels(monkeypatch, shared):
         y = kernels.moe_experts(xx, idx, ww, *ws, lora=L, backend=backend)
         (y * go).sum().backward()
         res[backend] = [y, xx.grad, ww.grad] + [L.A[n].grad for n in L.A] + [L.B[n].grad for n in L.B]
-    for a, b in zip(res["grouped"], res["reference"]):
+    for a, b in zip(res[backend], res["reference"]):
         assert ((a - b).norm() / b.norm()).item() < 1e-5
 
 

@@ -44,6 +44,15 @@ gather, combine = route_kernels()
 cases.append(("gather", gather, {"x_ptr": "*bf16", "idx_ptr": "*i64", "out_ptr": "*bf16"}, dict(BLOCK=1024)))
 cases.append(("combine", combine, {"y_ptr": "*bf16", "inv_ptr": "*i64", "w_ptr": "*bf16", "out_ptr": "*bf16"},
               dict(K=8, HAS_W=True, BLOCK=1024)))
+from mixtune.kernels.gather_mm import _kernels as gmm_kernels
+glr, glw = gmm_kernels()
+gl = {"x_ptr": "*bf16", "tok_ptr": "*i64", "offs_ptr": "*i32", "tstart_ptr": "*i32", "xs_ptr": "*bf16",
+      "u_ptr": "*bf16", "u2_ptr": "*bf16", "scale": "fp32"}
+for wt, store_x, two in (("*fp32", True, True), ("*bf16", False, False)):
+    cases.append((f"gather_lowrank w={wt} x={store_x} u2={two}", glr, dict(gl, w_ptr=wt),
+                  dict(EP=128, BM=128, BK=64, BR=64, STORE_X=store_x, HAS_U2=two, IEEE=False)))
+cases.append(("gather_lowrank_wgrad", glw, {"d_ptr": "*bf16", "x_ptr": "*bf16", "tok_ptr": "*i64", "offs_ptr": "*i32",
+                                            "out_ptr": "*fp32"}, dict(BM=64, BR=64, BH=128, IEEE=False)))
 failed = {}
 for name, fn, types, const in cases:
     try:

@@ -35,8 +35,9 @@ from ._triton import soft_round, use_triton
 # (session 3, call 8: 0.84 ms row-major and 0.82 ms transposed for one layer's w1|w3, against 0.97 / 1.07 ms
 # at R8=64, num_warps_t=4).
 # words: decode word by word (see _tl.nf4_dequant_kernel: one layout from the lookups to the store); session 8
-# added it, and the bench sweeps both decodings.
-CONFIG = {"R": 32, "num_warps": 4, "R8": 128, "num_warps8": 4, "TO": 64, "num_warps_t": 1, "words": False}
+# added it (0.261 ms against 0.279 ms for the block decoding's best tile on the H100, bench/results/
+# 2026-12-07-s8-call1-h100-qwen3-4L.log) and made it the default; the bench sweeps both decodings.
+CONFIG = {"R": 32, "num_warps": 4, "R8": 128, "num_warps8": 4, "TO": 64, "num_warps_t": 1, "words": True}
 F8 = torch.float8_e4m3fn
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .dequant import Extra, dequantize_nf4, dequantize_nf4_stack
+from .gather_mm import gather_lowrank, gather_lowrank_wgrad
 from .route import combine, gather_rows
 from .swiglu import swiglu_backward, swiglu_forward
 
@@ -92,11 +93,13 @@ def _lora_args(lora):
     return (float(lora.scaling) if lora is not None else 1.0), shared, ab
 
 
-def _w13_lora_grads(grads, lc, du13, xs, u13, dh13, offs, r, I, shared=False):
-    """dA13 = du13^T xs and dB = dh^T (s u) per expert (u13 carries s), into grads["w1"], grads["w3"] (where
-    present): each dB straight in B's (E, I, r) layout from its own half of dh13 and its own u (no cross terms
-    of the two halves, no transposed copy); with a shared A its whole gradient goes to w1 (w3's A slot None)."""
-    dA13 = grouped_mm_k(du13.t(), xs, offs)  # (E, R, H), R = 2r (r shared)
+def _w13_lora_grads(grads, lc, du13, xs, u13, dh13, offs, r, I, shared=False, dA13=None):
+    """dA13 = du13^T xs (unless given) and dB = dh^T (s u) per expert (u13 carries s), into grads["w1"],
+    grads["w3"] (where present): each dB straight in B's (E, I, r) layout from its own half of dh13 and its own u
+    (no cross terms of the two halves, no transposed copy); with a shared A its whole gradient goes to w1 (w3's A
+    slot None)."""
+    if dA13 is None:
+        dA13 = grouped_mm_k(du13.t(), xs, offs)  # (E, R, H), R = 2r (r shared)
     dh1, dh3 = dh13[:, :I], dh13[:, I:]  # (M, I) views
     if shared:
         grads["w1"] = (dA13, grouped_mm_k(dh1.t(), u13, offs))  # (E, I, r)
@@ -201,12 +204,16 @@ def _up(x, tok, offs, w1, w3, lora, s, I, dt, shared=False):
         xs = gather_rows(x, tok)
         W13 = dequantize_nf4_stack([w1, w3], dt)  # (E, 2I, H)
         return grouped_mm(xs, W13.transpose(1, 2), offs), None, xs, W13
-    A13 = _cat_lora(lora, "w1", "w3", 1, shared, dt)  # (E, R, H)
+    # (E, R, H): a shared A as the parameter itself (the fused kernel casts its tiles), else [A1; A3] in dt
+    A13 = lora["w1"][0] if shared else _cat_lora(lora, "w1", "w3", 1, shared, dt)
     R = A13.shape[1]
     xa = torch.empty(M, H + R, dtype=dt, device=x.device)  # [xs | s·u13]
-    xs = gather_rows(x, tok, out=xa[:, :H])
-    u13 = grouped_mm(xs, A13.transpose(1, 2), offs).mul_(s)  # (M, R), scaled
-    xa[:, H:].copy_(u13)
+    xs = xa[:, :H]
+    u13 = torch.empty(M, R, dtype=dt, device=x.device)  # (M, R), scaled; kept for backward
+    if not gather_lowrank(x, tok, offs, A13, s, xs, [xa[:, H:], u13]):  # the gather and u13 in one pass
+        gather_rows(x, tok, out=xs)
+        torch.mul(grouped_mm(xs, A13.to(dt).transpose(1, 2), offs), s, out=u13)
+        xa[:, H:].copy_(u13)
     # (E, 2I, H + R): [[W1 | B1], [W3 | B3]] (shared A) or [[W1 | B1 | 0], [W3 | 0 | B3]], the B's placed (and
     # cast) by the dequantization launches themselves
     Wa = dequantize_nf4_stack([w1, w3], dt, cols=H + R, extras=_b13_extras(lora, H, I, R, shared))
@@ -315,15 +322,19 @@ class _GroupedMoE(torch.autograd.Function):
         grads = {}
         r2 = lora["w2"][0].shape[1] if "w2" in lora else 0
         ya = torch.empty(M, H + r2, dtype=dt, device=x.device)  # [dy_u | du2_u]
-        dy = gather_rows(dout, tok, out=ya[:, :H])  # (M, H) view: dout of each assignment's token, unweighted
+        dy = ya[:, :H]  # (M, H) view: dout of each assignment's token, unweighted
         # ---- w2:  dg_u = [dy_u | du2_u] @ [W2; A2]
         if "w2" in lora:
             A2, B2 = lora["w2"]
-            B2s = torch.empty(B2.shape, dtype=dt, device=x.device)
-            _put(B2s, B2, s)  # s · B2 in the compute dtype, one pass
-            du2 = grouped_mm(dy, B2s, offs)  # (M, r) = s · dy_u @ B2
-            del B2s
-            ya[:, H:].copy_(du2)
+            du2 = torch.empty(M, r2, dtype=dt, device=x.device)  # (M, r) = s · dy_u @ B2
+            # the gather of dout and du2 in one pass (B2 (E, H, r) read as its (E, r, H) transpose)
+            if not gather_lowrank(dout, tok, offs, B2.transpose(1, 2), s, dy, [ya[:, H:], du2]):
+                gather_rows(dout, tok, out=dy)
+                B2s = torch.empty(B2.shape, dtype=dt, device=x.device)
+                _put(B2s, B2, s)  # s · B2 in the compute dtype, one pass
+                du2 = grouped_mm(dy, B2s, offs)
+                del B2s
+                ya[:, H:].copy_(du2)
             W2b = dequantize_nf4_stack([w2], dt, rows=H + r2, extras=[Extra(A2, H, 0, I)])  # (E, H + r, I): [W2; A2]
             dg = grouped_mm(ya, W2b, offs)  # (M, I), unweighted
             del W2b
@@ -332,6 +343,7 @@ class _GroupedMoE(torch.autograd.Function):
             dB2 = grouped_mm_k(dy.t(), u2.mul(wd), offs)
             du2.mul_(wd)  # the weighted du2, for dA2
         else:
+            gather_rows(dout, tok, out=dy)
             W2 = dequantize_nf4(w2, dt)  # (E, H, I)
             dg = grouped_mm(dy, W2, offs)  # (M, I), unweighted
             del W2
@@ -366,9 +378,11 @@ class _GroupedMoE(torch.autograd.Function):
                                           extras=_a13_extras(lora, I, H, R, shared))  # (E, 2I + R, H): [W13; A13]
                 dxs = grouped_mm(dha, Wb, offs)  # (M, H)
                 del Wb
-            if xs is None:
-                xs = gather_rows(x, tok)  # (M, H)
-            _w13_lora_grads(grads, lora, du13, xs, u13, dh13, offs, r, I, shared)  # u13 carries s
+            dA13 = None
+            if xs is None:  # dA13 = du13^T x[tok] with the gather inside the product, else a gathered copy
+                dA13 = gather_lowrank_wgrad(du13, x, tok, offs)
+                xs = gather_rows(x, tok) if dA13 is None else None  # (M, H)
+            _w13_lora_grads(grads, lora, du13, xs, u13, dh13, offs, r, I, shared, dA13)  # u13 carries s
         del dha, dh13
         dx = combine(dxs, inv, None, N, k)  # (N, H)
         return (dx, dtw, None, None, None, None, None, None, None, *_ab_grads(grads, pdt))
