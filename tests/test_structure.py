@@ -22,7 +22,7 @@ FLOORS = [
     ("lora and planning", ["mixtune.lora", "mixtune.lora.*", "mixtune.memory_plan"]),
     ("training loop", ["mixtune.loop", "mixtune.loop.*"]),
     ("verbs", ["mixtune.train", "mixtune.evaluate", "mixtune.generate", "mixtune.merge", "mixtune.inspect_model",
-               "mixtune.bench", "mixtune.bench_checks", "mixtune.bench_dist"]),
+               "mixtune.bench", "mixtune.bench_checks", "mixtune.bench_dist", "mixtune.bench_kernels"]),
     ("cli", ["mixtune.cli", "mixtune.__main__"]),
 ]
 
