@@ -25,12 +25,9 @@ import functools
 import torch
 
 from ._triton import use_triton
+from .route import _cdiv, _rows_ok
 
 CONFIG = {"on": True, "BM": 128, "BK": 64, "warps": 8, "BMW": 64, "BH": 128, "warps_w": 4}
-
-
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -105,10 +102,6 @@ def _kernels():
         tl.store(optr, acc, mask=(rr[:, None] < R) & cm[None, :])
 
     return gather_lowrank_kernel, gather_lowrank_wgrad_kernel
-
-
-def _rows_ok(t: torch.Tensor) -> bool:
-    return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]
 
 
 def gather_lowrank(x: torch.Tensor, tok: torch.Tensor, offs: torch.Tensor, W: torch.Tensor, s: float,
