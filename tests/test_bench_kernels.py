@@ -32,6 +32,7 @@ def test_sweep_gather_mm_checks_and_keeps_the_fastest_tile(monkeypatch):
     res = sweep_gather_mm(cfg, "cpu", timer, tokens=40, r=16, dtype=torch.float32)
     assert res["ok"], res
     assert res["gather_equal"] and res["u_rel"] < 1e-5 and res["wgrad_rel"] < 1e-5
+    assert set(res["kinds_rel"]) == {"A13_2r", "A13_2r_float32", "B2t_r", "wgrad_2r"} and max(res["kinds_rel"].values()) < 1e-5
     assert len(res["fused_ms"]) == 5 and len(res["fused_wgrad_ms"]) == 5
     assert res["config"] == dict(BM=64, BK=64, warps=4, BMW=32, BH=128, warps_w=4)
     assert gather_mm.CONFIG["BM"] == 64 and gather_mm.CONFIG["on"]

@@ -75,5 +75,32 @@ def sweep_gather_mm(cfg: MixtralConfig, device, timer, tokens: int = 16384, r: i
         gather_equal=bool(torch.equal(xa[:, :H], ref_x)), u_rel=rel(u, ref_u), u_copy_equal=bool(torch.equal(xa[:, H:], u)),
         wgrad_rel=rel(got_w, ref_w))
     out["best_ms"], out["best_wgrad_ms"] = fwd[best], wgd[best_w]
-    out["ok"] = out["gather_equal"] and out["u_copy_equal"] and out["u_rel"] < 1e-2 and out["wgrad_rel"] < 1e-2
+    out["kinds_rel"] = _check_kinds(x, tok, offs, E, H, r, dtype)
+    out["ok"] = (out["gather_equal"] and out["u_copy_equal"] and out["u_rel"] < 1e-2 and out["wgrad_rel"] < 1e-2
+                 and all(v < 1e-2 for v in out["kinds_rel"].values()))
     return out
+
+
+def _check_kinds(x, tok, offs, E, H, r, dtype) -> dict:
+    """The other operands the MoE passes the fused products, each fused vs unfused (rel. error): [A1; A3] of
+    rank 2r (separate A's) in fp32 and in the compute dtype, B2 (E, H, r) read as its strided transpose, and the weight
+    gradient at rank 2r."""
+    from .kernels import gather_mm
+    from .kernels.moe import grouped_mm, grouped_mm_k
+    from .kernels.route import gather_rows
+    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
+    M = tok.numel()
+    xs = gather_rows(x, tok)
+    res = {}
+    kinds = {"A13_2r": torch.randn(E, 2 * r, H, device=x.device) * 0.02,
+             "A13_2r_" + str(dtype).split(".")[-1]: (torch.randn(E, 2 * r, H, device=x.device) * 0.02).to(dtype),
+             "B2t_r": (torch.randn(E, H, r, device=x.device) * 0.02).transpose(1, 2)}
+    for name, W in kinds.items():
+        R = W.shape[1]
+        u = torch.full((M, R), float("nan"), device=x.device, dtype=dtype)
+        gather_mm.gather_lowrank(x, tok, offs, W, 0.25, None, [u])
+        res[name] = rel(u, grouped_mm(xs, W.to(dtype).transpose(1, 2), offs) * 0.25)
+    d = torch.randn(M, 2 * r, device=x.device, dtype=dtype)
+    got = gather_mm.gather_lowrank_wgrad(d, x, tok, offs)
+    res["wgrad_2r"] = rel(got, grouped_mm_k(d.t(), xs, offs).float()) if got is not None else float("nan")
+    return res

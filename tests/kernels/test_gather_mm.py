@@ -33,8 +33,10 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("wt", ["auto", True, False])  # both ways of loading W's tiles, on either layout
 @pytest.mark.parametrize("R,transposed", [(8, False), (24, True), (16, False)])
-def test_gather_lowrank_matches_torch(monkeypatch, R, transposed):
+def test_gather_lowrank_matches_torch(monkeypatch, R, transposed, wt):
+    monkeypatch.setitem(gather_mm.CONFIG, "wt", wt)
     monkeypatch.setitem(gather_mm.CONFIG, "BM", 16)
     monkeypatch.setitem(gather_mm.CONFIG, "BK", 32)
     g = torch.Generator().manual_seed(R)

@@ -27,7 +27,8 @@ import torch
 from ._triton import use_triton
 from .route import _cdiv, _rows_ok
 
-CONFIG = {"on": True, "BM": 128, "BK": 64, "warps": 8, "BMW": 64, "BH": 128, "warps_w": 4}
+CONFIG = {"on": True, "BM": 128, "BK": 64, "warps": 8, "BMW": 64, "BH": 128, "warps_w": 4, "wt": False,
+          "stages": None, "cast_w": True}
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -43,7 +44,8 @@ def _kernels():
     def gather_lowrank_kernel(x_ptr, tok_ptr, offs_ptr, tstart_ptr, w_ptr, xs_ptr, u_ptr, u2_ptr,
                               H, R, E, x_ld, xs_ld, u_ld, u2_ld, w_se, w_sr, w_sh, scale,
                               EP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-                              STORE_X: tl.constexpr, HAS_U2: tl.constexpr, IEEE: tl.constexpr):
+                              STORE_X: tl.constexpr, HAS_U2: tl.constexpr, IEEE: tl.constexpr,
+                              WT: tl.constexpr):
         pid = tl.program_id(0)
         es = tl.arange(0, EP)
         ts = tl.load(tstart_ptr + es, mask=es < E, other=2147483647)  # first tile of each expert
@@ -66,8 +68,12 @@ def _kernels():
                 if STORE_X:
                     tl.store(xs_ptr + rows[:, None] * xs_ld + cols[None, :], xv.to(xs_ptr.dtype.element_ty),
                              mask=rm[:, None] & cm[None, :])
-                wv = tl.load(wbase + rr[None, :] * w_sr + cols[:, None] * w_sh, mask=(rr[None, :] < R) & cm[:, None],
-                             other=0.0).to(xv.dtype)  # (BK, BR) = W_e^T tile
+                if WT:  # W_e's (BR, BK) tile as stored, transposed in the product
+                    wv = tl.trans(tl.load(wbase + rr[:, None] * w_sr + cols[None, :] * w_sh,
+                                          mask=(rr[:, None] < R) & cm[None, :], other=0.0).to(xv.dtype))
+                else:  # the (BK, BR) tile of W_e^T loaded as such
+                    wv = tl.load(wbase + rr[None, :] * w_sr + cols[:, None] * w_sh,
+                                 mask=(rr[None, :] < R) & cm[:, None], other=0.0).to(xv.dtype)
                 if IEEE:
                     acc += tl.dot(xv, wv, input_precision="ieee")
                 else:
@@ -117,6 +123,8 @@ def gather_lowrank(x: torch.Tensor, tok: torch.Tensor, offs: torch.Tensor, W: to
         return False
     if M == 0:
         return True
+    if CONFIG.get("cast_w", True) and W.dtype != torch.float32 and W.stride(2) == 1 and not _wt(W):
+        W = W.float()  # the form the GPU got wrong with a row-major bf16 W (see _wt); exact in fp32
     c = CONFIG
     BM = c["BM"]
     cnt = torch.diff(offs, prepend=offs.new_zeros(1))
@@ -129,8 +137,23 @@ def gather_lowrank(x: torch.Tensor, tok: torch.Tensor, offs: torch.Tensor, W: to
         H, R, E, x.stride(0), xs.stride(0) if xs is not None else 0, u.stride(0), u2.stride(0),
         W.stride(0), W.stride(1), W.stride(2), float(s),
         EP=_pow2(E, 2), BM=BM, BK=c["BK"], BR=_pow2(R), STORE_X=xs is not None, HAS_U2=len(outs) == 2,
-        IEEE=x.dtype == torch.float32, num_warps=c["warps"])
+        IEEE=x.dtype == torch.float32, WT=_wt(W), num_warps=c["warps"], **_stages())
     return True
+
+
+def _wt(W: torch.Tensor) -> bool:
+    """How the kernel loads W's tiles: CONFIG["wt"] True = as stored, (BR, BK), transposed in the product; False =
+    the (BK, BR) tile of W^T loaded as such; "auto" = the first where W's rows are contiguous along H.
+    On an H100 (Triton 3.x, session 9, bench/gather_check.py) the second form gave whole rows wrong with a
+    row-major bf16 W (1.9e-2 rel., worst row 25%) and was exact with fp32 W in either layout, so with that form a row-major W of
+    another dtype is read as fp32 (gather_lowrank) until the first form is checked on the GPU."""
+    wt = CONFIG.get("wt", "auto")
+    return W.stride(2) == 1 if wt == "auto" else bool(wt)
+
+
+def _stages() -> dict:
+    st = CONFIG.get("stages")
+    return {} if st is None else {"num_stages": int(st)}
 
 
 def gather_lowrank_wgrad(d: torch.Tensor, x: torch.Tensor, tok: torch.Tensor, offs: torch.Tensor,

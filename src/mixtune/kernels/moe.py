@@ -204,8 +204,9 @@ def _up(x, tok, offs, w1, w3, lora, s, I, dt, shared=False):
         xs = gather_rows(x, tok)
         W13 = dequantize_nf4_stack([w1, w3], dt)  # (E, 2I, H)
         return grouped_mm(xs, W13.transpose(1, 2), offs), None, xs, W13
-    # (E, R, H): a shared A as the parameter itself (the fused kernel casts its tiles), else [A1; A3] in dt
-    A13 = lora["w1"][0] if shared else _cat_lora(lora, "w1", "w3", 1, shared, dt)
+    # (E, R, H): a shared A as the parameter itself (the fused kernel casts its tiles), else [A1; A3] in the
+    # parameters' dtype (gather_mm._wt: a bf16 W gave wrong rows on the GPU; fp32 ones are exact)
+    A13 = lora["w1"][0] if shared else _cat_lora(lora, "w1", "w3", 1, shared)
     R = A13.shape[1]
     xa = torch.empty(M, H + R, dtype=dt, device=x.device)  # [xs | s·u13]
     xs = xa[:, :H]
