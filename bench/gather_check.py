@@ -82,7 +82,9 @@ def main():
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--r", type=int, default=64)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--layer", type=int, default=1, help="0: the products only")
+    p.add_argument("--layer", type=int, default=2,
+                   help="the MoE layer check: 0 none, 1 with the current settings, 2 with the fusion and the word "
+                        "decoding each on and off")
     a = p.parse_args()
     cfg, dev = GEOMETRIES[a.geometry], a.device
     out = {"geometry": a.geometry, "config": dict(gather_mm.CONFIG), "products": products(cfg, a.tokens, a.r, dev)}
@@ -91,15 +93,15 @@ def main():
     layer = {}
     saved_g, saved_w = gather_mm.CONFIG["on"], dequant.CONFIG["words"]
     try:
-        for gmm in ((True, False) if a.layer else ()):
-            for words in (True, False):
-                gather_mm.CONFIG["on"], dequant.CONFIG["words"] = gmm, words
-                res = check_moe(dev, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, a.tokens,
-                                cfg.num_experts_per_tok, a.r, backends=("grouped", "grouped_lowmem", "grouped+shared"))
-                key = f"gmm={int(gmm)},words={int(words)}"
-                layer[key] = res
-                for b in ("reference_bf16", "grouped", "grouped_lowmem", "grouped+shared"):
-                    print(f"{key:<16} {b:<16} " + " ".join(f"{k}={x:.2e}" for k, x in res[b].items()), flush=True)
+        combos = [(saved_g, saved_w)] if a.layer == 1 else [(g, w) for g in (True, False) for w in (True, False)]
+        for gmm, words in (combos if a.layer else []):
+            gather_mm.CONFIG["on"], dequant.CONFIG["words"] = gmm, words
+            res = check_moe(dev, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, a.tokens,
+                            cfg.num_experts_per_tok, a.r, backends=("grouped", "grouped_lowmem", "grouped+shared"))
+            key = f"gmm={int(gmm)},words={int(words)}"
+            layer[key] = res
+            for b in ("reference_bf16", "grouped", "grouped_lowmem", "grouped+shared"):
+                print(f"{key:<16} {b:<16} " + " ".join(f"{k}={x:.2e}" for k, x in res[b].items()), flush=True)
     finally:
         gather_mm.CONFIG["on"], dequant.CONFIG["words"] = saved_g, saved_w
     out["layer"] = layer
