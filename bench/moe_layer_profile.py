@@ -6,7 +6,8 @@ grouped product. Random NF4 weights, uniform random top-k routing, fp32 LoRA (r=
         --shared 1,0 --out $OUT/moe-layer.txt
 
 Prints, per (tokens, shared) case: the fwd+bwd time (CUDA events, median of --reps), then the profiler's table
-grouped by input shape with the grouped products' rates; a JSON line last.
+grouped by input shape with the grouped products' rates, then every GPU kernel (Triton's too) by its own time
+and how much of the wall no kernel ran; a JSON line last.
 """
 
 from __future__ import annotations
@@ -102,8 +103,35 @@ def case(geo, N: int, shared: bool, r: int, reps: int, backend: str, out_lines: 
         out_lines.append(line)
         print(line, flush=True)
     gmm = sum(d["us"] for d in rows if d["op"].endswith("_grouped_mm"))
+    kern = _kernel_rows(prof, 3) if cuda else []
+    busy = sum(d["us"] for d in kern) / 1e3
+    tail = (f"  -- by GPU kernel (Triton ones included): {busy:.3f} ms of kernels per step against {ms:.3f} ms wall, "
+            f"so {max(ms - busy, 0.0):.3f} ms with no kernel running (host, launches, syncs)")
+    out_lines.append(tail)
+    print(tail, flush=True)
+    for d in kern[:25]:
+        line = f"  {d['us']:9.1f} us  x{d['calls']:<3} {d['name'][:110]}"
+        out_lines.append(line)
+        print(line, flush=True)
     return {"tokens": N, "shared": int(shared), "r": r, "ms": ms, "grouped_mm_ms": gmm / 1e3,
-            "ops_ms": sum(d["us"] for d in rows) / 1e3}
+            "ops_ms": sum(d["us"] for d in rows) / 1e3, "kernels_ms": busy,
+            "kernels": [{k: d[k] for k in ("name", "calls", "us")} for d in kern[:25]]}
+
+
+def _kernel_rows(prof, steps: int) -> list:
+    """The profile's GPU kernels (aten's and Triton's alike) by self device time per step, largest first."""
+    from torch.autograd import DeviceType
+    rows = []
+    for ev in prof.key_averages():
+        if getattr(ev, "device_type", None) != DeviceType.CUDA:
+            continue
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:
+            us = getattr(ev, "self_cuda_time_total", 0.0)
+        if us > 0:
+            rows.append(dict(name=ev.key, calls=ev.count // steps, us=us / steps))
+    rows.sort(key=lambda d: -d["us"])
+    return rows
 
 
 def geo_name(geo) -> str:
