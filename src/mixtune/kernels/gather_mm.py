@@ -13,7 +13,9 @@ or a transposed view: the w2 backward passes B2 (E, H, r) as its (E, r, H) trans
 dtype before the product, as the unfused path casts W once. Products accumulate in fp32 and are scaled by s
 there, then rounded once to the output's dtype.
 
-CONFIG["on"] = False turns both off (the bench's `gmm=0` rows: before/after on one machine). Triton on CUDA;
+CONFIG["on"] = False turns both off (the bench's `gmm=0` rows: before/after on one machine). CONFIG["wt"] picks
+how W's tiles are loaded (see _wt), "stages" the pipelining depth (None: Triton's default), and "cast_w" = False
+hands a non-fp32 W to the kernel as it is (bench/gather_check.py, to test the raw forms on the GPU). Triton on CUDA;
 the unfused path elsewhere (the caller keeps its unfused PyTorch path), and under `_triton.FORCE` on CPU
 through Triton's interpreter, for the tests.
 """
