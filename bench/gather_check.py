@@ -14,15 +14,11 @@ import json
 import torch
 
 from mixtune.bench_checks import check_moe
-from mixtune.bench_kernels import _routing
+from mixtune.bench_kernels import _rel as rel, _routing
 from mixtune.kernels import dequant, gather_mm
 from mixtune.kernels.moe import grouped_mm, grouped_mm_k
 from mixtune.kernels.route import gather_rows
 from mixtune.model.config import GEOMETRIES
-
-
-def rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def products(cfg, tokens, r, dev):

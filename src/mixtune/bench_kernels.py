@@ -12,6 +12,10 @@ import torch
 from .model.config import MixtralConfig
 
 
+def _rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
 def _routing(N: int, E: int, k: int, device):
     """Uniform random top-k routing of N tokens -> (tok (M,), offs (E,) int32), sorted by expert as the MoE does."""
     idx = torch.rand(N, E, device=device).topk(k, dim=1).indices
@@ -67,13 +71,12 @@ def sweep_gather_mm(cfg: MixtralConfig, device, timer, tokens: int = 16384, r: i
     u.fill_(float("nan"))
     gather_mm.gather_lowrank(x, tok, offs, A, 0.25, xa[:, :H], [xa[:, H:], u])
     got_w = gather_mm.gather_lowrank_wgrad(d, x, tok, offs)
-    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
     out.update(
         fused_ms={f"BM{a}K{b}w{c}": v for (a, b, c), v in fwd.items()},
         fused_wgrad_ms={f"BM{a}H{b}w{c}": v for (a, b, c), v in wgd.items()},
         config={k: gather_mm.CONFIG[k] for k in ("BM", "BK", "warps", "BMW", "BH", "warps_w")},
-        gather_equal=bool(torch.equal(xa[:, :H], ref_x)), u_rel=rel(u, ref_u), u_copy_equal=bool(torch.equal(xa[:, H:], u)),
-        wgrad_rel=rel(got_w, ref_w))
+        gather_equal=bool(torch.equal(xa[:, :H], ref_x)), u_rel=_rel(u, ref_u), u_copy_equal=bool(torch.equal(xa[:, H:], u)),
+        wgrad_rel=_rel(got_w, ref_w))
     out["best_ms"], out["best_wgrad_ms"] = fwd[best], wgd[best_w]
     out["kinds_rel"] = _check_kinds(x, tok, offs, E, H, r, dtype)
     out["ok"] = (out["gather_equal"] and out["u_copy_equal"] and out["u_rel"] < 1e-2 and out["wgrad_rel"] < 1e-2
@@ -88,7 +91,6 @@ def _check_kinds(x, tok, offs, E, H, r, dtype) -> dict:
     from .kernels import gather_mm
     from .kernels.moe import grouped_mm, grouped_mm_k
     from .kernels.route import gather_rows
-    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
     M = tok.numel()
     xs = gather_rows(x, tok)
     res = {}
@@ -99,8 +101,8 @@ def _check_kinds(x, tok, offs, E, H, r, dtype) -> dict:
         R = W.shape[1]
         u = torch.full((M, R), float("nan"), device=x.device, dtype=dtype)
         gather_mm.gather_lowrank(x, tok, offs, W, 0.25, None, [u])
-        res[name] = rel(u, grouped_mm(xs, W.to(dtype).transpose(1, 2), offs) * 0.25)
+        res[name] = _rel(u, grouped_mm(xs, W.to(dtype).transpose(1, 2), offs) * 0.25)
     d = torch.randn(M, 2 * r, device=x.device, dtype=dtype)
     got = gather_mm.gather_lowrank_wgrad(d, x, tok, offs)
-    res["wgrad_2r"] = rel(got, grouped_mm_k(d.t(), xs, offs).float()) if got is not None else float("nan")
+    res["wgrad_2r"] = _rel(got, grouped_mm_k(d.t(), xs, offs).float()) if got is not None else float("nan")
     return res
